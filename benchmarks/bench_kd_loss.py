@@ -9,7 +9,7 @@ Variants (all compute mean over tokens of KL(p_teacher || p_student), gradient w
 Reports the median of --iters timed iterations (CUDA events around forward + backward) and the peak extra
 memory of one iteration: torch.cuda.max_memory_allocated() minus the memory held before it (inputs
 included in the baseline; the bf16 student gradient, 2 bytes x tokens x vocab, is counted as extra for
-every variant). Prints one markdown table row per (variant, tokens).
+every variant, and a second column gives the extra beyond that gradient, which is the loss's own cost). Prints one markdown table row per (variant, tokens).
 
 H100:    python benchmarks/bench_kd_loss.py                      (tokens 8192 and 32768, V = 128256)
 CPU run: python benchmarks/bench_kd_loss.py --smoke              (tiny sizes, Triton via its interpreter;
@@ -83,6 +83,11 @@ def loss_fn(variant, args):
     raise ValueError(variant)
 
 
+def max_abs_diff(a, b, rows=1024):
+    """max |a - b| in fp32, a block of rows at a time (no fp32 copy of [tokens, vocab])."""
+    return max((a[i:i + rows].float() - b[i:i + rows].float()).abs().max().item() for i in range(0, a.shape[0], rows))
+
+
 def time_variant(fn, student, teacher, iters, warmup, device):
     def step():
         student.grad = None
@@ -127,37 +132,43 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
     date = datetime.date.today().isoformat()
     print("| date | device | variant | tokens | vocab | dtype | median ms (fwd+bwd) | peak extra GB | "
-          "loss - naive loss | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "beyond the gradient GB | loss - naive loss | max abs grad - naive grad | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         student, teacher = make_inputs(tokens, args.vocab, dtype, device)
-        reference = None
+        reference = reference_grad = None
+        grad_gb = student.numel() * student.element_size() / 1e9  # every variant must return this gradient
         for variant in args.variants:
             note = ""
             try:
                 fn = loss_fn(variant, args)
             except ImportError as exc:
-                print(f"| {date} | {device_name} | {variant} | {tokens} | {args.vocab} | {args.dtype} | - | - | - | "
+                print(f"| {date} | {device_name} | {variant} | {tokens} | {args.vocab} | {args.dtype} | - | - | - | - | - | "
                       f"skipped: {exc} |", flush=True)
                 continue
             try:
-                with torch.no_grad():
-                    value = fn(student.detach(), teacher).item()
+                student.grad = None
+                loss = fn(student, teacher)
+                loss.backward()
+                value, grad = loss.item(), student.grad
+                student.grad = None
                 if variant == "naive":
-                    reference = value
+                    reference, reference_grad = value, grad
+                grad_diff = (f"{max_abs_diff(grad, reference_grad):.2e}" if reference_grad is not None else "-")
+                del loss, grad
                 ms, peak_gb = time_variant(fn, student, teacher, args.iters, args.warmup, device)
             except torch.cuda.OutOfMemoryError:
                 student.grad = None
                 torch.cuda.empty_cache()
                 print(f"| {date} | {device_name} | {variant} | {tokens} | {args.vocab} | {args.dtype} | OOM | OOM "
-                      f"| - | |", flush=True)
+                      f"| OOM | - | - | |", flush=True)
                 continue
             diff = f"{value - reference:+.2e}" if reference is not None else "-"
             if variant == "liger":
                 note = "bf16 log_softmax outside the kernel" if dtype == torch.bfloat16 else ""
             print(f"| {date} | {device_name} | {variant} | {tokens} | {args.vocab} | {args.dtype} | {ms:.2f} | "
-                  f"{peak_gb:.2f} | {diff} | {note} |", flush=True)
-        del student, teacher
+                  f"{peak_gb:.2f} | {peak_gb - grad_gb:.2f} | {diff} | {grad_diff} | {note} |", flush=True)
+        del student, teacher, reference_grad
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
