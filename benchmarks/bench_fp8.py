@@ -10,6 +10,15 @@ Variants per linear:
 For the FP8 variants "total" includes quantizing the activation; "gemm" times _scaled_mm alone on a
 pre-quantized activation. Accuracy: ||y_fp8 - y_bf16|| / ||y_bf16|| on random inputs (weights ~ N(0, 0.02)).
 
+Then each linear together with the kernel that produces its input, as in the teacher's forward:
+  qkv, fc1: RMSNorm -> linear      proj: attention output [b, h, s, d] -> [s*b, h*d] -> linear
+  fc2: SwiGLU -> linear
+  bf16         torch's producer (F.rms_norm / permute+reshape / silu*up) + F.linear
+  fp8 unfused  the same bf16 producer + a separate per-token quantization pass + _scaled_mm
+  fp8 fused    kernels.fp8_fused (the producer writes e4m3 + per-token scales) + _scaled_mm
+and the whole transformer layer (megatron's TransformerLayer, local spec, SDPA) forward: bf16 vs
+distill.fp8_teacher.quantize_teacher with and without fusion.
+
 H100:    python benchmarks/bench_fp8.py [--tokens 8192] [--fast-accum]
 CPU run: python benchmarks/bench_fp8.py --smoke      (tiny shapes, reference path; checks the script runs)
 """
@@ -24,7 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megatron_minitron.kernels.fp8 import fp8_linear, quantize_fp8, quantize_weight
+from megatron_minitron.kernels.fp8 import fp8_gemm, fp8_linear, quantize_fp8, quantize_weight
+from megatron_minitron.kernels.fp8_fused import attention_output_quantize, norm_quantize, swiglu_quantize
 
 
 def llama_linears(hidden, ffn, heads, groups, head_dim):
@@ -120,6 +130,123 @@ def main(argv=None):
         del x, w, y_ref
     for variant, (total, gemm) in totals.items():
         print(f"| {date} | {device_name} | layer sum | - | {variant} | {total:.3f} | {gemm:.3f} | - | - |")
+    print(f"\nlinears alone, layer sum: bf16 / fp8 rowwise = {totals['bf16'][0] / totals['fp8 rowwise'][0]:.2f}x "
+          f"with a separate quantization pass, {totals['bf16'][0] / totals['fp8 rowwise'][1]:.2f}x GEMM only\n")
+    producer_and_linear(args, device, backend, date, device_name, gen)
+    whole_layer(args, device, date, device_name)
+
+
+def producer_and_linear(args, device, backend, date, device_name, gen):
+    """Each linear with the kernel that makes its input: bf16 vs FP8 unfused vs FP8 fused."""
+    m, hidden, ffn = args.tokens, args.hidden, args.ffn
+    heads, groups, head_dim = args.heads, args.groups, args.head_dim
+    batch = 1
+    seq = m // batch
+    bf16 = torch.bfloat16
+    gamma = 1 + 0.1 * torch.randn(hidden, device=device, dtype=bf16, generator=gen)
+    print("| date | device | producer -> linear | variant | ms | rel. error vs bf16 | check |\n"
+          "|---|---|---|---|---|---|---|")
+    sums = {}
+    for name, k, n in llama_linears(hidden, ffn, heads, groups, head_dim):
+        w = torch.randn(n, k, device=device, dtype=bf16, generator=gen) * 0.02
+        weight = quantize_weight(w, "channel")
+        if name in ("qkv", "fc1"):
+            x = torch.randn(m, k, device=device, dtype=bf16, generator=gen)
+            label = "RMSNorm -> " + name
+
+            def produce_bf16(x=x):
+                return F.rms_norm(x, (k,), gamma, 1e-5)
+
+            def produce_fp8(x=x, backend="auto"):
+                return norm_quantize(x, gamma, None, 1e-5, "RMSNorm", backend=backend)
+        elif name == "proj":
+            x = torch.randn(batch, heads, seq, head_dim, device=device, dtype=bf16, generator=gen)
+            label = "attention output -> proj"
+
+            def produce_bf16(x=x):
+                return x.permute(2, 0, 1, 3).reshape(seq * batch, heads * head_dim)
+
+            def produce_fp8(x=x, backend="auto"):
+                q, scale = attention_output_quantize(x, backend=backend)
+                return q.view(-1, q.shape[-1]), scale
+        else:
+            x = torch.randn(m, 2 * k, device=device, dtype=bf16, generator=gen)
+            label = "SwiGLU -> fc2"
+
+            def produce_bf16(x=x):
+                gate, up = x.chunk(2, dim=-1)
+                return F.silu(gate) * up
+
+            def produce_fp8(x=x, backend="auto"):
+                return swiglu_quantize(x, backend=backend)
+
+        variants = {
+            "bf16": lambda: F.linear(produce_bf16(), w),
+            "fp8 unfused": lambda: fp8_linear(produce_bf16(), weight, backend=backend),
+            "fp8 fused": lambda: fp8_gemm(*produce_fp8(), weight, None, bf16, backend),
+            "fp8 fused, fast accum": lambda: fp8_gemm(*produce_fp8(), weight, None, bf16, backend,
+                                                      use_fast_accum=device.type == "cuda"),
+        }
+        with torch.no_grad():
+            y_ref = variants["bf16"]().float()
+            (q, scale), (q_ref, scale_ref) = produce_fp8(), produce_fp8(backend="torch")
+            same_bits = (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean().item()
+            scale_diff = ((scale - scale_ref).abs() / scale_ref).max().item()
+            for variant, fn in variants.items():
+                rel = ((fn().float() - y_ref).norm() / y_ref.norm()).item()
+                ms = median_ms(fn, args.iters, args.warmup, device)
+                sums[variant] = sums.get(variant, 0.0) + ms
+                check = (f"kernel vs torch reference: {same_bits:.4%} of e4m3 bytes equal, scales within "
+                         f"{scale_diff:.1e}" if variant == "fp8 fused" else "")
+                print(f"| {date} | {device_name} | {label} | {variant} | {ms:.3f} | {rel:.2e} | {check} |",
+                      flush=True)
+        del x, w, weight, y_ref
+    for variant, ms in sums.items():
+        print(f"| {date} | {device_name} | sum of the four | {variant} | {ms:.3f} | - | |")
+    print(f"\nproducers + linears: bf16 / fp8 fused = {sums['bf16'] / sums['fp8 fused']:.2f}x "
+          f"({sums['bf16'] / sums['fp8 fused, fast accum']:.2f}x with fast accumulation; goal >= 1.6x), "
+          f"bf16 / fp8 unfused = {sums['bf16'] / sums['fp8 unfused']:.2f}x\n")
+
+
+def whole_layer(args, device, date, device_name):
+    """megatron's TransformerLayer forward (no grad), bf16 vs the FP8 teacher's, via a 1-layer GPTModel's
+    decoder (embedding and output layer excluded)."""
+    from megatron_minitron.config import ModelArch, Parallel
+    from megatron_minitron.distill.fp8_teacher import quantize_teacher
+    from megatron_minitron.model.builder import build_gpt
+    from megatron_minitron.runtime.distributed import init_distributed
+
+    init_distributed(1, 1)
+    arch = ModelArch(num_layers=1, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
+                     num_attention_heads=args.heads, num_query_groups=args.groups, kv_channels=args.head_dim,
+                     vocab_size=256, seq_length=args.tokens)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reference = build_gpt(arch, Parallel(), dtype, device=device).eval()
+    rope = reference.rotary_pos_emb(args.tokens)
+    gen = torch.Generator(device=device).manual_seed(1)
+    hidden = torch.randn(args.tokens, 1, args.hidden, device=device, dtype=dtype, generator=gen)
+
+    def forward(model):
+        return model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+
+    print("| date | device | Llama layer forward, tokens | variant | ms | speed-up | rel. error |\n"
+          "|---|---|---|---|---|---|---|")
+    with torch.no_grad():
+        y_ref = forward(reference).float()
+        base = median_ms(lambda: forward(reference), args.iters, args.warmup, device)
+        rows = [("bf16", base, 0.0)]
+        for variant, fuse, fast in (("fp8 unfused", False, False), ("fp8 fused", True, False),
+                                    ("fp8 fused, fast accum", True, device.type == "cuda")):
+            model = build_gpt(arch, Parallel(), dtype, device=device).eval()
+            model.load_state_dict(reference.state_dict())
+            quantize_teacher(model, fuse=fuse, fast_accum=fast)
+            rel = ((forward(model).float() - y_ref).norm() / y_ref.norm()).item()
+            rows.append((variant, median_ms(lambda: forward(model), args.iters, args.warmup, device), rel))
+            del model
+    for variant, ms, rel in rows:
+        print(f"| {date} | {device_name} | {args.tokens} | {variant} | {ms:.3f} | {base / ms:.2f}x | {rel:.2e} |")
+    print(f"\nwhole layer: bf16 / fp8 fused = {base / rows[2][1]:.2f}x, {base / rows[3][1]:.2f}x with fast "
+          f"accumulation (goal >= 1.35x)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 # Run benchmarks on a lent GPU machine that has torch + triton but not megatron-core / liger-kernel.
 # Wheels for Python 3.12 are carried in .whl/ (see docs/launch.md, "benchmarks on a lent GPU").
 #   bash benchmarks/gpu_run.sh "kd_loss fp8 train"        # which bench_<name>.py to run, in order
+#   bash benchmarks/gpu_run.sh "fp8_distill:--parts,step"  # with arguments
+#   (kernel_tests: the fused FP8 kernel tests, compiled for the GPU instead of interpreted)
 # Each benchmark gets its own time limit (BENCH_TIMEOUT, default 240 s) so one hang does not eat the rest;
 # its output goes to $OUT/<name>.md when OUT is set (else benchmarks/out/).
 set -uo pipefail
@@ -15,12 +17,15 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-for name in ${1:-kd_loss fp8 train distill prune}; do
-  echo "=== bench_$name $(date +%T)"
+for item in ${1:-kd_loss fp8 train distill prune}; do
+  name=${item%%:*}; extra=()  # "name:--flag,value" passes "--flag value" to that benchmark
+  [[ $item == *:* ]] && IFS=, read -ra extra <<< "${item#*:}"
+  echo "=== bench_$name ${extra[*]} $(date +%T)"
   case $name in
     memory_plan) cmd=(torchrun --nproc-per-node 1 benchmarks/bench_memory_plan.py --job train) ;;
+    kernel_tests) cmd=(env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_fused.py tests/unit/test_kd_triton.py) ;;
     *) cmd=(python3 benchmarks/bench_$name.py) ;;
   esac
-  timeout "${BENCH_TIMEOUT:-240}" "${cmd[@]}" ${BENCH_ARGS:-} 2>&1 | grep -v "UserWarning\|warnings.warn" | tee "$out/$name.md"
+  timeout "${BENCH_TIMEOUT:-240}" "${cmd[@]}" "${extra[@]}" 2>&1 | grep -v "UserWarning\|warnings.warn" | tee "$out/$name.md"
   echo "=== bench_$name exit ${PIPESTATUS[0]} $(date +%T)"
 done

@@ -26,6 +26,10 @@ class Distill:
     intermediate_weight: Optional[float] = None  # None = dynamic alpha = L_logit / L_is (detached)
     # auto (the student's) | bf16 | fp32 | fp8 (e4m3 matmuls in the teacher's transformer layers)
     teacher_precision: str = "auto"
+    # fp8 only: Hopper's fast FP8 accumulation in the teacher's GEMMs (Transformer Engine's forward default)
+    teacher_fp8_fast_accum: bool = False
+    # auto: the fused Triton kernel for forward/reverse KL on GPU, the chunked torch path otherwise
+    kd_loss_backend: str = "auto"
 
     def validate(self) -> None:
         if not self.teacher:
@@ -46,6 +50,11 @@ class Distill:
                                  "teacher_layer] (0-based integers)")
         if self.teacher_precision not in ("auto", "bf16", "fp32", "fp8"):
             raise ValueError(f"distill.teacher_precision={self.teacher_precision!r}: auto, bf16, fp32 or fp8")
+        if self.kd_loss_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"distill.kd_loss_backend={self.kd_loss_backend!r}: auto, triton or torch")
+        if self.kd_loss_backend == "triton" and self.logit_loss not in ("forward_kl", "reverse_kl"):
+            raise ValueError(f"distill.kd_loss_backend=triton implements forward_kl and reverse_kl, not "
+                             f"{self.logit_loss!r}: use kd_loss_backend=auto")
 
 
 @dataclass

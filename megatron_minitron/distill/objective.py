@@ -47,7 +47,7 @@ class KDObjective:
         checkpoint.load_weights(self.teacher_path, [teacher], arch=self.teacher_arch)
         if precision == "fp8":
             from .fp8_teacher import quantize_teacher
-            quantize_teacher(teacher)
+            quantize_teacher(teacher, fast_accum=self.cfg.teacher_fp8_fast_accum)
         self.model = DistillationModel(student, teacher, self.cfg.intermediate_pairs,
                                        trainer.cfg.parallel.sequence_parallel)
         return self.model
@@ -69,7 +69,8 @@ class KDObjective:
         mask = loss_mask.float()
         student, teacher = out["student_logits"], out["teacher_logits"]
         kd = logit_kd_loss(student, teacher, cfg.logit_loss, temperature=cfg.temperature,
-                           scale_by_temperature_squared=cfg.scale_by_temperature_squared, loss_mask=mask)
+                           scale_by_temperature_squared=cfg.scale_by_temperature_squared, loss_mask=mask,
+                           backend=cfg.kd_loss_backend)
         mask_flat = mask.reshape(-1)
         kd_sum = (kd.reshape(-1) * mask_flat).sum()
         total = cfg.kd_weight * kd_sum if cfg.kd_weight else kd_sum * 0.0

@@ -109,29 +109,42 @@ def fp8_linear(x: torch.Tensor, weight: FP8Weight, bias: Optional[torch.Tensor] 
         raise ValueError(f"backend must be one of {FP8_BACKENDS}, got {backend!r}")
     if activation_granularity not in ("tensor", "token"):
         raise ValueError("activations are quantized per 'tensor' or per 'token'")
-    out_features, in_features = weight.shape
+    in_features = weight.shape[1]
+    out_features = weight.shape[0]
     if x.shape[-1] != in_features:
         raise ValueError(f"input has {x.shape[-1]} features but the weight expects {in_features}")
     out_dtype = out_dtype or (x.dtype if x.is_floating_point() else torch.float32)
     x2 = x.reshape(-1, in_features)
     xq, x_scale = quantize_fp8(x2, activation_granularity)
-    use_mm = backend == "scaled_mm" or (backend == "auto" and _scaled_mm_ok(x2, weight))
+    y = fp8_gemm(xq, x_scale, weight, bias, out_dtype, backend, use_fast_accum)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, weight: FP8Weight, bias: Optional[torch.Tensor] = None,
+             out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+             use_fast_accum: bool = False) -> torch.Tensor:
+    """y = dequant(xq) @ dequant(W)^T + b for an already-quantized activation xq [M, in] (scale [] or [M, 1]):
+    the matmul half of :func:`fp8_linear`, for callers whose kernels quantize while producing the activation
+    (``kernels.fp8_fused``). Returns [M, out] in ``out_dtype``."""
+    if backend not in FP8_BACKENDS:
+        raise ValueError(f"backend must be one of {FP8_BACKENDS}, got {backend!r}")
+    m = xq.shape[0]
+    out_features = weight.shape[0]
+    use_mm = backend == "scaled_mm" or (backend == "auto" and _scaled_mm_ok(xq, weight))
     if use_mm:
-        m = x2.shape[0]
-        tensorwise = x_scale.numel() == 1 and weight.scale.numel() == 1
-        if tensorwise:
+        if x_scale.numel() == 1 and weight.scale.numel() == 1:
             y = torch._scaled_mm(xq, weight.q.t(), scale_a=x_scale.reshape(()).float(),
                                  scale_b=weight.scale.reshape(()).float(), out_dtype=out_dtype,
                                  use_fast_accum=use_fast_accum)
-        else:
+        else:  # row-wise scaling: _scaled_mm produces bf16 only
             scale_a, scale_b = _rowwise_scales(x_scale, weight.scale, m, out_features)
             y = torch._scaled_mm(xq, weight.q.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16,
-                                 use_fast_accum=use_fast_accum).to(out_dtype)
+                                 use_fast_accum=use_fast_accum)
     else:
         y = dequantize(xq, x_scale) @ dequantize(weight.q, weight.scale).t()
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.to(out_dtype).reshape(*x.shape[:-1], out_features)
+    return y.to(out_dtype)
 
 
 class FP8Linear(nn.Module):

@@ -6,6 +6,9 @@ MSE and cosine, fp32 and bf16, with a loss mask and temperature: the per-token l
 and is bitwise identical on both ranks, and each rank's gradient equals the reference gradient's columns.
 Then sequence-parallel hidden-state losses: each rank holds half the positions; masked_mean(group=TP)
 gives the full-sequence mean, local gradients match, and the TP-summed projection gradient matches.
+Last, the FP8 teacher at TP2 with sequence parallelism: with activation quantization fused into its
+producers (the e4m3 rows are all-gathered over the sequence) its logits equal the unfused FP8 path's, and
+both stay close to the unquantized model.
 """
 import os
 import sys
@@ -97,6 +100,33 @@ def sequence_parallel_hidden_checks(tp_rank, tp_size, tp_group):
     return 2
 
 
+def fp8_teacher_sequence_parallel_checks():
+    from megatron_minitron.config import ModelArch, Parallel
+    from megatron_minitron.distill.fp8_teacher import quantize_teacher
+    from megatron_minitron.model.builder import build_gpt
+    from megatron_minitron.runtime.distributed import set_seed
+
+    arch = ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
+                     vocab_size=256, seq_length=16)
+    layout = Parallel(tensor_model_parallel_size=2, sequence_parallel=True)
+    set_seed(5)
+    full = build_gpt(arch, layout).eval()
+    models = {}
+    for fuse in (False, True):
+        models[fuse] = build_gpt(arch, layout).eval()
+        models[fuse].load_state_dict(full.state_dict())
+        quantize_teacher(models[fuse], fuse=fuse)
+    assert models[True].fp8_fused_sites == 4 * arch.num_layers, models[True].fp8_fused_sites
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        reference, unfused, fused = (m(tokens, positions, None) for m in (full, models[False], models[True]))
+    check_close("FP8 teacher TP2+SP fused vs unfused", fused, unfused, rtol=0, atol=2e-3 * unfused.abs().max().item())
+    relative = ((fused - reference).norm() / reference.norm()).item()
+    assert 0 < relative < 0.1, relative
+    return 2
+
+
 def main():
     runtime = init_distributed(tp=2)
     from megatron.core import parallel_state
@@ -105,6 +135,7 @@ def main():
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     checks = logit_checks(tp_rank, tp_group)
     checks += sequence_parallel_hidden_checks(tp_rank, runtime.tp, tp_group)
+    checks += fp8_teacher_sequence_parallel_checks()
     dist.barrier()
     if runtime.is_rank0:
         print(f"KD_TP_OK {checks} checks, triton={'yes' if triton_available() else 'no'}", flush=True)

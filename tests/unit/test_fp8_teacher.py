@@ -27,13 +27,17 @@ def _models():
     return reference, quantized
 
 
-def test_fp8_teacher_matches_emulated_reference_and_stays_close():
+@pytest.mark.parametrize("fuse", [False, True], ids=["unfused", "fused"])
+def test_fp8_teacher_matches_emulated_reference_and_stays_close(fuse):
+    """fused: norm / attention output / SwiGLU quantize their own outputs (kernels.fp8_fused, torch
+    reference on CPU) and hand e4m3 rows to the next linear; the emulation quantizes each linear's input."""
     reference, quantized = _models()
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     positions = torch.arange(16).expand(2, 16)
     with torch.no_grad():
         full = reference(tokens, positions, None)
-    assert quantize_teacher(quantized) == 4 * ARCH.num_layers
+    assert quantize_teacher(quantized, fuse=fuse) == 4 * ARCH.num_layers
+    assert quantized.fp8_fused_sites == (4 * ARCH.num_layers if fuse else 0)
     with torch.no_grad():
         fp8 = quantized(tokens, positions, None)
 

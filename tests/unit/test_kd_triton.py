@@ -90,7 +90,7 @@ def test_agrees_with_torch_path_on_strided_input(kind):
 
 def test_partial_stats_of_two_vocab_halves_rescale_to_the_whole():
     """What the TP combine relies on: per-shard (max, shifted sums) rescaled to the global max add up."""
-    student, teacher = make_logits((6, 50), seed=7)
+    student, teacher = (t.to(DEVICE) for t in make_logits((6, 50), seed=7))
     for reverse, owners in ((False, [0, 1, 1]), (True, [0, 1, 0])):
         halves = [kd_loss_triton.kl_partial_stats(student[:, sl], teacher[:, sl], 0.8, reverse, block=16)
                   for sl in (slice(0, 23), slice(23, 50))]
