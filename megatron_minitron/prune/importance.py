@@ -52,7 +52,10 @@ class _Probes:
         self.hidden: Dict[str, RunningAggregate] = {}
         self.hiddens: Dict[int, torch.Tensor] = {}  # h_j of the current batch, j = global boundary index
         self.bi_sizes = settings.all_block_sizes() if "bi" in settings.depth_metrics else []
-        self.bi_sums = {k: torch.zeros(num_layers - k + 1, dtype=torch.float64) for k in self.bi_sizes}
+        # on the model's device: NCCL reduces only CUDA tensors, and no .item() sync per block per batch
+        self.device = next(model.parameters()).device
+        self.bi_sums = {k: torch.zeros(num_layers - k + 1, dtype=torch.float64, device=self.device)
+                        for k in self.bi_sizes}
         self.tokens = 0.0
         self.handles = []
         seq = settings.sequence_aggregation
@@ -89,7 +92,8 @@ class _Probes:
     def _on_heads(self, lid):
         def fn(x):
             s, b, n = x.shape
-            per_head = x.detach().float().reshape(s, b, n // self.head_dim, self.head_dim).norm(dim=-1)
+            per_head = torch.linalg.vector_norm(x.detach().reshape(s, b, n // self.head_dim, self.head_dim),
+                                                dim=-1, dtype=torch.float32)
             self.heads[lid].update(per_head)
         return fn
 
@@ -132,10 +136,16 @@ class _Probes:
                     continue
                 h_in = self.hiddens[i] if i in self.hiddens else received[i]
                 h_out = self.hiddens[i + k]
-                cos = F.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
-                self.bi_sums[k][i] += (1 - cos).sum().item()
+                acc = _accumulation_dtype(h_in)
+                cos = F.cosine_similarity(h_in.to(acc), h_out.to(acc), dim=-1)
+                self.bi_sums[k][i] += (1 - cos.double()).sum()
         self.tokens += sample.shape[0] * sample.shape[1]
         self.hiddens.clear()
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision activations (GPU), float64 otherwise (as aggregate.aggregate_sequence)."""
+    return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else torch.float64
 
 
 def _check_model(model):
@@ -215,7 +225,7 @@ def _estimate(model, chunks, batches, settings: ImportanceSettings, L: int) -> I
     my_ids = [lid for lid, _ in probes.layers]
     pp_size = ps.get_pipeline_model_parallel_world_size() if ps else 1
     my_stage = ps.get_pipeline_model_parallel_rank() if ps else 0
-    owned = torch.zeros(L, dtype=torch.float64)
+    owned = torch.zeros(L, dtype=torch.float64, device=probes.device)
     owned[my_ids] = my_stage + 1  # +1 so that zero means "not mine"
     if pp_size > 1:
         dist.all_reduce(owned, group=ps.get_pipeline_model_parallel_group())
@@ -246,13 +256,13 @@ def _estimate(model, chunks, batches, settings: ImportanceSettings, L: int) -> I
     _sum(site_states, ps.get_data_parallel_group() if ps else None)
     hidden = torch.stack([RunningAggregate.finalize_state(s, batch) for s in site_states]).sum(0)
     _sum(hidden, pp_group if pp_size > 1 else None)
-    num_samples = torch.tensor([probes.heads[my_ids[0]].count], dtype=torch.float64)
+    num_samples = torch.tensor([probes.heads[my_ids[0]].count], dtype=torch.float64, device=probes.device)
     _sum(num_samples, ps.get_data_parallel_group() if ps else None)
 
     layers, blocks = {}, {}
     if probes.bi_sizes:
-        flat = torch.cat([probes.bi_sums[k] for k in probes.bi_sizes] + [torch.tensor([probes.tokens],
-                                                                                     dtype=torch.float64)])
+        flat = torch.cat([probes.bi_sums[k] for k in probes.bi_sizes]
+                         + [torch.tensor([probes.tokens], dtype=torch.float64, device=probes.device)])
         _sum(flat, ps.get_data_parallel_group() if ps else None)
         _sum(flat, pp_group if pp_size > 1 else None)  # each block was scored on exactly one stage
         # tokens were counted on every stage: divide the PP-summed count by the number of stages

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from megatron_minitron.prune.aggregate import AGGREGATIONS, RunningAggregate, aggregate
+from megatron_minitron.prune.aggregate import AGGREGATIONS, RunningAggregate, aggregate, aggregate_sequence
 
 
 def test_hand_computed_values():
@@ -46,3 +46,16 @@ def test_batch_first_layout_and_errors():
     torch.testing.assert_close(r.result("l2"), aggregate(x.transpose(0, 1), "l2", "l2"))
     with pytest.raises(ValueError, match="choose one of"):
         aggregate(x, "median", "mean")
+
+
+@pytest.mark.parametrize("how", AGGREGATIONS)
+def test_half_precision_input_reduces_in_fp32_close_to_float64(how):
+    """bf16 activations (the GPU case) are reduced with fp32 accumulation, no float64 copy: the result is
+    float64 and agrees with the float64 reduction of the same bf16 values to ~1e-6 relative."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(512, 3, 40, generator=g) * 4 + 1).bfloat16()
+    out = aggregate_sequence(x, how)
+    ref = {"mean": x.double().mean(0), "l2": x.double().norm(dim=0),
+           "var": x.double().var(0, unbiased=False)}[how]
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=0)
