@@ -50,6 +50,8 @@ class Distill:
                                  "teacher_layer] (0-based integers)")
         if self.teacher_precision not in ("auto", "bf16", "fp32", "fp8"):
             raise ValueError(f"distill.teacher_precision={self.teacher_precision!r}: auto, bf16, fp32 or fp8")
+        if self.teacher_fp8_fast_accum and self.teacher_precision != "fp8":
+            raise ValueError("distill.teacher_fp8_fast_accum=true only applies to distill.teacher_precision=fp8")
         if self.kd_loss_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"distill.kd_loss_backend={self.kd_loss_backend!r}: auto, triton or torch")
         if self.kd_loss_backend == "triton" and self.logit_loss not in ("forward_kl", "reverse_kl"):

@@ -45,6 +45,9 @@ def test_incompatible_teacher_and_student(config, teacher, meta, message):
     (dict(teacher="t", temperature=0.0), "temperature must be > 0"),
     (dict(teacher="t", kd_weight=0.0), "every loss weight is 0"),
     (dict(teacher="t", intermediate_pairs=[[1]]), r"must be \[student_layer, teacher_layer\]"),
+    (dict(teacher="t", kd_loss_backend="cuda"), "kd_loss_backend='cuda'"),
+    (dict(teacher="t", kd_loss_backend="triton", logit_loss="mse"), "implements forward_kl and reverse_kl"),
+    (dict(teacher="t", teacher_fp8_fast_accum=True), "only applies to distill.teacher_precision=fp8"),
 ])
 def test_distill_section_validation(distill, message):
     with pytest.raises(ValueError, match=message):
