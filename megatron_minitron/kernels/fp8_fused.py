@@ -114,15 +114,20 @@ if triton is not None:
         tl.store(q_ptrs, _round_to_e4m3_grid(v).to(tl.float8e4nv), mask=mask)
 
     @triton.jit
+    def _load_x_gamma(x_row, w_ptr, cols, valid, ZERO_CENTERED: tl.constexpr):
+        x = tl.load(x_row + cols, mask=valid, other=0.0).to(tl.float32)
+        g = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        if ZERO_CENTERED:
+            g = g + 1.0
+        return x, g
+
+    @triton.jit
     def _norm_chunk(x_row, w_ptr, b_ptr, start, n_cols, mean, rstd, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
                     ZERO_CENTERED: tl.constexpr, BLOCK: tl.constexpr):
         # x and y = norm(x) on columns [start, start + BLOCK); y is 0 past the row's end
         cols = start + tl.arange(0, BLOCK)
         valid = cols < n_cols
-        x = tl.load(x_row + cols, mask=valid, other=0.0).to(tl.float32)
-        g = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-        if ZERO_CENTERED:
-            g = g + 1.0
+        x, g = _load_x_gamma(x_row, w_ptr, cols, valid, ZERO_CENTERED)
         if RMS:
             y = (x * g) * rstd
         else:
@@ -148,10 +153,7 @@ if triton is not None:
         if ONE_CHUNK:  # the whole row fits in registers: read it once, no second pass
             cols = tl.arange(0, BLOCK)
             valid = cols < n_cols
-            x = tl.load(x_row + cols, mask=valid, other=0.0).to(tl.float32)
-            g = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
-            if ZERO_CENTERED:
-                g = g + 1.0
+            x, g = _load_x_gamma(x_row, w_ptr, cols, valid, ZERO_CENTERED)
             if RMS:
                 y = (x * g) * (1.0 / tl.sqrt_rn(tl.sum(x * x, axis=0) / n_cols + eps))
             else:
