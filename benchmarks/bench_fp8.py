@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from common import timed_median_ms
 from megatron_minitron.kernels.fp8 import fp8_gemm, fp8_linear, quantize_fp8, quantize_weight
 from megatron_minitron.kernels.fp8_fused import attention_output_quantize, norm_quantize, swiglu_quantize
 
@@ -61,25 +60,6 @@ def parse_args(argv=None):
     return args
 
 
-def median_ms(fn, iters, warmup, device):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,15 +79,15 @@ def main(argv=None):
         w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
         with torch.no_grad():
             y_ref = F.linear(x, w)
-            rows = [("bf16", median_ms(lambda: F.linear(x, w), args.iters, args.warmup, device), None, 0.0)]
+            rows = [("bf16", timed_median_ms(lambda: F.linear(x, w), args.iters, args.warmup), None, 0.0)]
             for variant, wgran, agran in (("fp8 tensor", "tensor", "tensor"), ("fp8 rowwise", "channel", "token")):
                 weight = quantize_weight(w, wgran)
                 y = fp8_linear(x, weight, activation_granularity=agran, backend=backend,
                                use_fast_accum=args.fast_accum)
                 rel = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
-                total = median_ms(lambda: fp8_linear(x, weight, activation_granularity=agran, backend=backend,
-                                                     use_fast_accum=args.fast_accum),
-                                  args.iters, args.warmup, device)
+                total = timed_median_ms(lambda: fp8_linear(x, weight, activation_granularity=agran,
+                                                           backend=backend, use_fast_accum=args.fast_accum),
+                                        args.iters, args.warmup)
                 gemm = None
                 if device.type == "cuda":
                     xq, xs = quantize_fp8(x, agran)
@@ -115,10 +95,10 @@ def main(argv=None):
                         sa, sb = xs.reshape(()), weight.scale.reshape(())
                     else:
                         sa, sb = xs.reshape(m, 1).contiguous(), weight.scale.reshape(1, n).contiguous()
-                    gemm = median_ms(lambda: torch._scaled_mm(xq, weight.q.t(), scale_a=sa, scale_b=sb,
-                                                              out_dtype=torch.bfloat16,
-                                                              use_fast_accum=args.fast_accum),
-                                     args.iters, args.warmup, device)
+                    gemm = timed_median_ms(lambda: torch._scaled_mm(xq, weight.q.t(), scale_a=sa, scale_b=sb,
+                                                                    out_dtype=torch.bfloat16,
+                                                                    use_fast_accum=args.fast_accum),
+                                           args.iters, args.warmup)
                 rows.append((variant, total, gemm, rel))
         for variant, total, gemm, rel in rows:
             totals.setdefault(variant, [0.0, 0.0])
@@ -194,7 +174,7 @@ def producer_and_linear(args, device, backend, date, device_name, gen):
             scale_diff = ((scale - scale_ref).abs() / scale_ref).max().item()
             for variant, fn in variants.items():
                 rel = ((fn().float() - y_ref).norm() / y_ref.norm()).item()
-                ms = median_ms(fn, args.iters, args.warmup, device)
+                ms = timed_median_ms(fn, args.iters, args.warmup)
                 sums[variant] = sums.get(variant, 0.0) + ms
                 check = (f"kernel vs torch reference: {same_bits:.4%} of e4m3 bytes equal, scales within "
                          f"{scale_diff:.1e}" if variant == "fp8 fused" else "")
@@ -233,7 +213,7 @@ def whole_layer(args, device, date, device_name):
           "|---|---|---|---|---|---|---|")
     with torch.no_grad():
         y_ref = forward(reference).float()
-        base = median_ms(lambda: forward(reference), args.iters, args.warmup, device)
+        base = timed_median_ms(lambda: forward(reference), args.iters, args.warmup)
         rows = [("bf16", base, 0.0)]
         for variant, fuse, fast in (("fp8 unfused", False, False), ("fp8 fused", True, False),
                                     ("fp8 fused, fast accum", True, device.type == "cuda")):
@@ -241,7 +221,7 @@ def whole_layer(args, device, date, device_name):
             model.load_state_dict(reference.state_dict())
             quantize_teacher(model, fuse=fuse, fast_accum=fast)
             rel = ((forward(model).float() - y_ref).norm() / y_ref.norm()).item()
-            rows.append((variant, median_ms(lambda: forward(model), args.iters, args.warmup, device), rel))
+            rows.append((variant, timed_median_ms(lambda: forward(model), args.iters, args.warmup), rel))
             del model
     for variant, ms, rel in rows:
         print(f"| {date} | {device_name} | {args.tokens} | {variant} | {ms:.3f} | {base / ms:.2f}x | {rel:.2e} |")

@@ -93,8 +93,6 @@ def accuracy(args, tmp):
 
 def step_time(args, tmp):
     """One KD step at Llama shapes: bf16/FP8 teacher x torch/Triton KD loss."""
-    import torch
-
     from megatron_minitron import checkpoint
     from megatron_minitron.config import Data, ModelArch, Parallel, Train
     from megatron_minitron.model.builder import build_gpt, resolve_dtype
@@ -116,7 +114,7 @@ def step_time(args, tmp):
     for name, arch in (("big_teacher", teacher), ("big_student", student)):
         checkpoint.save_checkpoint_to(os.path.join(tmp, name), [build_gpt(arch, Parallel(), dtype,
                                                                           device=rt.device)], arch=arch)
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        reset_peak_memory()  # frees the cached blocks of the model just saved
     data = RandomTokens((iters + warmup + 2), teacher.seq_length, teacher.vocab_size)
     batch = Data(micro_batch_size=1, global_batch_size=1)
     train = Train(train_iters=1000, lr=1e-5, min_lr=1e-6, lr_warmup_iters=1, eval_iters=0, eval_interval=0,

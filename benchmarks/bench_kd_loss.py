@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from common import timed_median_ms
 
 VARIANTS = ("naive", "torch", "triton", "liger")
 
@@ -93,21 +92,7 @@ def time_variant(fn, student, teacher, iters, warmup, device):
         student.grad = None
         fn(student, teacher).backward()
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
+    ms = timed_median_ms(step, iters, warmup)
     peak_gb = float("nan")
     if device.type == "cuda":
         student.grad = None
@@ -118,7 +103,7 @@ def time_variant(fn, student, teacher, iters, warmup, device):
         step()
         torch.cuda.synchronize()
         peak_gb = (torch.cuda.max_memory_allocated() - baseline) / 1e9
-    return statistics.median(times), peak_gb
+    return ms, peak_gb
 
 
 def main(argv=None):

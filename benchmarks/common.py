@@ -56,6 +56,27 @@ def time_steps(step, warmup: int, iters: int) -> list:
     return times
 
 
+def timed_median_ms(fn, iters: int, warmup: int) -> float:
+    """Median ms of ``fn()`` over ``iters`` calls after ``warmup``: CUDA events around each call on a GPU
+    (kernel time, no host sync in the window), wall clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def median_ms(times: list) -> float:
     return 1000 * statistics.median(times)
 
