@@ -28,6 +28,13 @@ _SUM_OWNERS_FORWARD = [0, 1, 1]   # S_s, S_t, sum exp(b - m_t) (b - a)
 _SUM_OWNERS_REVERSE = [0, 1, 0]   # S_s, S_t, sum exp(a - m_s) (a - b)
 
 
+def weighted_by_probability(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``weight * value`` with a term of zero weight counted as 0 even where ``value`` is +-inf or NaN: a
+    token of probability 0 (logit -inf: a padded or masked vocabulary, top-k teacher logits) adds nothing
+    to a KL, whereas IEEE arithmetic would make 0 * inf (and (-inf) - (-inf)) NaN."""
+    return torch.where(weight > 0, weight * value, torch.zeros_like(weight))
+
+
 def kl_from_global_stats(global_max: torch.Tensor, global_sums: torch.Tensor,
                          reverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token KL and the two log-sum-exps from full-vocabulary statistics (shared with the Triton path)."""
@@ -59,9 +66,9 @@ def local_partial_stats(student: torch.Tensor, teacher: torch.Tensor, inv_tau: f
         local_sums[0, start:end] = exp_s.sum(dim=-1)
         local_sums[1, start:end] = exp_t.sum(dim=-1)
         if reverse:
-            local_sums[2, start:end] = (exp_s * diff).sum(dim=-1)
+            local_sums[2, start:end] = weighted_by_probability(exp_s, diff).sum(dim=-1)
         else:
-            local_sums[2, start:end] = -(exp_t * diff).sum(dim=-1)
+            local_sums[2, start:end] = -weighted_by_probability(exp_t, diff).sum(dim=-1)
     return local_max, local_sums
 
 
@@ -72,7 +79,7 @@ def kl_grad_chunk(a: torch.Tensor, b: torch.Tensor, lse_s: torch.Tensor, lse_t: 
     log_p_t = b.sub_(lse_t[:, None])
     p_s = torch.exp(log_p_s)
     if reverse:
-        return p_s.mul_(log_p_s.sub_(log_p_t).sub_(kl[:, None]))
+        return weighted_by_probability(p_s, log_p_s.sub_(log_p_t).sub_(kl[:, None]))
     return p_s.sub_(torch.exp(log_p_t))
 
 

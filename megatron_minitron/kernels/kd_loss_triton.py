@@ -52,13 +52,15 @@ def _kl_partial_stats_kernel(student_ptr, teacher_ptr, max_ptr, sums_ptr, n_rows
         rescale_t = tl.where(m_t == neg_inf, 0.0, tl.exp(m_t - shift_t))
         exp_s = tl.exp(a - shift_s)
         exp_t = tl.exp(b - shift_t)
-        a_minus_b = tl.where(valid, a, 0.0) - tl.where(valid, b, 0.0)  # no (-inf) - (-inf) past the end
+        a_minus_b = a - b
         sum_s = sum_s * rescale_s + tl.sum(exp_s, axis=0)
         sum_t = sum_t * rescale_t + tl.sum(exp_t, axis=0)
+        # a zero-probability term (logit -inf: padded/masked vocabulary, top-k logits, past the row end)
+        # adds 0, never 0 * inf or (-inf) - (-inf) = NaN
         if REVERSE:
-            cross = cross * rescale_s + tl.sum(exp_s * a_minus_b, axis=0)
+            cross = cross * rescale_s + tl.sum(tl.where(exp_s > 0.0, exp_s * a_minus_b, 0.0), axis=0)
         else:
-            cross = cross * rescale_t - tl.sum(exp_t * a_minus_b, axis=0)
+            cross = cross * rescale_t - tl.sum(tl.where(exp_t > 0.0, exp_t * a_minus_b, 0.0), axis=0)
         m_s = new_m_s
         m_t = new_m_t
     tl.store(max_ptr + row, m_s)
@@ -89,7 +91,7 @@ def _kl_grad_kernel(student_ptr, teacher_ptr, grad_ptr, lse_s_ptr, lse_t_ptr, kl
         log_p_t = b - lse_t
         p_s = tl.exp(log_p_s)
         if REVERSE:
-            d = p_s * (log_p_s - log_p_t - kl)
+            d = tl.where(p_s > 0.0, p_s * (log_p_s - log_p_t - kl), 0.0)
         else:
             d = p_s - tl.exp(log_p_t)
         d = tl.where(scale != 0.0, d * scale, 0.0)  # masked rows: exact zeros whatever their logits

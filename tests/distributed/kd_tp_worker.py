@@ -4,6 +4,7 @@ Every rank builds the same full [s, b, V] logits, keeps its own V/2 columns and 
 default group (megatron's TP group). Checked for forward/reverse KL (torch and Triton-interpreter backends),
 MSE and cosine, fp32 and bf16, with a loss mask and temperature: the per-token loss equals the reference
 and is bitwise identical on both ranks, and each rank's gradient equals the reference gradient's columns.
+The KL losses again with -inf logits (padded vocabulary, masked / top-k columns, a whole shard -inf).
 Then sequence-parallel hidden-state losses: each rank holds half the positions; masked_mean(group=TP)
 gives the full-sequence mean, local gradients match, and the TP-summed projection gradient matches.
 Last, the FP8 teacher at TP2 with sequence parallelism: with activation quantization fused into its
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "unit"))
-from kd_reference import make_logits, reference_loss_and_grad  # noqa: E402
+from kd_reference import make_logits, reference_kl_with_neg_inf, reference_loss_and_grad, with_neg_inf  # noqa: E402
 from megatron_minitron.distill.losses import (hidden_state_loss, logit_kd_loss, masked_mean,  # noqa: E402
                                               triton_available)
 from megatron_minitron.runtime.distributed import destroy, init_distributed  # noqa: E402
@@ -71,6 +72,32 @@ def logit_checks(tp_rank, tp_group):
         check_same_on_all_ranks(name, loss, tp_group)
         assert torch.equal(loss[~mask], torch.zeros_like(loss[~mask])), name
     return len(cases)
+
+
+def neg_inf_logit_checks(tp_rank, tp_group):
+    """-inf logits across shards: a padded vocabulary (the last columns, all on rank 1), masked/top-k
+    columns, and rows whose whole shard on one rank is -inf on the zero-weight side."""
+    columns = slice(tp_rank * LOCAL_VOCAB, (tp_rank + 1) * LOCAL_VOCAB)
+    upstream = torch.rand(SEQ, BATCH, generator=torch.Generator().manual_seed(4)) + 0.5
+    backends = ["torch"] + (["triton"] if triton_available() else [])
+    count = 0
+    for kind in ("forward_kl", "reverse_kl"):
+        for backend in backends:
+            student, teacher = make_logits((SEQ, BATCH, 2 * LOCAL_VOCAB), seed=200 + count)
+            student, teacher = with_neg_inf(student, teacher, kind, seed=300 + count)
+            (teacher if kind == "forward_kl" else student)[0, :, LOCAL_VOCAB:] = float("-inf")
+            leaf = student[..., columns].clone().requires_grad_(True)
+            loss = logit_kd_loss(leaf, teacher[..., columns], kind, backend=backend, chunk_tokens=5,
+                                 triton_block=16, temperature=1.3)
+            loss.backward(upstream)
+            ref_loss, ref_grad = reference_kl_with_neg_inf(student, teacher, kind, upstream, temperature=1.3)
+            name = f"-inf {kind}/{backend}"
+            assert torch.isfinite(loss).all() and torch.isfinite(leaf.grad).all(), name
+            check_close(name + " loss", loss, ref_loss, rtol=1e-5, atol=5e-6)
+            check_close(name + " grad", leaf.grad, ref_grad[..., columns], rtol=1e-4, atol=1e-6)
+            check_same_on_all_ranks(name, loss, tp_group)
+            count += 1
+    return count
 
 
 def sequence_parallel_hidden_checks(tp_rank, tp_size, tp_group):
@@ -134,6 +161,7 @@ def main():
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     checks = logit_checks(tp_rank, tp_group)
+    checks += neg_inf_logit_checks(tp_rank, tp_group)
     checks += sequence_parallel_hidden_checks(tp_rank, runtime.tp, tp_group)
     checks += fp8_teacher_sequence_parallel_checks()
     dist.barrier()

@@ -36,3 +36,40 @@ def make_logits(shape, seed, dtype=torch.float32, spread=3.0):
     teacher = torch.randn(shape, generator=gen, dtype=torch.float64) * spread
     student = teacher + torch.randn(shape, generator=gen, dtype=torch.float64) * spread * 0.5
     return student.to(dtype), teacher.to(dtype)
+
+
+def reference_kl_with_neg_inf(student, teacher, kind, upstream, temperature=1.0, scale_by_temperature_squared=True):
+    """(per-token KL, gradient) in float64 for logits holding -inf, computed row by row on the finite columns
+    only: each softmax over its own finite logits, the KL summed over the columns the weighting distribution
+    (teacher for forward, student for reverse) gives nonzero probability. Columns outside get gradient 0."""
+    s_all = student.detach().double().reshape(-1, student.shape[-1])
+    t_all = teacher.detach().double().reshape(-1, teacher.shape[-1])
+    leaf = s_all.clone().requires_grad_(True)
+    losses = []
+    for row in range(s_all.shape[0]):
+        s_cols = torch.isfinite(s_all[row]).nonzero().squeeze(1)
+        t_cols = torch.isfinite(t_all[row]).nonzero().squeeze(1)
+        log_p_s = torch.full_like(s_all[row], float("-inf")).index_put(
+            (s_cols,), torch.log_softmax(leaf[row, s_cols] / temperature, dim=0))
+        log_p_t = torch.full_like(t_all[row], float("-inf")).index_put(
+            (t_cols,), torch.log_softmax(t_all[row, t_cols] / temperature, dim=0))
+        support = t_cols if kind == "forward_kl" else s_cols
+        p, q = (log_p_t, log_p_s) if kind == "forward_kl" else (log_p_s, log_p_t)
+        losses.append((p[support].exp() * (p[support] - q[support])).sum())
+    loss = torch.stack(losses) * (temperature ** 2 if scale_by_temperature_squared else 1.0)
+    (grad,) = torch.autograd.grad((loss * upstream.double().reshape(-1)).sum(), leaf)
+    return loss.detach().reshape(student.shape[:-1]), grad.reshape(student.shape)
+
+
+def with_neg_inf(student, teacher, kind, seed, padded=3, extra_fraction=0.4):
+    """Copies of the logits with -inf where a real vocabulary has it: the last ``padded`` columns of both
+    (a padded vocabulary), plus a random ``extra_fraction`` of columns -inf only on the side whose
+    probability weights the KL (teacher for forward KL: top-k / masked teacher logits; student for reverse)."""
+    gen = torch.Generator().manual_seed(seed)
+    student, teacher = student.clone(), teacher.clone()
+    student[..., -padded:] = float("-inf")
+    teacher[..., -padded:] = float("-inf")
+    extra = torch.rand(student.shape, generator=gen) < extra_fraction
+    extra[..., 0] = False  # every row keeps a finite logit
+    (teacher if kind == "forward_kl" else student)[extra] = float("-inf")
+    return student, teacher
