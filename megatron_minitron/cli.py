@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .errors import debug_enabled, user_error_message
+
 
 def build_parser() -> argparse.ArgumentParser:
     from . import demo
@@ -39,8 +41,11 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user mistakes: the message says the fix
-        print(f"minitron {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None or debug_enabled():
+            raise  # a bug of ours (or MINITRON_DEBUG=1): the traceback is what helps
+        print(f"minitron {args.command}: error: {message}", file=sys.stderr, flush=True)
         return 2
     finally:
         from .runtime.distributed import destroy
