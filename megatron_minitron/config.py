@@ -6,6 +6,7 @@ so that a bad value fails in a second with a message that says how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -284,9 +285,15 @@ def from_dict(cls, data: Optional[dict], where: str = ""):
             value = _coerce(value, ftype, f"{where}{f.name}")
         kwargs[f.name] = value
     if data:
-        known = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in data)}; "
-                         f"known here: {known}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        guesses = []
+        for key in data:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            if close:
+                guesses.append(f"{where}{key} -> {where}{close[0]}")
+        hint = f"; did you mean {', '.join(guesses)}?" if guesses else ""
+        raise ValueError(f"unknown config key(s) {', '.join(where + str(k) for k in data)}{hint} "
+                         f"(known here: {', '.join(names)})")
     return cls(**kwargs)
 
 

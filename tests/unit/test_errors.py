@@ -73,3 +73,13 @@ def test_console_command_exit_code_and_no_traceback(tmp_path):
                           text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "job.yaml" in proc.stderr, proc.stderr
+
+
+def test_mistyped_config_key_suggests_the_field():
+    from megatron_minitron.config import TrainConfig, load_config
+
+    with pytest.raises(ValueError, match=r"did you mean model\.hidden_sise -> model\.hidden_size\?"):
+        load_config(TrainConfig, None, ["model.hidden_sise=3"])
+    with pytest.raises(ValueError) as info:
+        load_config(TrainConfig, None, ["train.zzz=3"])
+    assert "did you mean" not in str(info.value) and "known here" in str(info.value)
