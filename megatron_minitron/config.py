@@ -294,7 +294,24 @@ def from_dict(cls, data: Optional[dict], where: str = ""):
         hint = f"; did you mean {', '.join(guesses)}?" if guesses else ""
         raise ValueError(f"unknown config key(s) {', '.join(where + str(k) for k in data)}{hint} "
                          f"(known here: {', '.join(names)})")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    # which fields the YAML / overrides set (not a dataclass field: asdict and dumps leave it out); jobs whose
+    # architecture comes from a checkpoint tell a value the user gave from a default by it
+    object.__setattr__(obj, _GIVEN_ATTR, frozenset(kwargs))
+    return obj
+
+
+_GIVEN_ATTR = "_given_fields"
+
+
+def given_fields(obj) -> frozenset:
+    """Names of the fields of dataclass ``obj`` that the user gave: those its YAML / overrides set when
+    ``from_dict`` built it, else (built in code) those that differ from the class defaults."""
+    recorded = getattr(obj, _GIVEN_ATTR, None)
+    if recorded is not None:
+        return recorded
+    default = type(obj)()
+    return frozenset(f.name for f in dataclasses.fields(obj) if getattr(obj, f.name) != getattr(default, f.name))
 
 
 def _coerce(value: Any, ftype, name: str):

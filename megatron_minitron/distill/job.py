@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Optional
 
 from ..config import ModelArch, to_dict
+from ..job_arch import JobArch, check_seq_length, show_warnings
 from .config import DistillConfig
 
 
 def prepare(cfg: DistillConfig) -> ModelArch:
     """Fill the student architecture from its checkpoint and validate everything; returns the teacher arch."""
     from .. import checkpoint
+    from ..config import given_fields
+    from ..job_arch import resolve_job_arch
 
     cfg.distill.validate()
     student_path = cfg.distill.student or cfg.train.load
@@ -20,7 +23,11 @@ def prepare(cfg: DistillConfig) -> ModelArch:
     teacher_meta = checkpoint.read_metadata(cfg.distill.teacher)
     student_meta = checkpoint.read_metadata(student_path)
     teacher_arch = checkpoint.arch_from_metadata(teacher_meta)
-    cfg.model = checkpoint.arch_from_metadata(student_meta)
+    # the student's architecture is its checkpoint's; a given model.seq_length is the run's window (job_arch.py)
+    student = resolve_job_arch(cfg.model, given_fields(cfg.model), checkpoint.arch_from_metadata(student_meta),
+                               f"the student checkpoint {student_path}")
+    show_warnings(student)
+    cfg.model = student.window_arch
     cfg.train.load = student_path
     check_compatible(cfg, teacher_arch, teacher_meta, student_meta)
     return teacher_arch
@@ -36,9 +43,11 @@ def check_compatible(cfg: DistillConfig, teacher: ModelArch, teacher_meta: Optio
                          f"{student.padded_vocab_size(tp)}) differ: logit distillation needs the same tokenizer")
     t_tok = (teacher_meta or {}).get("tokenizer")
     s_tok = (student_meta or {}).get("tokenizer")
-    if t_tok and s_tok and t_tok != s_tok:
-        raise ValueError(f"teacher tokenizer {t_tok} differs from student tokenizer {s_tok}; distill with the "
-                         "teacher's tokenizer (prune the student from this teacher)")
+    from ..data.tokenizer import same_tokenizer  # by vocabulary, not by path: prune copies the files
+
+    if same_tokenizer(t_tok, s_tok) is False:
+        raise ValueError(f"teacher tokenizer {t_tok} differs from student tokenizer {s_tok} (another "
+                         "vocabulary); distill with the teacher's tokenizer (prune the student from this teacher)")
     if par.pipeline_split is not None:
         raise ValueError("parallel.pipeline_split is not supported for distillation yet: teacher and student "
                          "stages are split evenly (PP must divide both depths)")
@@ -47,9 +56,10 @@ def check_compatible(cfg: DistillConfig, teacher: ModelArch, teacher_meta: Optio
     except ValueError as e:
         raise ValueError(f"teacher: {e}") from None
     par.validate(student)
-    if student.seq_length > teacher.seq_length and teacher.position_embedding == "learned_absolute":
-        raise ValueError(f"student seq_length {student.seq_length} exceeds the teacher's learned positions "
-                         f"({teacher.seq_length})")
+    # the teacher runs on the student's windows: beyond its learned positions is an error, beyond its rope
+    # context a warning
+    show_warnings(JobArch(teacher, student.seq_length, tuple(check_seq_length(
+        student.seq_length, teacher, "model.seq_length (the run's window)", "the teacher"))))
     for s_layer, t_layer in d.intermediate_pairs:
         if not 0 <= s_layer < student.num_layers:
             raise ValueError(f"distill.intermediate_pairs: student layer {s_layer} out of range "

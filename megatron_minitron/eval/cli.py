@@ -21,7 +21,8 @@ def register(subparsers) -> None:
                                    "(the split training used); default: all of --data")
     g.add_argument("--split-name", default="valid", choices=("train", "valid", "test"))
     g.add_argument("--num-samples", type=int, help="sequences to evaluate (default: the whole split)")
-    g.add_argument("--seq-length", type=int, help="sequence length (default: the model's)")
+    g.add_argument("--seq-length", type=int, help="sequence length (default: the checkpoint's seq_length, its "
+                                                  "maximum context)")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g = p.add_argument_group("multiple-choice tasks")
     g.add_argument("--tasks", nargs="*", default=[], metavar="FILE",
@@ -83,10 +84,10 @@ def run(args) -> int:
         if tokenizer.vocab_size > arch.padded_vocab_size(args.tp):
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
                              f"holds {arch.padded_vocab_size(args.tp)}: it is not this model's tokenizer")
-    seq_length = args.seq_length or arch.seq_length
-    if seq_length > arch.seq_length and arch.position_embedding == "learned_absolute":
-        raise ValueError(f"--seq-length {seq_length} exceeds the model's learned position table "
-                         f"({arch.seq_length})")
+    from ..job_arch import check_seq_length
+    seq_length = arch.seq_length if args.seq_length is None else args.seq_length
+    for warning in check_seq_length(seq_length, arch, "--seq-length", f"the checkpoint {args.load}"):
+        rank0_print(f"[eval] warning: {warning}")
     par = Parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
     par.validate(arch)
     rt = init_distributed(args.tp, args.pp)

@@ -88,7 +88,7 @@ def loglikelihoods(model_chunks, requests: Sequence[Request], batch_size: int = 
                    seq_length: Optional[int] = None) -> torch.Tensor:
     """Summed log-likelihood of each request's continuation given its context, float64 [N], the same on
     every rank. Requests are left-truncated to ``seq_length`` (default: the model's)."""
-    seq_length = seq_length or model_seq_length(model_chunks)
+    seq_length = model_seq_length(model_chunks) if seq_length is None else seq_length
     dp_rank, dp, last, _ = _parallel()
     device = next(_unwrap(model_chunks[0]).parameters()).device
     out = torch.zeros(len(requests), dtype=torch.float64, device=device)

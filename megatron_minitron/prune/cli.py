@@ -34,7 +34,8 @@ def register(subparsers) -> None:
                                           "search`'s best_prune.yaml); --target entries override it")
     p.add_argument("--num-samples", type=int, default=1024, help="calibration samples (paper: 1024)")
     p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--seq-length", type=int, help="calibration sequence length (default: the model's)")
+    p.add_argument("--seq-length", type=int, help="calibration sequence length (default: the checkpoint's "
+                                                  "seq_length, its maximum context)")
     p.add_argument("--batch-agg", default="l2", choices=("mean", "l2", "var"))
     p.add_argument("--seq-agg", default="mean", choices=("mean", "l2", "var"))
     p.add_argument("--depth-metrics", default="bi", help="comma list: bi, lm_loss, accuracy (with "
@@ -103,6 +104,7 @@ class PruneJob:
     rewrite: Optional[object]  # layout.SavePaths for --in-place
     save: Optional[str]
     notes: list
+    seq_length: int  # the calibration window (--seq-length, else the checkpoint's seq_length)
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -156,7 +158,7 @@ def _check_data(prefix: str, num_samples: int, seq: int, micro_batch_size: int) 
                          "more data")
 
 
-def _register_depth_task(args, settings, notes: list) -> None:
+def _register_depth_task(args, settings, notes: list, seq_length: int) -> None:
     if args.depth_task is None:
         return
     if not os.path.isfile(args.depth_task):
@@ -168,7 +170,7 @@ def _register_depth_task(args, settings, notes: list) -> None:
                          f"not available here ({e}); use --depth-metrics bi or lm_loss instead") from None
     # the tokenizer comes from the calibration data's sidecar or the checkpoint's record (eval's rules)
     register_accuracy_metric(args.depth_task, num_fewshot=args.depth_task_shots, limit=args.depth_task_limit,
-                             data=args.data, load=args.load, seq_length=args.seq_length)
+                             data=args.data, load=args.load, seq_length=seq_length)
     if "accuracy" not in settings.depth_metrics:
         settings.depth_metrics.append("accuracy")
         notes.append(f"depth metric 'accuracy' on {args.depth_task} added")
@@ -188,11 +190,36 @@ def _depth_needs(arch, targets, resolved, settings, notes: list) -> None:
         notes.append(f"block size {k} added (a contiguous block of {k} layers is dropped)")
 
 
+def _depth_what(metric: str, size: int) -> str:
+    return f"{metric!r} scores for {'single layers' if size == 1 else f'blocks of {size} layers'}"
+
+
+def _lacking_depth_message(path: str, scores, arch, targets, lacking: tuple) -> str:
+    metric, size = lacking
+    flags = f"--depth-metrics {metric}" + (f" --block-sizes {size}" if size > 1 else "")
+    contiguous = " contiguous=true" if targets.contiguous else ""
+    return (f"--scores {path} has no {_depth_what(metric, size)} (it has {scores.depth_inventory()}), which "
+            f"--target num_layers={targets.num_layers}{contiguous} ranks the {arch.num_layers} layers by. Give "
+            f"--data PREFIX (calibration data) to compute them - the file is rewritten with them - or recompute "
+            f"the file with `minitron prune --load ... --data PREFIX --scores {path} --scores-only {flags}`")
+
+
+def _extend_settings(saved, wanted):
+    """The settings a file was computed with, plus the depth metrics / block sizes asked for now (the new file
+    keeps what the old one held, except a metric that is not registered now, e.g. 'accuracy' without
+    --depth-task)."""
+    from .depth import DEPTH_METRICS
+
+    old = [m for m in saved.depth_metrics if m == "bi" or m in DEPTH_METRICS]
+    return dataclasses.replace(saved, depth_metrics=list(dict.fromkeys([*old, *wanted.depth_metrics])),
+                               block_sizes=sorted({*map(int, saved.block_sizes), *wanted.block_sizes}))
+
+
 def prepare(args) -> PruneJob:
     """Validate every argument; reads metadata (and the scores / data index), writes nothing."""
     from .. import checkpoint
     from ..config import Parallel
-    from .plan import make_plan, validate_targets
+    from .plan import depth_scores_needed, make_plan, validate_targets
     from .scores import ImportanceScores
 
     targets = parse_targets(args.target, read_targets_file(args.targets_file)
@@ -200,27 +227,39 @@ def prepare(args) -> PruneJob:
     metadata = checkpoint.read_metadata(args.load)  # FileNotFoundError / ValueError when not a checkpoint
     arch = checkpoint.arch_from_metadata(metadata)
     save = _check_output(args, metadata)
+    from ..job_arch import check_seq_length
+    seq_length = arch.seq_length if args.seq_length is None else args.seq_length
+    notes: list = [f"warning: {w}" for w in check_seq_length(seq_length, arch, "--seq-length",
+                                                              f"the checkpoint {args.load}")]
     par = Parallel(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)
     par.validate(arch)
     resolved = validate_targets(arch, targets, tp=args.tp)
     settings = _settings(args)
     settings.validate(arch.num_layers)
-    notes: list = []
     have_scores = bool(args.scores) and os.path.exists(args.scores)
     if args.scores_only and not args.scores:
         raise ValueError("--scores-only needs --scores PATH to write the scores to")
     scores = plan = None
     if have_scores:
         scores = ImportanceScores.load(args.scores)
-        if not args.scores_only:
+        lacking = depth_scores_needed(arch, targets)
+        if lacking is not None and not scores.has_depth(*lacking):
+            if not args.data:
+                raise ValueError(_lacking_depth_message(args.scores, scores, arch, targets, lacking))
+            # one calibration pass computes them; the file is rewritten with everything it held plus them
+            notes.append(f"{args.scores} has no {_depth_what(*lacking)}: computing importance again on "
+                         f"{args.data} (its settings, with the depth scores added) and rewriting it")
+            settings = _extend_settings(scores.settings, settings)
+            scores = None
+        elif not args.scores_only:
             plan = make_plan(scores, arch, targets, tp=args.tp, merge_heads=not args.no_head_merge)
-    else:
+    if scores is None:
         if not args.data:
             raise ValueError("give --data PREFIX (calibration data) or an existing --scores file")
-        _register_depth_task(args, settings, notes)
+        _register_depth_task(args, settings, notes, seq_length)
         _depth_needs(arch, targets, resolved, settings, notes)
         settings.validate(arch.num_layers)
-        _check_data(args.data, args.num_samples, args.seq_length or arch.seq_length, args.micro_batch_size)
+        _check_data(args.data, args.num_samples, seq_length, args.micro_batch_size)
     if args.pp > 1 and not args.scores_only:
         kept = (plan.kept_layers if plan is not None else
                 None if resolved.drop is None else [i for i in range(arch.num_layers) if i not in resolved.drop])
@@ -233,7 +272,7 @@ def prepare(args) -> PruneJob:
         from .rewrite import rewrite_paths
         rewrite = rewrite_paths(args.load)
     return PruneJob(arch=arch, metadata=metadata, targets=targets, settings=settings, scores=scores, plan=plan,
-                    parallel=par, rewrite=rewrite, save=save, notes=notes)
+                    parallel=par, rewrite=rewrite, save=save, notes=notes, seq_length=seq_length)
 
 
 def _dtype(precision: str, metadata: dict):
@@ -294,7 +333,7 @@ def run(args) -> int:
         else:
             from ..data import calibration_batches
 
-            batches = calibration_batches(args.data, args.num_samples, args.seq_length or arch.seq_length,
+            batches = calibration_batches(args.data, args.num_samples, job.seq_length,
                                           args.micro_batch_size, ps.get_data_parallel_rank(),
                                           ps.get_data_parallel_world_size(), seed=args.seed)
             scores = estimate_importance([model], batches, job.settings)

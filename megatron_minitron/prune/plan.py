@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -169,6 +169,17 @@ def _resolve_depth(scores: ImportanceScores, L: int, t: PruneTargets) -> List[in
             drop = top_k(-scores.layers[t.depth_metric], k)
         _check_drop(L, t, drop)
     return [i for i in range(L) if i not in set(drop or [])]
+
+
+def depth_scores_needed(arch: ModelArch, targets: PruneTargets) -> Optional[Tuple[str, int]]:
+    """(metric, block size) a plan for ``targets`` ranks layers by - size 1: single layers, k > 1: contiguous
+    blocks of k - or None when no metric picks the layers (depth kept, or the dropped layers are explicit)."""
+    if _explicit_drop(arch.num_layers, targets) is not None:
+        return None
+    if targets.num_layers is None or targets.num_layers == arch.num_layers:
+        return None
+    k = arch.num_layers - targets.num_layers
+    return targets.depth_metric, (k if targets.contiguous else 1)
 
 
 @dataclass

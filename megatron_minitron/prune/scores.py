@@ -73,6 +73,19 @@ class ImportanceScores:
     def num_layers(self) -> int:
         return self.heads.shape[0]
 
+    def has_depth(self, metric: str, size: int) -> bool:
+        """Whether the scores rank single layers (size 1) or contiguous blocks of ``size`` by ``metric``."""
+        if size == 1:
+            return metric in self.layers
+        return size in self.blocks.get(metric, {})
+
+    def depth_inventory(self) -> dict:
+        """metric -> the sizes it scores (1 = single layers), for messages."""
+        have = {m: [1] for m in self.layers}
+        for m, by_size in self.blocks.items():
+            have.setdefault(m, []).extend(sorted(by_size))
+        return have
+
     def block(self, metric: str, size: int) -> torch.Tensor:
         if size == 1 and metric in self.layers:
             return self.layers[metric]
@@ -80,7 +93,8 @@ class ImportanceScores:
             have = {m: sorted(b) for m, b in self.blocks.items()}
             raise ValueError(f"no {metric!r} scores for blocks of {size} layers (have {have}); rerun "
                              f"importance with depth_metrics including {metric!r} and block_sizes "
-                             f"including {size}")
+                             f"including {size} (`minitron prune --data PREFIX --depth-metrics {metric} "
+                             f"--block-sizes {size} --scores FILE`)")
         return self.blocks[metric][size]
 
     def save(self, path: str) -> None:

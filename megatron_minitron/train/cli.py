@@ -17,6 +17,22 @@ def split_config_args(args) -> tuple:
     return config, overrides
 
 
+def resolve_model_from_checkpoint(cfg) -> None:
+    """When the weights come from a checkpoint (resumed from train.save, else train.load), the architecture is
+    that checkpoint's and model.seq_length, if given, the run's window (job_arch.py); cfg.model becomes it."""
+    from .. import checkpoint
+    from ..job_arch import resolve_from_checkpoint, show_warnings
+
+    t = cfg.train
+    resumed = bool(t.save) and checkpoint.latest_iteration(t.save) is not None
+    source, role = (t.save, "checkpoint being resumed") if resumed else (t.load, "train.load checkpoint")
+    if not source:
+        return
+    job = resolve_from_checkpoint(cfg.model, source, role)
+    show_warnings(job)
+    cfg.model = job.window_arch
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train (or fine-tune) a GPT with megatron-core",
                               description="Train a GPT. Resumes from train.save when it holds a checkpoint.")
@@ -30,6 +46,7 @@ def run(args) -> int:
 
     config, overrides = split_config_args(args)
     cfg = load_config(TrainConfig, config, overrides)
+    resolve_model_from_checkpoint(cfg)
     cfg.model.validate()
     cfg.parallel.validate(cfg.model)
     cfg.train.validate()

@@ -58,7 +58,8 @@ class Trainer:
         t = cfg.train
         fp8 = (dict(format=t.fp8, recipe=t.fp8_recipe, amax_history_len=t.fp8_amax_history_len,
                     amax_compute_algo=t.fp8_amax_compute_algo) if t.fp8 else None)
-        model = build_gpt(cfg.model, par, self.dtype, attention_backend=t.attention_backend,
+        self.arch = self._model_arch()
+        model = build_gpt(self.arch, par, self.dtype, attention_backend=t.attention_backend,
                           use_te=t.transformer_engine, recompute=t.recompute, device=self.rt.device, fp8=fp8)
         if hasattr(self.objective, "wrap_model"):
             model = self.objective.wrap_model(self, model)  # e.g. co-locate a frozen teacher
@@ -77,6 +78,16 @@ class Trainer:
         mconfig.no_sync_func = self.model[0].no_sync
         assert mconfig.calculate_per_token_loss  # set by the builder, before DDP reads it
 
+    def _model_arch(self):
+        """What is built, loaded and saved: cfg.model (seq_length = this run's window) with the maximum context
+        of the checkpoint the weights come from (the resumed one, else train.load), see job_arch.py."""
+        from .. import checkpoint
+        from ..job_arch import model_arch
+
+        t = self.cfg.train
+        source = t.save if t.save and checkpoint.latest_iteration(t.save) is not None else t.load
+        return model_arch(self.cfg.model, checkpoint.read_arch(source) if source else None)
+
     def _load_initial_state(self) -> None:
         from .. import checkpoint
 
@@ -84,14 +95,14 @@ class Trainer:
         chunks = self.unwrapped()
         if tcfg.save and checkpoint.latest_iteration(tcfg.save) is not None:
             extra = checkpoint.load_checkpoint(tcfg.save, chunks, optimizer=self.optimizer,
-                                               scheduler=self.scheduler, arch=self.cfg.model)
+                                               scheduler=self.scheduler, arch=self.arch)
             self.state.iteration = int(extra["iteration"])
             self.state.consumed_samples = int(extra.get("consumed_samples", 0))
             self.tokenizer_record = checkpoint.read_metadata(tcfg.save).get("tokenizer")
             self.log0(f"resumed from {tcfg.save} at iteration {self.state.iteration}")
         elif tcfg.load:  # weights only, into the trained model proper (a wrapper may name it)
             metadata = checkpoint.load_weights(tcfg.load, [getattr(c, "init_target", c) for c in chunks],
-                                               arch=self.cfg.model, optimizer=self.optimizer)
+                                               arch=self.arch, optimizer=self.optimizer)
             self.tokenizer_record = metadata.get("tokenizer")
             self.provenance.setdefault("initialised_from", tcfg.load)
             self.log0(f"initial weights from {tcfg.load}")
@@ -201,7 +212,7 @@ class Trainer:
         path = checkpoint.save_checkpoint(
             tcfg.save, self.state.iteration, self.unwrapped(), optimizer=self.optimizer,
             scheduler=self.scheduler, extra={"consumed_samples": self.state.consumed_samples},
-            arch=self.cfg.model, parallel=self.cfg.parallel, provenance=self.provenance,
+            arch=self.arch, parallel=self.cfg.parallel, provenance=self.provenance,
             keep_last=tcfg.keep_last, tokenizer=self._tokenizer_for_checkpoint())
         self.log0(f"saved checkpoint {path}")
         return path
