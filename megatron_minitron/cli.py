@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .errors import debug_enabled, user_error_message
 
@@ -33,7 +34,21 @@ def run_subcommand(register, argv: list) -> int:
     return int(args.handler(args) or 0)
 
 
+def quiet_library_warnings() -> None:
+    """Our commands' output is for people: hide megatron-core's and torch's deprecation notices (they are
+    for library developers, and a user cannot act on them). Only in our entry point, never at import, so
+    users' own code that imports megatron_minitron keeps every warning."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch|transformers)(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*deprecated", category=UserWarning, module=r"megatron(\.|$)")
+    # megatron reads `.grad` of non-leaf tensors; under the CPU test mode's torch-function hook torch notices
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf",
+                            category=UserWarning)
+
+
 def main(argv=None) -> int:
+    if not debug_enabled():
+        quiet_library_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
