@@ -37,7 +37,9 @@ class DatasetTokenizer:
         if isinstance(tokenizer, cls):
             return tokenizer
         describe = getattr(tokenizer, "describe", None)
-        return cls(int(tokenizer.vocab_size), int(tokenizer.eod), describe() if describe else None)
+        # the cache key names what the tokenizer is, not where it is (a moved copy reuses the caches)
+        description = {k: v for k, v in describe().items() if k != "path"} if describe else None
+        return cls(int(tokenizer.vocab_size), int(tokenizer.eod), description)
 
 
 def parse_blend(entries: Optional[Sequence]) -> Optional[Tuple[List[str], Optional[List[float]]]]:

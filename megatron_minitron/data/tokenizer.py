@@ -1,11 +1,21 @@
 """Tokenizers behind one small interface: ``vocab_size``, ``eod``, ``encode(str)``, ``decode(ids)``.
 
 Backends: a sentencepiece model file, a Hugging Face ``tokenizer.json`` (or a tokenizer directory), and
-training a new sentencepiece model on local text (``train_sentencepiece``). Encoding never adds BOS/EOS:
-documents are separated by the EOD id that ``preprocess`` appends after each one.
+training a new sentencepiece model on local text (``train_sentencepiece``).
+
+BOS convention (one per tokenizer, followed by preprocess, prune calibration, training and eval alike, and
+the same as lm-evaluation-harness applies to the exported HF model): ``encode`` never adds special tokens;
+``encode_document`` puts ``[bos]`` in front when ``add_bos`` is true. A Hugging Face tokenizer adds BOS
+when its own post-processor does (what ``tokenizer.encode(text)`` does by default, e.g. Llama-3); a
+sentencepiece model does not unless asked (``add_bos=True``). Documents end with the EOD id that
+``preprocess`` appends after each one.
+
+Identity: ``fingerprint`` hashes the vocabulary (every id and its piece), so copies of a tokenizer at other
+paths, or the same vocabulary in another file format, compare equal (``same_tokenizer``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,10 +50,39 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         raise NotImplementedError
 
+    # The BOS convention (module docstring); backends set both in __init__.
+    add_bos: bool = False
+    bos: Optional[int] = None  # the id put in front of each document when add_bos
+
+    def encode_document(self, text: str) -> List[int]:
+        """The ids of one document as preprocess stores it (before the EOD): BOS first when add_bos."""
+        return ([int(self.bos)] if self.add_bos else []) + self.encode(text)
+
+    @property
+    def prefix_id(self) -> int:
+        """What an empty context is conditioned on (lm-evaluation-harness's ``prefix_token_id``: the
+        tokenizer's BOS token, else its EOS). The exported HF tokenizer declares the EOD as its BOS token
+        when the convention adds none (as GPT-2 does), so this is then the EOD."""
+        return int(self.bos) if self.add_bos else int(self.eod)
+
+    def pieces(self) -> List[str]:
+        return [self.id_to_piece(i) for i in range(self.vocab_size)]
+
+    @property
+    def fingerprint(self) -> str:
+        """"sha256:..." of the vocabulary: equal for copies of a tokenizer wherever they are, different
+        for different vocabularies (computed once)."""
+        cached = getattr(self, "_fingerprint", None)
+        if cached is None:
+            cached = self._fingerprint = vocabulary_fingerprint(self.pieces())
+        return cached
+
     def describe(self) -> dict:
-        """What identifies this tokenizer (written to sidecars, hashed into dataset caches)."""
-        return {"type": self.kind, "path": os.path.abspath(self.path), "vocab_size": self.vocab_size,
-                "eod": self.eod}
+        """The tokenizer record written to sidecars and checkpoint metadata: where it is (``path``, to
+        find it again) and what it is (``fingerprint`` and the ids each stage relies on)."""
+        return {"type": self.kind, "path": os.path.abspath(self.path), "vocab_size": int(self.vocab_size),
+                "eod": int(self.eod), "eod_token": self.eod_token, "add_bos": bool(self.add_bos),
+                "bos": None if self.bos is None else int(self.bos), "fingerprint": self.fingerprint}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, vocab_size={self.vocab_size}, eod={self.eod})"
@@ -52,7 +91,7 @@ class Tokenizer:
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
-    def __init__(self, model_path: str, eod_token: Optional[str] = None):
+    def __init__(self, model_path: str, eod_token: Optional[str] = None, add_bos: Optional[bool] = None):
         import sentencepiece as spm
 
         if os.path.isdir(model_path) and os.path.exists(os.path.join(model_path, "tokenizer.model")):
@@ -72,6 +111,12 @@ class SentencePieceTokenizer(Tokenizer):
                 raise ValueError(f"sentencepiece model {model_path} defines no EOS token; name the "
                                  f"end-of-document token explicitly (eod_token=...)")
         self.eod = int(eod)
+        self.add_bos = bool(add_bos)  # sentencepiece's convention: no BOS unless asked
+        if self.add_bos:
+            if self.sp.bos_id() < 0:
+                raise ValueError(f"sentencepiece model {model_path} defines no BOS token, so add_bos is "
+                                 f"impossible; preprocess without --add-bos")
+            self.bos = int(self.sp.bos_id())
 
     def encode(self, text: str) -> List[int]:
         return list(self.sp.encode(text, out_type=int))
@@ -92,7 +137,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
     kind = "huggingface"
 
-    def __init__(self, path: str, eod_token: Optional[str] = None):
+    def __init__(self, path: str, eod_token: Optional[str] = None, add_bos: Optional[bool] = None):
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"Hugging Face tokenizer {path} not found; give a tokenizer.json file or a directory "
@@ -124,6 +169,41 @@ class HuggingFaceTokenizer(Tokenizer):
             vocab = self._tok.get_vocab(with_added_tokens=True)
             configured = _eos_from_config(config_dir)
         self.eod = self._find_eod(vocab, eod_token, configured)
+        self.bos = self._added_prefix()
+        self.add_bos = self.bos is not None
+        if add_bos is not None and bool(add_bos) != self.add_bos:
+            raise ValueError(
+                f"add_bos={bool(add_bos)} but the tokenizer {path} {'adds' if self.add_bos else 'does not add'} "
+                f"BOS by itself; a Hugging Face tokenizer's convention is its own (lm-evaluation-harness "
+                f"follows it too): drop the setting, or change the tokenizer's post-processor")
+
+    def _encode_with_specials(self, text: str) -> List[int]:
+        if self._hf is not None:
+            return list(self._hf.encode(text, add_special_tokens=True))
+        return list(self._tok.encode(text, add_special_tokens=True).ids)
+
+    def _added_prefix(self) -> Optional[int]:
+        """The id the tokenizer's post-processor puts in front of a text (its BOS), or None. Tokens it
+        appends (an EOS) are not followed: documents end with the EOD that preprocess appends."""
+        probe = "Hello world"
+        plain, full = self.encode(probe), self._encode_with_specials(probe)
+        start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+        if start is None:
+            raise ValueError(f"the tokenizer {self.path} encodes a text differently with and without special "
+                             f"tokens (beyond adding some around it); it is not supported")
+        if start == 0:
+            return None
+        if start > 1:
+            raise ValueError(f"the tokenizer {self.path} puts {start} special tokens in front of every text "
+                             f"({full[:start]}); only a single BOS is supported")
+        return int(full[0])
+
+    @property
+    def prefix_id(self) -> int:
+        bos = self._hf.bos_token_id if self._hf is not None else None
+        if bos is not None:  # lm-evaluation-harness: the tokenizer's bos_token_id, else its EOS
+            return int(bos)
+        return int(self.bos) if self.add_bos else int(self.eod)
 
     def _find_eod(self, vocab: dict, eod_token: Optional[str], configured: Optional[str]) -> int:
         if eod_token is not None:
@@ -148,6 +228,11 @@ class HuggingFaceTokenizer(Tokenizer):
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return self._tok.decode(ids, skip_special_tokens=False)
+
+    def pieces(self) -> List[str]:
+        vocab = self._hf.get_vocab() if self._hf is not None else self._tok.get_vocab(with_added_tokens=True)
+        by_id = {int(i): piece for piece, i in vocab.items()}
+        return [by_id.get(i, "") for i in range(max(self.vocab_size, max(by_id, default=-1) + 1))]
 
     def id_to_piece(self, token_id: int) -> str:
         if self._hf is not None:
@@ -183,13 +268,75 @@ def _eos_from_config(config_dir: str) -> Optional[str]:
     return None
 
 
-def build_tokenizer(kind: str, path: str, eod_token: Optional[str] = None) -> Tokenizer:
-    """``kind``: "sentencepiece" (a .model file) or "huggingface" (tokenizer.json or a directory)."""
+def build_tokenizer(kind: str, path: str, eod_token: Optional[str] = None,
+                    add_bos: Optional[bool] = None) -> Tokenizer:
+    """``kind``: "sentencepiece" (a .model file) or "huggingface" (tokenizer.json or a directory).
+    ``add_bos``: the BOS convention (None: the tokenizer's default; see the module docstring)."""
     if kind in ("sentencepiece", "spm", "SentencePieceTokenizer"):
-        return SentencePieceTokenizer(path, eod_token)
+        return SentencePieceTokenizer(path, eod_token, add_bos)
     if kind in ("huggingface", "hf", "HuggingFaceTokenizer"):
-        return HuggingFaceTokenizer(path, eod_token)
+        return HuggingFaceTokenizer(path, eod_token, add_bos)
     raise ValueError(f"tokenizer type {kind!r}: choose one of {TOKENIZER_TYPES}")
+
+
+def guess_tokenizer_type(path: str) -> str:
+    """sentencepiece for a .model file or a directory holding only a tokenizer.model, else huggingface."""
+    if path.endswith(".model") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model"))
+                                   and not os.path.isfile(os.path.join(path, "tokenizer.json"))):
+        return "sentencepiece"
+    return "huggingface"
+
+
+def vocabulary_fingerprint(pieces: Sequence[str]) -> str:
+    """"sha256:..." over (id, piece) for every id: the identity of a vocabulary, independent of the file
+    format and location it came from."""
+    h = hashlib.sha256()
+    for i, piece in enumerate(pieces):
+        h.update(f"{i}\t".encode())
+        h.update(str(piece).encode("utf-8", "surrogatepass"))
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def tokenizer_from_record(record, where: str = "the record") -> Tokenizer:
+    """The tokenizer a record (checkpoint metadata / sidecar entry: a dict with ``path``, or a path) names."""
+    if isinstance(record, str):
+        record = {"path": record}
+    if not isinstance(record, dict) or not record.get("path"):
+        raise ValueError(f"{where} names no tokenizer path")
+    path = record["path"]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where} names the tokenizer {path}, which does not exist here")
+    kind = record.get("type") or guess_tokenizer_type(path)
+    add_bos = record.get("add_bos") if kind == "sentencepiece" else None
+    return build_tokenizer(kind, path, record.get("eod_token"), add_bos)
+
+
+def record_fingerprint(record) -> Optional[str]:
+    """A record's vocabulary fingerprint: the one it stores, else computed from the files it names
+    (records written before fingerprints existed); None when neither is possible."""
+    if isinstance(record, dict) and record.get("fingerprint"):
+        return str(record["fingerprint"])
+    try:
+        return tokenizer_from_record(record).fingerprint
+    except (ValueError, FileNotFoundError, OSError, ImportError):
+        return None
+
+
+def same_tokenizer(a, b) -> Optional[bool]:
+    """Whether two tokenizer records name the same tokenizer, judged by what they are (vocabulary
+    fingerprint, and the EOD id when both record one), never by where they are. None when it cannot be
+    told (a record without fingerprint whose files are gone)."""
+    if not a or not b:
+        return None
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in ("vocab_size", "eod"):
+            if a.get(key) is not None and b.get(key) is not None and int(a[key]) != int(b[key]):
+                return False
+    fa, fb = record_fingerprint(a), record_fingerprint(b)
+    if fa is None or fb is None:
+        return None
+    return fa == fb
 
 
 def train_sentencepiece(text_files: Iterable[str], out_prefix: str, vocab_size: int,
@@ -258,8 +405,7 @@ def write_tokenizer_sidecar(prefix: str, tokenizer: Tokenizer) -> str:
     model = os.path.abspath(tokenizer.path)
     if os.path.commonpath([out_dir, model]) == out_dir:
         model = os.path.relpath(model, out_dir)
-    info = {"type": tokenizer.kind, "path": model, "vocab_size": int(tokenizer.vocab_size),
-            "eod": int(tokenizer.eod), "eod_token": tokenizer.eod_token}
+    info = {**tokenizer.describe(), "path": model}
     tmp = f"{out}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         yaml.safe_dump(info, f, sort_keys=False, allow_unicode=True)
@@ -282,7 +428,20 @@ def load_tokenizer_sidecar(prefix: str) -> Optional[Tokenizer]:
     model = info["path"]
     if not os.path.isabs(model):
         model = os.path.join(os.path.dirname(os.path.abspath(path)), model)
-    tok = build_tokenizer(info["type"], model, info.get("eod_token"))
+    # add_bos: the convention the data was written with (sidecars before it existed: no BOS)
+    add_bos = bool(info.get("add_bos", False)) if info["type"] == "sentencepiece" else None
+    try:
+        tok = build_tokenizer(info["type"], model, info.get("eod_token"), add_bos)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if "add_bos" in info and bool(info["add_bos"]) != tok.add_bos:
+        raise ValueError(f"{path} records add_bos={info['add_bos']} but the tokenizer at {model} "
+                         f"{'adds' if tok.add_bos else 'does not add'} BOS: the tokenizer changed after "
+                         f"preprocessing; restore it or preprocess the data again")
+    if info.get("fingerprint") and info["fingerprint"] != tok.fingerprint:
+        raise ValueError(f"{path} records the vocabulary {info['fingerprint']} but the tokenizer at {model} "
+                         f"has {tok.fingerprint}: the tokenizer changed after preprocessing; restore it or "
+                         f"preprocess the data again")
     for key in ("vocab_size", "eod"):
         if key in info and int(info[key]) != int(getattr(tok, key)):
             raise ValueError(f"{path} records {key}={info[key]} but the tokenizer at {model} has "

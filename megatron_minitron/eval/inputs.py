@@ -4,14 +4,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..data.tokenizer import guess_tokenizer_type
+
 SPLIT_NAMES = ("train", "valid", "test")
-
-
-def guess_tokenizer_type(path: str) -> str:
-    if path.endswith(".model") or (os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model"))
-                                   and not os.path.isfile(os.path.join(path, "tokenizer.json"))):
-        return "sentencepiece"
-    return "huggingface"
 
 
 def resolve_eval_tokenizer(tokenizer=None, tokenizer_type: str = "auto", data: Optional[str] = None,
@@ -34,12 +29,18 @@ def resolve_eval_tokenizer(tokenizer=None, tokenizer_type: str = "auto", data: O
     if isinstance(recorded, str):
         recorded = {"path": recorded}
     if isinstance(recorded, dict) and recorded.get("path"):
+        from ..data.tokenizer import tokenizer_from_record
+
         path = recorded["path"]
         if not os.path.exists(path):
             raise FileNotFoundError(f"the checkpoint names the tokenizer {path}, which does not exist here;"
                                     f" give --tokenizer PATH")
-        kind = recorded.get("type") or guess_tokenizer_type(path)
-        return build_tokenizer(kind, path, recorded.get("eod_token"))
+        tok = tokenizer_from_record(recorded, "the checkpoint")  # with the recorded BOS convention
+        if recorded.get("fingerprint") and recorded["fingerprint"] != tok.fingerprint:
+            raise ValueError(f"the checkpoint's tokenizer {path} changed since the checkpoint was written "
+                             f"(vocabulary {tok.fingerprint}, recorded {recorded['fingerprint']}); restore it "
+                             f"or give --tokenizer PATH")
+        return tok
     raise ValueError("multiple-choice tasks need a tokenizer: give --tokenizer PATH (a sentencepiece .model, "
                      "a tokenizer.json or a tokenizer directory), or --data PREFIX whose "
                      "PREFIX.tokenizer.yaml names one")

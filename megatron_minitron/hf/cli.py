@@ -106,7 +106,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str 
     out_dir = os.path.abspath(out_dir)
     provenance = {"converted_from": hf_dir, "family": family, "hf_config": hf_config}
     present = [f for f in hf_io.TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, f))]
-    tokenizer = {"type": "huggingface", "path": out_dir, "files": present} if present else None
+    tokenizer = hf_io.tokenizer_record(hf_dir, out_dir, present) if present else None
     final = save_checkpoint_to(out_dir, [model], arch=arch, parallel=parallel, provenance=provenance,
                                tokenizer=tokenizer)
     if runtime.is_rank0 and present:

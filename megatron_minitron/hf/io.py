@@ -118,6 +118,21 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list:
     return copied
 
 
+def tokenizer_record(hf_dir: str, checkpoint_dir: str, files: list) -> dict:
+    """The checkpoint's record of the HF tokenizer in ``hf_dir`` (its files are copied into
+    ``checkpoint_dir``): what it is (vocabulary fingerprint, EOD, BOS convention) and where it will be."""
+    from ..data.tokenizer import HuggingFaceTokenizer
+
+    record = {"type": "huggingface", "path": checkpoint_dir, "files": list(files)}
+    try:
+        described = HuggingFaceTokenizer(hf_dir).describe()
+    except Exception as e:  # noqa: BLE001  transformers raises anything on odd files; the weights still convert
+        print(f"[convert] note: the tokenizer in {hf_dir} could not be read ({e}); recorded by path only",
+              flush=True)
+        return record
+    return {**described, **record}
+
+
 def write_hf_config(config: dict, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:

@@ -120,3 +120,37 @@ def test_tokenizer_errors(tmp_path, stdlib_text):
         train_sentencepiece([str(tmp_path / "none.txt")], str(tmp_path / "m"), 400)
     with pytest.raises(ValueError, match="at least 300"):
         train_sentencepiece([stdlib_text], str(tmp_path / "m"), 100)
+
+
+def test_fingerprint_follows_the_vocabulary_not_the_path(stdlib_text, tmp_path):
+    import shutil
+
+    from megatron_minitron.data.tokenizer import same_tokenizer, vocabulary_fingerprint
+
+    model = train_sentencepiece([stdlib_text], str(tmp_path / "a" / "spm"), 400)
+    copy_dir = tmp_path / "copy"
+    copy_dir.mkdir()
+    copy = shutil.copy(model, copy_dir / "tokenizer.model")
+    other = train_sentencepiece([stdlib_text], str(tmp_path / "b" / "spm"), 420)
+    a, b, c = (build_tokenizer("sentencepiece", p) for p in (model, str(copy), other))
+    # the reference: the fingerprint of the piece list read through sentencepiece's own API
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=model)
+    assert a.fingerprint == vocabulary_fingerprint([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert a.describe()["path"] != b.describe()["path"]
+    # records: with fingerprints, without (older checkpoints: read from the files), and files gone
+    assert same_tokenizer(a.describe(), b.describe()) is True
+    assert same_tokenizer({"type": "sentencepiece", "path": model}, {"path": str(copy)}) is True
+    assert same_tokenizer(a.describe(), {"type": "sentencepiece", "path": other}) is False
+    assert same_tokenizer(a.describe(), {"path": str(tmp_path / "gone.model")}) is None
+    assert same_tokenizer({**a.describe(), "fingerprint": None, "path": "gone"}, {**a.describe(), "eod": 0}) is False
+    # one changed piece is another vocabulary
+    pieces = a.pieces()
+    assert vocabulary_fingerprint(pieces[:-1] + ["x" + pieces[-1]]) != a.fingerprint
+    # a Hugging Face tokenizer.json: copies agree, and it is not the sentencepiece vocabulary
+    _train_hf_tokenizer_json(stdlib_text, tmp_path / "tokenizer.json")
+    shutil.copy(tmp_path / "tokenizer.json", copy_dir / "tokenizer.json")
+    h1 = build_tokenizer("huggingface", str(tmp_path / "tokenizer.json"))
+    h2 = build_tokenizer("huggingface", str(copy_dir / "tokenizer.json"))
+    assert h1.fingerprint == h2.fingerprint != a.fingerprint

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from megatron_minitron.config import ModelArch, Parallel
@@ -23,8 +25,8 @@ def test_compatible_pair_passes():
 @pytest.mark.parametrize("config, teacher, meta, message", [
     (cfg(student=ModelArch(**{**STUDENT.__dict__, "vocab_size": 300})), TEACHER, None,
      "logit distillation needs the same tokenizer"),
-    (cfg(), TEACHER, ({"tokenizer": {"path": "a.model"}}, {"tokenizer": {"path": "b.model"}}),
-     "teacher tokenizer"),
+    (cfg(), TEACHER, ({"tokenizer": {"path": "a.model", "fingerprint": "sha256:aa"}},
+                      {"tokenizer": {"path": "a.model", "fingerprint": "sha256:bb"}}), "teacher tokenizer"),
     (cfg(tp=4, student=ModelArch(**{**STUDENT.__dict__, "num_attention_heads": 8, "num_query_groups": 4})),
      TEACHER, None, "teacher: model.num_query_groups=2 is not divisible by tensor_model_parallel_size=4"),
     (cfg(pairs=[(2, 0)]), TEACHER, None, "student layer 2 out of range 0..1"),
@@ -52,3 +54,24 @@ def test_incompatible_teacher_and_student(config, teacher, meta, message):
 def test_distill_section_validation(distill, message):
     with pytest.raises(ValueError, match=message):
         Distill(**distill).validate()
+
+
+def test_tokenizer_copied_elsewhere_is_the_same(tmp_path):
+    """prune --save copies the tokenizer files: the student's record names another path (and, written
+    before fingerprints existed, no fingerprint), yet it is the teacher's tokenizer."""
+    import shutil
+
+    from megatron_minitron.data import build_stdlib_corpus, train_sentencepiece
+
+    corpus = build_stdlib_corpus(str(tmp_path), max_bytes=20_000, valid_percent=0)
+    text = tmp_path / "train.txt"
+    import json
+    text.write_text("".join(json.loads(line)["text"] for line in open(corpus.train)))
+    teacher_model = train_sentencepiece([str(text)], str(tmp_path / "teacher" / "tokenizer"), 500)
+    os.makedirs(tmp_path / "student")
+    student_model = shutil.copy(teacher_model, tmp_path / "student" / "tokenizer.model")
+    other_model = train_sentencepiece([str(text)], str(tmp_path / "other" / "tokenizer"), 520)
+    t_meta = {"tokenizer": {"type": "sentencepiece", "path": teacher_model}}
+    check_compatible(cfg(), TEACHER, t_meta, {"tokenizer": {"type": "sentencepiece", "path": str(student_model)}})
+    with pytest.raises(ValueError, match="teacher tokenizer .* differs from student tokenizer"):
+        check_compatible(cfg(), TEACHER, t_meta, {"tokenizer": {"type": "sentencepiece", "path": other_model}})
