@@ -19,11 +19,56 @@ def build_parser() -> argparse.ArgumentParser:
     from .search import cli as search_cli
     from .train import cli as train_cli
 
-    parser = argparse.ArgumentParser(prog="minitron", description=__doc__)
+    parser = argparse.ArgumentParser(prog="minitron", description=USAGE_GUIDE, epilog=USAGE_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>")
     for module in (demo, data_cli, train_cli, prune_cli, distill_cli, eval_cli, search_cli, hf_cli, plan_cli):
         module.register(subparsers)
+    for sub in _all_subparsers(parser):
+        sub.formatter_class = HelpFormatter
     return parser
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help line ends with its default (unless it names one already, or there is none to
+    name: unset / off); descriptions keep their line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _all_subparsers(parser: argparse.ArgumentParser) -> list:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += [sub] + _all_subparsers(sub)
+    return found
+
+
+USAGE_GUIDE = """\
+Turn one trained GPT into smaller ones (NVIDIA's Minitron recipe) on megatron-core: score layers, heads,
+query groups, MLP neurons and embedding channels on a little calibration data, prune, then distill the
+pruned student from the unpruned teacher. Every subcommand runs as a plain process or under torchrun
+(`torchrun --nproc-per-node 8 -m megatron_minitron.cli <subcommand> ...`) at any TP x PP x DP.
+
+The usual journey:
+  minitron convert hf-to-mcore --input HF_DIR --output TEACHER   (or start from a Megatron-LM checkpoint)
+  minitron preprocess --input docs.jsonl --tokenizer-type huggingface --tokenizer-model HF_DIR \\
+      --output-prefix data/mix
+  minitron prune --load TEACHER --data data/mix_train --save STUDENT --target ffn_hidden_size=9216
+  minitron distill CONFIG distill.teacher=TEACHER distill.student=STUDENT train.save=RUN
+  minitron eval --load RUN --data data/mix_valid
+  minitron convert mcore-to-hf --input RUN --output HF_OUT
+
+Try it on the embedded example first: `minitron demo` (CPU, a few minutes)."""
+USAGE_EPILOG = """\
+`minitron <subcommand> --help` shows each one's options and their defaults. Errors are one line with the
+fix (exit code 2); MINITRON_DEBUG=1 shows the full traceback. Docs: README.md and docs/ in the repository."""
 
 
 def run_subcommand(register, argv: list) -> int:
