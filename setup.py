@@ -19,7 +19,8 @@ setup(
         "packaging",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "safetensors", "tokenizers", "triton"],
+        "test": ["pytest", "transformers>=4.45", "safetensors", "tokenizers", "triton",
+             "six"],  # six: imported by the vendored Megatron-LM (tests/megatron_lm/vendor)
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "wandb": ["wandb"],
         "triton": ["triton"],

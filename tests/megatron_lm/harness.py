@@ -1,0 +1,302 @@
+"""Run NVIDIA Megatron-LM's own training-side code (vendored, unmodified, under ./vendor) on CPU/gloo.
+
+Two operations, each launched like a user's ``torchrun pretrain_gpt.py ...`` run:
+
+  torchrun --nproc-per-node N harness.py write ROOT --iteration 7 [--train-steps 1] [--dump F] -- FLAGS
+      Megatron-LM initialises from a pretrain_gpt.py command line (FLAGS: the model's architecture and
+      parallelism, as a user would pass them), builds GPTModel, optimizer and scheduler with its own
+      ``setup_model_and_optimizer(model_provider, ...)``, optionally runs real ``train_step``s of
+      pretrain_gpt's ``forward_step`` on a fixed batch, then calls its real ``save_checkpoint``.
+
+  torchrun --nproc-per-node N harness.py load ROOT --dump F [-- FLAGS]
+      Megatron-LM builds the model from the checkpoint's own args (``--use-checkpoint-args``, the way a user
+      resumes a checkpoint whose architecture the command line does not repeat) and loads it with
+      ``--load ROOT`` and default flags (no --no-load-rng / --no-load-optim / --finetune): its real
+      ``setup_model_and_optimizer`` calls its real ``load_checkpoint``.
+
+Both dump (rank 0, torch.save) {"iteration", "args", "tensors": {sharded key: full global tensor},
+"logits": full-vocabulary logits [b, s, V] on ``fixed_batch``, "tp"}. ``tensors`` are assembled from the
+model's own ``sharded_state_dict()`` (the layout torch_dist stores, independent of TP), so dumps taken at
+different TP sizes compare directly, and compare directly with a checkpoint read by plain
+``torch.distributed.checkpoint`` (``read_checkpoint_tensors``).
+
+What is stubbed, and why (only here, never in the vendored files):
+  * CUDA: megatron_minitron.runtime.cpu_mode redirects megatron-core's hard-wired CUDA calls to the CPU.
+    During ``initialize_megatron`` each rank reports one device (a GPU node's view) so that Megatron-LM's
+    own ``_initialize_distributed`` creates the model-parallel groups and ``_set_random_seed`` seeds the
+    model-parallel RNG tracker (both are skipped when ``torch.cuda.device_count() == 0``);
+    ``torch.cuda.set_device`` is a no-op meanwhile. CUDA streams (get_model builds DDP on a side stream)
+    are no-op objects.
+  * ``initialize._compile_dependencies``: it runs ``make`` on megatron-core's dataset helpers (the
+    installed wheel ships them prebuilt, without the Makefile) and builds the CUDA fused kernels with nvcc.
+  * Services (one_logger, wandb, tensorboard, nvidia_resiliency_ext fault tolerance) are off by default in
+    Megatron-LM's arguments and are not installed; nothing needs stubbing for them.
+``validate_args`` runs unchanged; the command line picks the CPU-capable implementations
+(``--transformer-impl local``, no fused kernels, ``--distributed-backend gloo``) - see ``CPU_FLAGS``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VENDOR = os.path.join(HERE, "vendor")
+REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+
+# Implementation choices a CPU run needs; none of them changes what a checkpoint holds.
+CPU_FLAGS = [
+    "--distributed-backend", "gloo",
+    "--transformer-impl", "local",        # megatron-core's local spec (no Transformer Engine)
+    "--no-gradient-accumulation-fusion",  # fused wgrad accumulation is a CUDA kernel
+    "--no-masked-softmax-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion",
+    "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+]
+# A small pretrain_gpt.py run; the tests add the architecture and parallelism.
+RUN_FLAGS = [
+    "--micro-batch-size", "2", "--train-iters", "100", "--lr", "1e-3", "--min-lr", "1e-4",
+    "--lr-decay-style", "cosine", "--lr-warmup-iters", "2", "--weight-decay", "0.1", "--clip-grad", "1.0",
+    "--seed", "1234", "--eval-iters", "0", "--save-interval", "1000",
+]
+FIXED_BATCH_SEED = 4321
+
+
+def import_megatron_lm():
+    """Make the vendored ``megatron.training`` (and pretrain_gpt.py's helpers) importable beside the installed
+    megatron-core. ``megatron`` is a namespace package (no __init__.py, in the wheel or in Megatron-LM), so
+    adding the vendor dir to sys.path adds a portion; the vendor dir holds no ``megatron/core``."""
+    if VENDOR not in sys.path:
+        sys.path.insert(0, VENDOR)
+    import megatron
+    import megatron.core
+    import megatron.training
+
+    assert not hasattr(megatron, "__file__") or megatron.__file__ is None, "megatron must stay a namespace"
+    assert not megatron.core.__file__.startswith(VENDOR), megatron.core.__file__
+    assert megatron.training.__file__.startswith(VENDOR), megatron.training.__file__
+    from megatron.core.package_info import __version__
+
+    assert __version__ == "0.16.1", f"vendored Megatron-LM is core_v0.16.1; megatron-core is {__version__}"
+
+
+@contextlib.contextmanager
+def one_device_per_rank():
+    import torch
+
+    count, set_device = torch.cuda.device_count, torch.cuda.set_device
+    torch.cuda.device_count = lambda: 1
+    torch.cuda.set_device = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        torch.cuda.device_count, torch.cuda.set_device = count, set_device
+
+
+class _NoStream:
+    """Megatron-LM's get_model builds DDP on a side CUDA stream; on the CPU every op is ordered already."""
+
+    def wait_stream(self, other):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def stub_cuda_streams():
+    import torch
+
+    torch.cuda.Stream = lambda *a, **k: _NoStream()
+    torch.cuda.current_stream = lambda *a, **k: _NoStream()
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
+
+
+def initialize(flags):
+    """Megatron-LM's initialize_megatron on a pretrain_gpt.py command line (same args_defaults)."""
+    from megatron_minitron.runtime import cpu_mode
+
+    cpu_mode.enable()
+    stub_cuda_streams()
+    import_megatron_lm()
+    from megatron.training import initialize as mlm_initialize
+
+    mlm_initialize._compile_dependencies = lambda: None
+    sys.argv = ["pretrain_gpt.py", *CPU_FLAGS, *RUN_FLAGS, *flags]
+    with one_device_per_rank():
+        mlm_initialize.initialize_megatron(args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
+                                           allow_no_cuda=True)
+    from megatron.training import get_args
+
+    return get_args()
+
+
+def setup_model_and_optimizer():
+    from functools import partial
+
+    from gpt_builders import gpt_builder
+    from megatron.core.enums import ModelType
+    from megatron.training.training import setup_model_and_optimizer as mlm_setup
+    from model_provider import model_provider
+
+    return mlm_setup(partial(model_provider, gpt_builder), ModelType.encoder_or_decoder, checkpointing_context={})
+
+
+def fixed_batch(args, seed=FIXED_BATCH_SEED):
+    """Tokens [b, s] every rank agrees on, in the model's real vocabulary (not the padding)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(args.vocab_size or args.padded_vocab_size, args.padded_vocab_size)
+    return torch.randint(0, vocab, (args.micro_batch_size, args.seq_length + 1), generator=g)
+
+
+def train_steps(model, optimizer, opt_param_scheduler, args, steps):
+    """Real Megatron-LM train_step calls with pretrain_gpt.py's forward_step on fixed batches."""
+    import pretrain_gpt
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.rerun_state_machine import RerunDataIterator
+    from megatron.core.utils import get_model_config
+    from megatron.training.training import train_step
+
+    config = get_model_config(model[0])
+    for step in range(steps):
+        text = fixed_batch(args, seed=step)
+        # one micro-batch per step (global batch = micro batch x DP), shaped like GPTDataset's items
+        data = RerunDataIterator(iter([{"tokens": text[:, :-1], "labels": text[:, 1:],
+                                        "loss_mask": torch.ones(text.shape[0], text.shape[1] - 1),
+                                        "position_ids": torch.arange(args.seq_length).expand(text.shape[0], -1)}]))
+        result = train_step(pretrain_gpt.forward_step, data, model, optimizer, opt_param_scheduler, config,
+                            get_forward_backward_func())
+        loss_dict, skipped = result[0], result[1]
+        assert not skipped, "Megatron-LM skipped the step"
+        args.consumed_train_samples += args.global_batch_size
+        print(f"[megatron-lm] step {step}: {({k: float(v) for k, v in loss_dict.items()})}", flush=True)
+
+
+def full_logits(model, tokens):
+    """Full-vocabulary logits [b, s, V] (PP=1) from the unwrapped GPTModel."""
+    import torch
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+    from megatron.training.utils import unwrap_model
+
+    gpt = unwrap_model(model)[0]
+    was_training = gpt.training
+    gpt.eval()
+    with torch.no_grad():
+        b, s = tokens.shape
+        out = model[0](tokens, torch.arange(s).expand(b, s), None)  # [b, s, V/tp] through any wrappers
+        logits = gather_from_tensor_model_parallel_region(out.float())
+    gpt.train(was_training)
+    return logits
+
+
+def global_tensors(model):
+    """{sharded key: full tensor}: every rank's model shards placed by their ShardedTensor offsets, gathered
+    to rank 0 (torch_dist's stored layout; layers stacked on the first axis)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.training.utils import unwrap_model
+
+    pieces = []
+    for chunk in unwrap_model(model):
+        for item in nested_values(chunk.sharded_state_dict()):
+            items = [item]
+            if isinstance(item, ShardedTensorFactory):
+                items = list(nested_values(item.build()))
+            for sh in items:
+                if not isinstance(sh, ShardedTensor) or sh.key.endswith("_extra_state"):
+                    continue
+                assert sh.flattened_range is None, sh.key
+                # local_shape omits the prepended axes (the layer index of stacked layers)
+                local = sh.data.detach().float().cpu().reshape((1,) * sh.prepend_axis_num + tuple(sh.local_shape))
+                pieces.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset), local.clone()))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, pieces)
+    if dist.get_rank() != 0:
+        return None
+    full = {}
+    for rank_pieces in gathered:
+        for key, shape, offset, local in rank_pieces:
+            dest = full.setdefault(key, torch.full(shape, float("nan")))
+            index = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
+            dest[index] = local
+    for key, tensor in full.items():
+        assert not torch.isnan(tensor).any(), f"{key}: shards do not cover the global tensor"
+    return full
+
+
+def read_checkpoint_tensors(iteration_dir):
+    """{key: tensor} of a torch_dist checkpoint read by plain torch.distributed.checkpoint (no megatron):
+    the tensors only (ShardedObjects such as rng_state are stored as bytes and skipped)."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = FileSystemReader(iteration_dir)
+    meta = reader.read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if isinstance(m, TensorStorageMetadata)}
+    load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+def dump(path, model, args, iteration):
+    import torch
+    import torch.distributed as dist
+
+    logits = full_logits(model, fixed_batch(args)[:, :-1])
+    tensors = global_tensors(model)
+    if dist.get_rank() == 0:
+        tmp = path + ".tmp"
+        torch.save({"iteration": iteration, "args": vars(args).copy() | {"rank": None},
+                    "tensors": tensors, "logits": logits, "tp": args.tensor_model_parallel_size}, tmp)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def write(opts, flags):
+    args = initialize(["--save", opts.root, *flags])
+    model, optimizer, opt_param_scheduler = setup_model_and_optimizer()
+    if opts.train_steps:
+        train_steps(model, optimizer, opt_param_scheduler, args, opts.train_steps)
+    from megatron.training.checkpointing import save_checkpoint
+
+    save_checkpoint(opts.iteration, model, optimizer, opt_param_scheduler,
+                    num_floating_point_operations_so_far=1000 * opts.iteration)
+    if opts.dump:
+        dump(opts.dump, model, args, opts.iteration)
+    print(f"[megatron-lm] wrote {opts.root} iteration {opts.iteration}", flush=True)
+
+
+def load(opts, flags):
+    args = initialize(["--load", opts.root, "--use-checkpoint-args", *flags])
+    model, optimizer, opt_param_scheduler = setup_model_and_optimizer()
+    iteration = args.iteration
+    dump(opts.dump, model, args, iteration)
+    print(f"[megatron-lm] loaded {opts.root} iteration {iteration}", flush=True)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, flags = argv[:at], argv[at + 1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("op", choices=["write", "load"])
+    parser.add_argument("root")
+    parser.add_argument("--iteration", type=int, default=7)
+    parser.add_argument("--train-steps", type=int, default=1)
+    parser.add_argument("--dump")
+    opts = parser.parse_args(argv)
+    if opts.op == "load" and not opts.dump:
+        parser.error("load needs --dump")
+    sys.path.insert(0, REPO_ROOT)
+    (write if opts.op == "write" else load)(opts, flags)
+
+
+if __name__ == "__main__":
+    main()
