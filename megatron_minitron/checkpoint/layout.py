@@ -11,6 +11,12 @@ function is plain file handling, called by rank 0 (saves) or by every rank (read
 An exact-directory save (``save_checkpoint_to(OUT)``) uses ``OUT.tmp`` and ``OUT.old`` the same way.
 A directory is a checkpoint only once its COMMIT marker exists; COMMIT is written last, after everything
 else in it has been fsynced, and the directory only gets its final name after that.
+
+A root in Megatron-LM's layout (format="megatron-lm", see megatron_lm.py) is the same with Megatron-LM's
+tracker file ``latest_checkpointed_iteration.txt`` ("200" or "release") in place of ``latest``, and a
+``release`` directory for weights-only saves. Our saves into it still write COMMIT and minitron.yaml into
+the iteration directory (Megatron-LM ignores files it does not know). A Megatron-LM-written directory has
+no COMMIT: it counts as complete when common.pt, metadata.json and torch's .metadata are all there.
 """
 from __future__ import annotations
 
@@ -27,6 +33,11 @@ TRASH_PREFIX = ".trash."
 COMMIT_FILE = "COMMIT"
 LATEST_FILE = "latest"
 METADATA_FILE = "minitron.yaml"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's pointer
+RELEASE_DIR = "release"  # Megatron-LM's name for weights to start a run from (tracker "release")
+COMMON_FILE = "common.pt"  # megatron-core dist checkpoint: the non-sharded part
+DIST_CONFIG_FILE = "metadata.json"  # megatron-core dist checkpoint: its strategy record
+DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of the shards
 CRASH_ENV = "MINITRON_TEST_CRASH_AT"  # test hook: die at a named point of a save
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
@@ -52,12 +63,63 @@ def is_committed(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, COMMIT_FILE))
 
 
+def is_megatron_lm_dir(directory: str) -> bool:
+    """A complete megatron-core dist checkpoint directory: common.pt, metadata.json and torch's index."""
+    return all(os.path.isfile(os.path.join(directory, name))
+               for name in (COMMON_FILE, DIST_CONFIG_FILE, DCP_METADATA_FILE))
+
+
+def is_loadable(directory: str) -> bool:
+    """Ours committed, or a complete Megatron-LM-written directory (which has no COMMIT and no minitron.yaml;
+    one of ours without COMMIT is a save that did not finish)."""
+    if is_committed(directory):
+        return True
+    return is_megatron_lm_dir(directory) and not os.path.exists(os.path.join(directory, METADATA_FILE))
+
+
+def tracker_path(root: str) -> str:
+    return os.path.join(root, TRACKER_FILE)
+
+
+def read_tracker(root: str) -> Optional[str]:
+    """The directory ROOT's Megatron-LM tracker names ("iter_0000100" or "release"); None without one."""
+    path = tracker_path(root)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if text == RELEASE_DIR:
+        return RELEASE_DIR
+    try:
+        iteration = int(text)
+    except ValueError:
+        iteration = -1
+    if iteration < 0:
+        raise ValueError(f"{path} is corrupt: it holds {text[:80]!r}, not an iteration number or 'release'. "
+                         f"Write the iteration of a complete iter_* directory into it (e.g. `echo 100 > {path}`)")
+    return iter_dir_name(iteration)
+
+
+def write_tracker(root: str, dir_name: str) -> None:
+    """Point ROOT's tracker at ``dir_name`` atomically (temp + fsync + rename): the last step of a save."""
+    iteration = parse_iter_dir_name(dir_name)
+    assert dir_name == RELEASE_DIR or iteration is not None, dir_name
+    write_file_durably(tracker_path(root), RELEASE_DIR if iteration is None else str(iteration))
+
+
+def read_pointer(root: str) -> Optional[str]:
+    """The directory name ROOT's pointer holds: our `latest`, else Megatron-LM's tracker."""
+    name = read_latest(root)
+    return name if name is not None else read_tracker(root)
+
+
 @dataclass(frozen=True)
 class SavePaths:
     final: str  # where the committed checkpoint ends up
     staging: str  # where all ranks write
     aside: str  # where an existing `final` waits while it is being replaced
     root: Optional[str]  # the checkpoint root (latest + purge); None for exact-directory saves
+    pointer: str = LATEST_FILE  # the pointer file the save updates in `root`: LATEST_FILE or TRACKER_FILE
 
 
 def iteration_paths(root: str, iteration: int) -> SavePaths:
@@ -65,6 +127,21 @@ def iteration_paths(root: str, iteration: int) -> SavePaths:
     name = iter_dir_name(iteration)
     return SavePaths(final=os.path.join(root, name), staging=os.path.join(root, STAGING_PREFIX + name),
                      aside=os.path.join(root, ASIDE_PREFIX + name), root=root)
+
+
+def named_paths(root: str, name: str, pointer: str = LATEST_FILE) -> SavePaths:
+    """Paths for ROOT/<name> (an iter_* or Megatron-LM's `release` directory)."""
+    root = os.path.abspath(root)
+    return SavePaths(final=os.path.join(root, name), staging=os.path.join(root, STAGING_PREFIX + name),
+                     aside=os.path.join(root, ASIDE_PREFIX + name), root=root, pointer=pointer)
+
+
+def write_pointer(paths: SavePaths) -> None:
+    name = os.path.basename(paths.final)
+    if paths.pointer == TRACKER_FILE:
+        write_tracker(paths.root, name)
+    else:
+        write_latest(paths.root, name)
 
 
 def exact_paths(directory: str) -> SavePaths:
@@ -144,7 +221,7 @@ def committed_iterations(root: str) -> list:
     found = []
     for name in os.listdir(root):
         iteration = parse_iter_dir_name(name)
-        if iteration is not None and is_committed(os.path.join(root, name)):
+        if iteration is not None and is_loadable(os.path.join(root, name)):
             found.append(iteration)
     return sorted(found)
 
@@ -156,7 +233,7 @@ def _suggest(root: str) -> str:
 
 def _committed_or_aside(directory: str) -> Optional[str]:
     """``directory`` if committed; else its committed aside copy (a replace interrupted by a crash)."""
-    if is_committed(directory):
+    if is_loadable(directory):
         return directory
     if not os.path.exists(directory):
         for aside in _aside_candidates(directory):
@@ -166,34 +243,42 @@ def _committed_or_aside(directory: str) -> Optional[str]:
 
 
 def latest_iteration(root: str) -> Optional[int]:
-    """The iteration ROOT/latest names, or None when ``root`` or its ``latest`` file does not exist.
+    """The iteration ROOT's pointer (`latest`, else Megatron-LM's tracker) names, or None when ``root`` or
+    the pointer does not exist, or the tracker says "release" (weights to start from, never resumed).
 
-    Raises ValueError when ``latest`` names a directory that is missing or not committed (starting over
+    Raises ValueError when the pointer names a directory that is missing or not committed (starting over
     silently would overwrite the run's progress).
     """
     if not os.path.isdir(root):
         return None
-    name = read_latest(root)
+    name = read_pointer(root)
     if name is None:
         return None
     _resolve_latest(root, name)
     return parse_iter_dir_name(name)
 
 
+def _pointer_file(root: str) -> str:
+    return os.path.join(root, LATEST_FILE if os.path.isfile(os.path.join(root, LATEST_FILE)) else TRACKER_FILE)
+
+
 def _resolve_latest(root: str, name: str) -> str:
     found = _committed_or_aside(os.path.join(root, name))
     if found is None:
         committed = [iter_dir_name(i) for i in committed_iterations(root)]
+        pointer = _pointer_file(root)
         raise ValueError(
-            f"{os.path.join(root, LATEST_FILE)} names {name}, which is missing or has no {COMMIT_FILE} marker "
-            f"(its save did not finish). Committed checkpoints here: {committed or 'none'}. Point `latest` at "
-            f"one of them (`echo NAME > {os.path.join(root, LATEST_FILE)}`) or pass that directory directly.")
+            f"{pointer} names {name}, which is missing or incomplete (no {COMMIT_FILE} marker of ours, and not "
+            f"a complete Megatron-LM directory with {COMMON_FILE}, {DIST_CONFIG_FILE} and {DCP_METADATA_FILE}): "
+            f"its save did not finish. Complete checkpoints here: {committed or 'none'}. Point the pointer at "
+            f"one of them or pass that directory directly.")
     return found
 
 
 def resolve_checkpoint_dir(path: str) -> str:
-    """The committed checkpoint directory that ``path`` means: a ROOT (follows ``latest``) or a checkpoint
-    directory itself (iter_* or an exact-directory save). Raises FileNotFoundError / ValueError with the fix."""
+    """The loadable checkpoint directory that ``path`` means: a ROOT (follows ``latest``, or Megatron-LM's
+    ``latest_checkpointed_iteration.txt``) or a checkpoint directory itself (ours: iter_* or an
+    exact-directory save; Megatron-LM's: iter_* or release). Raises FileNotFoundError / ValueError with the fix."""
     if not path:
         raise ValueError("no checkpoint path given")
     path = os.path.abspath(path)
@@ -202,31 +287,44 @@ def resolve_checkpoint_dir(path: str) -> str:
         if found is not None:
             return found
         raise FileNotFoundError(f"checkpoint path {path} does not exist; check the path (a checkpoint root "
-                                f"with a `latest` file, or a checkpoint directory)")
+                                f"with a `latest` or {TRACKER_FILE} file, or a checkpoint directory)")
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint path {path} is a file; pass a checkpoint root or checkpoint directory")
-    if is_committed(path):
+    if is_loadable(path):
         return path
-    name = read_latest(path)
+    name = read_pointer(path)
     if name is not None:
         return _resolve_latest(path, name)
     committed = committed_iterations(path)
     if committed:
         newest = iter_dir_name(committed[-1])
         raise FileNotFoundError(
-            f"{path} has no `latest` file but holds committed checkpoints {[iter_dir_name(i) for i in committed]};"
-            f" pass one directly (e.g. {os.path.join(path, newest)}) or write its name into "
-            f"{os.path.join(path, LATEST_FILE)}")
-    if os.path.exists(os.path.join(path, METADATA_FILE)) or os.path.exists(os.path.join(path, "metadata.json")):
-        raise ValueError(f"{path} has no {COMMIT_FILE} marker: the save that wrote it did not finish, so it is "
-                         f"not loadable. Load the previous checkpoint (the root's `latest`) instead and save again.")
-    raise FileNotFoundError(f"{path} is not a checkpoint: no {COMMIT_FILE} marker, no `latest` file and no "
-                            f"committed iter_* directories. Pass a checkpoint root or a checkpoint directory.")
+            f"{path} has no `latest` file (nor Megatron-LM's {TRACKER_FILE}) but holds checkpoints "
+            f"{[iter_dir_name(i) for i in committed]}; pass one directly (e.g. {os.path.join(path, newest)})")
+    if os.path.exists(os.path.join(path, METADATA_FILE)):
+        raise ValueError(f"{path} has no {COMMIT_FILE} marker: the megatron-minitron save that wrote it did not "
+                         f"finish, so it is not loadable. Load the previous checkpoint (the root's pointer) "
+                         f"instead and save again.")
+    present = [n for n in (COMMON_FILE, DIST_CONFIG_FILE, DCP_METADATA_FILE) if os.path.exists(os.path.join(path, n))]
+    if present:
+        missing = [n for n in (COMMON_FILE, DIST_CONFIG_FILE, DCP_METADATA_FILE) if n not in present]
+        raise ValueError(f"{path} looks like a megatron-core dist checkpoint but lacks {missing} (it has "
+                         f"{present}): its save did not finish or files were lost; use another iteration")
+    raise FileNotFoundError(
+        f"{path} is not a checkpoint. Looked for megatron-minitron's ({COMMIT_FILE} marker and {METADATA_FILE} "
+        f"in a checkpoint directory, or a `latest` file in a root) and Megatron-LM's ({TRACKER_FILE} in a "
+        f"root; {COMMON_FILE} + {DIST_CONFIG_FILE} + {DCP_METADATA_FILE} in an iter_*/release directory); "
+        f"found none. Pass a checkpoint root or a checkpoint directory.")
 
 
 def looks_like_checkpoint(directory: str) -> bool:
-    """Whether an existing directory may be replaced by a save: a (possibly unfinished) checkpoint of ours."""
+    """Whether an existing directory may be replaced by an exact-directory save: a (possibly unfinished)
+    checkpoint directory of ours. (A Megatron-LM root is written into, never replaced: is_megatron_lm_root.)"""
     return is_committed(directory) or os.path.exists(os.path.join(directory, METADATA_FILE))
+
+
+def is_megatron_lm_root(directory: str) -> bool:
+    return os.path.isfile(tracker_path(directory))
 
 
 # ------------------------------------------------------------------------------------------ save steps
@@ -277,9 +375,10 @@ def purge(root: str, keep_last: Optional[int]) -> list:
         raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is always kept), got {keep_last}")
     removed = []
     _recover_asides(root)
-    latest = read_latest(root)
+    latest = read_pointer(root)
     keep = set()
-    committed = committed_iterations(root)
+    # only directories we committed: a Megatron-LM-written iteration in the same root is never deleted
+    committed = [i for i in committed_iterations(root) if is_committed(os.path.join(root, iter_dir_name(i)))]
     if keep_last is not None:
         keep.update(committed[-keep_last:])
     else:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from ..config import ModelArch
 from .layout import resolve_checkpoint_dir
-from .metadata import check_arch, read_metadata_file
+from .metadata import MEGATRON_LM_FORMAT, check_arch, checkpoint_format, read_directory_metadata
 from .state import (DEFAULT_OPTIMIZER_SHARDING, PER_PARAMETER, RNG_KEY, collect_rng_state, current_layout,
                     load_optimizer_state, model_keys, model_sharded_state, optimizer_sharded_state,
                     resolve_optimizer_sharding, restore_rng_state, rng_sharded_object, same_layout, unwrap)
@@ -30,8 +30,7 @@ def _prepare(path: str, model_chunks: list, arch: Optional[ModelArch]) -> tuple:
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised; call runtime.init_distributed() first")
     directory = resolve_checkpoint_dir(path)
-    metadata = read_metadata_file(directory)
-    metadata["checkpoint_dir"] = directory
+    metadata = read_directory_metadata(directory)
     if arch is not None:
         check_arch(arch, metadata)
     return directory, metadata
@@ -86,6 +85,12 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
                              f"its weights, or pass {name}=None")
     layout_matches = same_layout(metadata["parallel"], current_layout(model_chunks))
     sharding = contents.get("optimizer_sharding")
+    megatron_lm = checkpoint_format(metadata) == MEGATRON_LM_FORMAT
+    if optimizer is not None and sharding not in (PER_PARAMETER, "fully_reshardable", "dp_reshardable"):
+        raise ValueError(f"{directory} holds optimizer state sharded as {sharding!r}, which megatron-core "
+                         f"0.16.1 cannot load (only fully_reshardable, dp_reshardable or a non-distributed "
+                         f"optimizer's); load weights only (load_weights / train.load), or re-save it with "
+                         f"Megatron-LM using --dist-ckpt-optim-fully-reshardable")
     if optimizer is not None:
         now = resolve_optimizer_sharding(optimizer, DEFAULT_OPTIMIZER_SHARDING)
         if (sharding == PER_PARAMETER) != (now == PER_PARAMETER):
@@ -112,7 +117,11 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
         state["optimizer"] = optimizer_sharded_state(optimizer, dict(state), is_loading=True,
                                                      sharding=sharding)
     if restore_rng:
-        state[RNG_KEY] = rng_sharded_object(collect_rng_state())
+        if megatron_lm:
+            from . import megatron_lm as mlm
+            state[RNG_KEY] = mlm.rng_sharded_object(mlm.to_megatron_rng(collect_rng_state()))
+        else:
+            state[RNG_KEY] = rng_sharded_object(collect_rng_state())
     loaded = _dist_load(state, directory, validate_access_integrity)
 
     _load_model(loaded, model_chunks)
@@ -120,15 +129,21 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
         load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
         try:
-            scheduler.load_state_dict(loaded["scheduler"])
+            scheduler.load_state_dict(loaded["opt_param_scheduler" if megatron_lm else "scheduler"])
         except AssertionError as e:  # megatron asserts that LR settings match the checkpoint's
             raise ValueError(f"LR schedule settings differ from {directory}'s: {e}. Keep them, or set "
                              f"override_opt_param_scheduler / use_checkpoint_opt_param_scheduler on the "
                              f"scheduler") from None
     if restore_rng:
-        restore_rng_state(loaded[RNG_KEY])
+        if megatron_lm:
+            from .megatron_lm import from_megatron_rng
+            restore_rng_state(from_megatron_rng(loaded[RNG_KEY]))
+        else:
+            restore_rng_state(loaded[RNG_KEY])
     result = dict(loaded.get("extra") or {})
-    result["iteration"] = int(loaded["iteration"])
+    if megatron_lm and "consumed_samples" not in result:  # Megatron-LM keeps its data position in args
+        result["consumed_samples"] = int(getattr(loaded.get("args"), "consumed_train_samples", 0) or 0)
+    result["iteration"] = int(loaded.get("iteration", 0))
     return result
 
 

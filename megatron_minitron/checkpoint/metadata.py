@@ -14,9 +14,11 @@ from typing import Any, Optional
 import yaml
 
 from ..config import ModelArch, from_dict, to_dict
-from .layout import METADATA_FILE, resolve_checkpoint_dir
+from .layout import METADATA_FILE, is_committed, resolve_checkpoint_dir
 
 FORMAT_NAME = "megatron-minitron-checkpoint"
+MEGATRON_LM_FORMAT = "megatron-lm"  # the "format" of a checkpoint in Megatron-LM's layout (see megatron_lm.py)
+SAVE_FORMATS = ("minitron", MEGATRON_LM_FORMAT)
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "iteration", "architecture", "parallel", "contents")
 # Fields that do not change the weights or the function they compute; a checkpoint may be loaded into a
@@ -43,11 +45,11 @@ def plain(value: Any) -> Any:
 
 
 def build_metadata(arch: ModelArch, iteration: int, parallel: dict, contents: dict,
-                   provenance: Optional[dict] = None, tokenizer: Any = None) -> dict:
+                   provenance: Optional[dict] = None, tokenizer: Any = None, format: str = "minitron") -> dict:
     if isinstance(tokenizer, str):
         tokenizer = {"path": tokenizer}
     return {
-        "format": FORMAT_NAME,
+        "format": MEGATRON_LM_FORMAT if format == MEGATRON_LM_FORMAT else FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "iteration": int(iteration),
@@ -93,12 +95,28 @@ def read_metadata_file(directory: str) -> dict:
     return data
 
 
-def read_metadata(path: str) -> dict:
-    """The metadata of the checkpoint ``path`` means (a ROOT follows ``latest``), plus ``checkpoint_dir``."""
-    directory = resolve_checkpoint_dir(path)
-    data = read_metadata_file(directory)
+def read_directory_metadata(directory: str) -> dict:
+    """The metadata of a resolved checkpoint directory, plus ``checkpoint_dir``: its minitron.yaml (ours, in
+    either layout), else what a Megatron-LM-written directory's common.pt says (same dict shape)."""
+    if os.path.isfile(os.path.join(directory, METADATA_FILE)) or is_committed(directory):
+        data = read_metadata_file(directory)  # ours (a COMMIT without minitron.yaml: that file was lost)
+    else:
+        from .megatron_lm import metadata_from_directory
+        data = metadata_from_directory(directory)
     data["checkpoint_dir"] = directory
     return data
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata of the checkpoint ``path`` means (a ROOT follows ``latest`` or Megatron-LM's tracker),
+    plus ``checkpoint_dir``. ``format`` is "megatron-lm" for a checkpoint in Megatron-LM's layout."""
+    return read_directory_metadata(resolve_checkpoint_dir(path))
+
+
+def checkpoint_format(metadata: dict) -> str:
+    """"megatron-lm" or "minitron": the layout of the checkpoint ``metadata`` describes (what a save that
+    keeps the input's format, e.g. `prune --in-place`, writes)."""
+    return MEGATRON_LM_FORMAT if metadata.get("format") == MEGATRON_LM_FORMAT else "minitron"
 
 
 def arch_from_metadata(metadata: dict) -> ModelArch:
