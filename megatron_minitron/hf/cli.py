@@ -22,6 +22,9 @@ def register(subparsers) -> None:
     a.add_argument("--output", required=True, help="checkpoint directory to create (saved exactly there)")
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
+    a.add_argument("--format", choices=("minitron", "megatron-lm"), default="minitron",
+                   help="checkpoint layout: minitron (default) or megatron-lm (a Megatron-LM root: "
+                        "OUTPUT/release + latest_checkpointed_iteration.txt, for Megatron-LM's --load)")
     a.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="weights dtype; auto = bf16 when the HF config says bfloat16, else fp32")
     a.set_defaults(handler=run)
@@ -45,7 +48,7 @@ def _missing_direction(args) -> int:
 
 def run(args) -> int:
     if args.direction == "hf-to-mcore":
-        hf_to_mcore(args.input, args.output, args.tp, args.pp, args.dtype)
+        hf_to_mcore(args.input, args.output, args.tp, args.pp, args.dtype, format=args.format)
     elif args.direction == "mcore-to-hf":
         mcore_to_hf(args.input, args.output, args.tp, args.pp, args.dtype, args.family)
     else:
@@ -73,8 +76,10 @@ def _say(runtime, text: str) -> None:
         print(f"[convert] {text}", flush=True)
 
 
-def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = "auto") -> str:
-    """Convert an HF directory into a megatron dist checkpoint saved exactly at ``out_dir``."""
+def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = "auto",
+                format: str = "minitron") -> str:
+    """Convert an HF directory into a megatron dist checkpoint saved exactly at ``out_dir`` (with
+    ``format="megatron-lm"``: a Megatron-LM root, the weights in ``out_dir/release``)."""
     from ..checkpoint import save_checkpoint_to
     from ..config import Parallel
     from ..model.builder import build_gpt
@@ -106,9 +111,10 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str 
     out_dir = os.path.abspath(out_dir)
     provenance = {"converted_from": hf_dir, "family": family, "hf_config": hf_config}
     present = [f for f in hf_io.TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, f))]
-    tokenizer = hf_io.tokenizer_record(hf_dir, out_dir, present) if present else None
+    files_dir = os.path.join(out_dir, "release") if format == "megatron-lm" else out_dir
+    tokenizer = hf_io.tokenizer_record(hf_dir, files_dir, present) if present else None
     final = save_checkpoint_to(out_dir, [model], arch=arch, parallel=parallel, provenance=provenance,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, format=format)
     if runtime.is_rank0 and present:
         hf_io.copy_tokenizer_files(hf_dir, final)
     dist.barrier()
