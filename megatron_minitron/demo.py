@@ -121,7 +121,9 @@ def run(args) -> int:
     results["pruned, before distillation"] = before.evaluate()["val_lm_loss"]
     del before
     step(f"distill the pruned student for {student_iters} iterations (logit KD, forward KL)")
-    cfg = train_cfg(student_iters, os.path.join(out, "pruned_kd"), lr=1e-3, cls=DistillConfig, **kd)
+    # the model section is the student's (a distillation refuses one that differs from distill.student)
+    cfg = dataclasses.replace(train_cfg(student_iters, os.path.join(out, "pruned_kd"), lr=1e-3, cls=DistillConfig,
+                                        **kd), model=student_arch)
     trainer, state = distill_run(cfg)
     record("pruned + KD", state, results["pruned, before distillation"])
     results["pruned + KD"] = trainer.evaluate()["val_lm_loss"]
@@ -132,8 +134,9 @@ def run(args) -> int:
     set_seed(4321)
     checkpoint.save_checkpoint_to(random_dir, [build_gpt(student_arch, Parallel(), device=rt.device)],
                                   arch=student_arch, provenance={"random_init": True})
-    cfg = train_cfg(student_iters, os.path.join(out, "random_kd"), lr=1e-3, cls=DistillConfig,
-                    distill=Distill(teacher=teacher_dir, student=random_dir))
+    cfg = dataclasses.replace(train_cfg(student_iters, os.path.join(out, "random_kd"), lr=1e-3, cls=DistillConfig,
+                                        distill=Distill(teacher=teacher_dir, student=random_dir)),
+                              model=student_arch)
     trainer, state = distill_run(cfg)
     record("random init + KD", state)
     results["random init + KD"] = trainer.evaluate()["val_lm_loss"]
@@ -145,24 +148,51 @@ def run(args) -> int:
     results["pruned + LM loss"] = trainer.evaluate()["val_lm_loss"]
 
     if rt.is_rank0:
-        _report(out, results, curves, time.time() - started, teacher_arch, student_arch)
+        iterations = {name: (teacher_iters if name == "teacher" else 0 if name.startswith("pruned, before")
+                             else student_iters) for name in results}
+        settings = {"size": size, "target": target, "vocab_size": preset["vocab"], "global_batch_size":
+                    preset["batch"], "calibration_samples": 64, "depth_metrics": "bi,lm_loss"}
+        _report(out, results, curves, time.time() - started, teacher_arch, student_arch, iterations, settings)
     return 0
 
 
-def _report(out, results, curves, seconds, teacher_arch, student_arch) -> None:
-    rows = [("model", "params", "val LM loss", "val ppl")]
-    for name, loss in results.items():
-        params = teacher_arch.num_parameters() if name == "teacher" else student_arch.num_parameters()
-        rows.append((name, f"{params:,}", f"{loss:.4f}", f"{math.exp(loss):.2f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    table = "\n".join(lines)
+def markdown_table(header: list, rows: list) -> str:
+    """A GitHub-flavoured Markdown table (numbers right-aligned), readable as plain text too."""
+    cells = [[str(c).replace("|", "\\|") for c in row] for row in [header] + rows]
+    numeric = [all(_is_number(r[i]) for r in cells[1:]) for i in range(len(header))]
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(header))]
+
+    def line(row):
+        return "| " + " | ".join(c.rjust(w) if num else c.ljust(w)
+                                 for c, w, num in zip(row, widths, numeric)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2))
+                          for w, num in zip(widths, numeric)) + "|"
+    return "\n".join([line(cells[0]), rule] + [line(r) for r in cells[1:]])
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+        return True
+    except ValueError:
+        return False
+
+
+def _report(out, results, curves, seconds, teacher_arch, student_arch, iterations: dict, settings: dict) -> None:
+    from .config import to_dict
+
+    params = {name: (teacher_arch if name == "teacher" else student_arch).num_parameters() for name in results}
+    rows = [[name, f"{params[name]:,}", iterations.get(name, 0), f"{loss:.4f}", f"{math.exp(loss):.2f}"]
+            for name, loss in results.items()]
+    table = markdown_table(["model", "params", "iterations", "val LM loss", "val ppl"], rows)
     print(f"\nminitron demo finished in {seconds / 60:.1f} min\n\n{table}\n", flush=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"val_lm_loss": results, "curves": curves, "seconds": seconds}, f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
+    summary = {"val_lm_loss": results, "parameters": params, "iterations": iterations, "curves": curves,
+               "seconds": seconds, "settings": settings,
+               "architecture": {"teacher": to_dict(teacher_arch), "student": to_dict(student_arch)}}
+    from .checkpoint.layout import write_file_durably
+    write_file_durably(os.path.join(out, "results.json"), json.dumps(summary, indent=1) + "\n")
+    write_file_durably(os.path.join(out, "results.md"), table + "\n")
     plot = _plot(out, curves)
     print(f"results: {out}/results.md, results.json" + (f", {plot}" if plot else
           " (pip install matplotlib for the PNG plot)"), flush=True)

@@ -24,4 +24,18 @@ def test_demo_prunes_and_distills(tmp_path):
     kd = [json.loads(line)["kd_loss"] for line in (tmp_path / "pruned_kd" / "metrics.jsonl").read_text().split("\n")
           if line.strip() and "kd_loss" in json.loads(line)]
     assert len(kd) == 30 and sum(kd[-5:]) / 5 < sum(kd[:5]) / 5
-    assert "pruned + KD" in proc.stdout and (tmp_path / "results.md").exists()
+    assert "pruned + KD" in proc.stdout
+    summary = json.loads((tmp_path / "results.json").read_text())
+    assert summary["iterations"] == {"teacher": 60, "pruned, before distillation": 0, "pruned + KD": 30,
+                                     "random init + KD": 30, "pruned + LM loss": 30}
+    assert summary["parameters"]["pruned + KD"] < summary["parameters"]["teacher"]
+    # results.md is a valid Markdown table holding the same numbers
+    lines = (tmp_path / "results.md").read_text().strip().split("\n")
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    assert all(line.startswith("|") and line.endswith("|") for line in lines)
+    assert len({len(r) for r in rows}) == 1 and all(set(c) <= set("-:") and c for c in rows[1])
+    table = {r[0]: r for r in rows[2:]}
+    assert set(table) == set(results)
+    for name, loss in results.items():
+        assert abs(float(table[name][rows[0].index("val LM loss")]) - loss) < 1e-4
+        assert int(table[name][rows[0].index("params")].replace(",", "")) == summary["parameters"][name]
