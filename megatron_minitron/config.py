@@ -195,6 +195,9 @@ class Train:
     save: Optional[str] = None  # checkpoint root directory
     save_interval: int = 0  # 0 = only at the end
     keep_last: int = 2
+    # Checkpoint layout of `save`: minitron, or megatron-lm (Megatron-LM's own: its tracker file, `args` in
+    # common.pt; Megatron-LM resumes from it). See docs/checkpoints.md.
+    save_format: str = "minitron"
     # Initial weights (weights only: iteration, optimizer and data position start fresh), e.g. the teacher
     # for teacher correction. A run always resumes from `save` instead when that holds a checkpoint.
     load: Optional[str] = None
@@ -238,6 +241,8 @@ class Train:
                 raise ValueError("train.fp8_amax_compute_algo: max or most_recent")
         if self.keep_last < 1:
             raise ValueError("train.keep_last must be >= 1 (the newest checkpoint is always kept)")
+        if self.save_format not in ("minitron", "megatron-lm"):
+            raise ValueError(f"train.save_format={self.save_format!r}: minitron or megatron-lm")
 
 
 @dataclass

@@ -120,6 +120,7 @@ class SavePaths:
     aside: str  # where an existing `final` waits while it is being replaced
     root: Optional[str]  # the checkpoint root (latest + purge); None for exact-directory saves
     pointer: str = LATEST_FILE  # the pointer file the save updates in `root`: LATEST_FILE or TRACKER_FILE
+    retire: Optional[str] = None  # a directory a rewrite deletes once the pointer names `final` (prune --in-place)
 
 
 def iteration_paths(root: str, iteration: int) -> SavePaths:
@@ -129,11 +130,11 @@ def iteration_paths(root: str, iteration: int) -> SavePaths:
                      aside=os.path.join(root, ASIDE_PREFIX + name), root=root)
 
 
-def named_paths(root: str, name: str, pointer: str = LATEST_FILE) -> SavePaths:
+def named_paths(root: str, name: str, pointer: str = LATEST_FILE, retire: Optional[str] = None) -> SavePaths:
     """Paths for ROOT/<name> (an iter_* or Megatron-LM's `release` directory)."""
     root = os.path.abspath(root)
     return SavePaths(final=os.path.join(root, name), staging=os.path.join(root, STAGING_PREFIX + name),
-                     aside=os.path.join(root, ASIDE_PREFIX + name), root=root, pointer=pointer)
+                     aside=os.path.join(root, ASIDE_PREFIX + name), root=root, pointer=pointer, retire=retire)
 
 
 def write_pointer(paths: SavePaths) -> None:

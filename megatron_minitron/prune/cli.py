@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--save", help="where to write the pruned checkpoint (or --in-place)")
     p.add_argument("--in-place", action="store_true",
                    help="replace --load by the pruned checkpoint (crash-safe; a root: its latest iteration)")
+    p.add_argument("--save-format", choices=("minitron", "megatron-lm"), default=None,
+                   help="layout of the output: minitron, or megatron-lm (a Megatron-LM root: SAVE/release + "
+                        "latest_checkpointed_iteration.txt). Default: the input's format (--in-place keeps it)")
     p.add_argument("--data", help="calibration dataset prefix (.bin/.idx); needed unless --scores exists")
     p.add_argument("--scores", help="importance scores file: read if it exists, else computed and written")
     p.add_argument("--scores-only", action="store_true", help="compute/write --scores and stop")
@@ -105,13 +108,25 @@ class PruneJob:
     save: Optional[str]
     notes: list
     seq_length: int  # the calibration window (--seq-length, else the checkpoint's seq_length)
+    save_format: str = "minitron"  # "minitron" | "megatron-lm"
 
 
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _check_output(args, metadata: dict) -> Optional[str]:
+def _save_format(args, metadata: dict) -> str:
+    from ..checkpoint import checkpoint_format
+
+    source = checkpoint_format(metadata)
+    wanted = getattr(args, "save_format", None)
+    if args.in_place and wanted is not None and wanted != source:
+        raise ValueError(f"--in-place keeps the input's format ({source}); drop --save-format {wanted}, or "
+                         f"write the {wanted} copy to a new directory with --save")
+    return wanted or source
+
+
+def _check_output(args, metadata: dict, save_format: str = "minitron") -> Optional[str]:
     from ..checkpoint import layout
 
     if args.scores_only:
@@ -130,6 +145,12 @@ def _check_output(args, metadata: dict) -> Optional[str]:
         raise ValueError(f"--save {args.save} is the source checkpoint; pass --in-place to replace it "
                          "(crash-safe), or choose another --save directory")
     out = os.path.abspath(args.save)
+    if save_format == "megatron-lm":
+        if os.path.exists(out) and (not os.path.isdir(out) or (
+                os.listdir(out) and not layout.is_megatron_lm_root(out))):
+            raise ValueError(f"--save {out} exists and is not a Megatron-LM checkpoint root (no "
+                             f"{layout.TRACKER_FILE}); choose a new directory or remove it first")
+        return out
     if os.path.exists(out) and (not os.path.isdir(out)
                                 or (os.listdir(out) and not layout.looks_like_checkpoint(out))):
         raise ValueError(f"--save {out} exists and is not a megatron-minitron checkpoint; refusing to "
@@ -226,7 +247,8 @@ def prepare(args) -> PruneJob:
                             if getattr(args, "targets_file", None) else None)
     metadata = checkpoint.read_metadata(args.load)  # FileNotFoundError / ValueError when not a checkpoint
     arch = checkpoint.arch_from_metadata(metadata)
-    save = _check_output(args, metadata)
+    save_format = _save_format(args, metadata)
+    save = _check_output(args, metadata, save_format)
     from ..job_arch import check_seq_length
     seq_length = arch.seq_length if args.seq_length is None else args.seq_length
     notes: list = [f"warning: {w}" for w in check_seq_length(seq_length, arch, "--seq-length",
@@ -270,9 +292,10 @@ def prepare(args) -> PruneJob:
     rewrite = None
     if args.in_place:
         from .rewrite import rewrite_paths
-        rewrite = rewrite_paths(args.load)
+        rewrite = rewrite_paths(args.load, save_format)
     return PruneJob(arch=arch, metadata=metadata, targets=targets, settings=settings, scores=scores, plan=plan,
-                    parallel=par, rewrite=rewrite, save=save, notes=notes, seq_length=seq_length)
+                    parallel=par, rewrite=rewrite, save=save, notes=notes, seq_length=seq_length,
+                    save_format=save_format)
 
 
 def _dtype(precision: str, metadata: dict):
@@ -358,6 +381,8 @@ def run(args) -> int:
         del state
 
     final = job.rewrite.final if job.rewrite is not None else job.save
+    if job.rewrite is None and job.save_format == "megatron-lm":
+        final = os.path.join(job.save, checkpoint.RELEASE_DIR)  # where the weights and files go in that root
     tokenizer = _tokenizer_for(metadata, final)
     provenance = {"pruned_from": source_dir, "source_architecture": dataclasses.asdict(arch),
                   "targets": dataclasses.asdict(job.targets), "importance": dataclasses.asdict(scores.settings),
@@ -371,11 +396,13 @@ def run(args) -> int:
     if job.rewrite is not None:
         out = save_and_swap(job.rewrite, pruned, arch=plan.target, parallel=target_par, dtype=dtype,
                             device=rt.device, iteration=int(metadata.get("iteration", 0)),
-                            provenance=provenance, tokenizer=tokenizer, add_files=add_files, timer=timer)
+                            provenance=provenance, tokenizer=tokenizer, add_files=add_files, timer=timer,
+                            format=job.save_format)
     else:
         with timer("save"):
-            out = checkpoint.save_checkpoint_to(final, [pruned], arch=plan.target, parallel=target_par,
-                                                provenance=provenance, tokenizer=tokenizer)
+            out = checkpoint.save_checkpoint_to(job.save, [pruned], arch=plan.target, parallel=target_par,
+                                                provenance=provenance, tokenizer=tokenizer,
+                                                format=job.save_format)
             on_rank0(lambda: add_files(out), f"adding the tokenizer files and plan to {out}")
     summary = build_summary(plan, importance=importance_record(scores.settings, scores.num_samples),
                             seconds=timer.seconds, source=source_dir, output=out, in_place=bool(args.in_place),

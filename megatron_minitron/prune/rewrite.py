@@ -20,6 +20,12 @@ SRC is the pruned checkpoint. ``recover_interrupted_rewrite`` (start of every --
 a state the way loads read it: it moves the aside copy back (or deletes it when SRC is committed) and wipes
 the staged copy, through ``checkpoint.layout.prepare_staging``, the routine saves use for the same purpose.
 Test hook: MINITRON_TEST_CRASH_AT=prune_after_write | prune_after_aside | prune_before_delete.
+
+A checkpoint in Megatron-LM's layout stays in it: the pruned weights become ROOT/release and the tracker
+(latest_checkpointed_iteration.txt) is pointed at "release" after the swap (Megatron-LM loads a weights-only
+checkpoint without flags only as a release; see checkpoint/megatron_lm.py). The source iteration the tracker
+named is deleted after that (it is what --in-place replaces; other iterations stay). Crash before the
+tracker moves: the tracker still names the source. Extra hook: prune_before_pointer.
 """
 from __future__ import annotations
 
@@ -31,13 +37,16 @@ import torch.distributed as dist
 
 from ..checkpoint import layout
 
-CRASH_POINTS = ("prune_after_write", "prune_after_aside", "prune_before_delete")
+CRASH_POINTS = ("prune_after_write", "prune_after_aside", "prune_before_pointer", "prune_before_delete")
 
 
-def rewrite_paths(load_path: str) -> layout.SavePaths:
+def rewrite_paths(load_path: str, format: str = "minitron") -> layout.SavePaths:
     """Final / staged / aside names for rewriting the checkpoint that ``load_path`` means. A ROOT (with
-    ``latest``) rewrites the iteration ``latest`` names; other iterations are left as they are."""
+    ``latest``) rewrites the iteration ``latest`` names; other iterations are left as they are. A checkpoint
+    in Megatron-LM's layout (``format="megatron-lm"``) is rewritten as ROOT/release (module docstring)."""
     path = os.path.abspath(load_path.rstrip(os.sep) or load_path)
+    if format == "megatron-lm":
+        return _megatron_lm_rewrite_paths(path)
     if os.path.isdir(path) and not layout.is_committed(path):
         name = layout.read_latest(path)
         if name is not None:
@@ -47,6 +56,19 @@ def rewrite_paths(load_path: str) -> layout.SavePaths:
     if iteration is not None:
         return layout.iteration_paths(parent, iteration)
     return layout.exact_paths(path)
+
+
+def _megatron_lm_rewrite_paths(path: str) -> layout.SavePaths:
+    if os.path.isdir(path) and not layout.is_loadable(path) and layout.is_megatron_lm_root(path):
+        root, source = path, os.path.join(path, layout.read_tracker(path))
+    else:
+        source = checkpoint_dir = layout.resolve_checkpoint_dir(path)
+        root = os.path.dirname(checkpoint_dir)
+        if os.path.basename(checkpoint_dir).startswith(layout.ASIDE_PREFIX):  # an interrupted replace
+            source = os.path.join(root, os.path.basename(checkpoint_dir)[len(layout.ASIDE_PREFIX):])
+    final = os.path.join(root, layout.RELEASE_DIR)
+    return layout.named_paths(root, layout.RELEASE_DIR, pointer=layout.TRACKER_FILE,
+                              retire=None if os.path.abspath(source) == final else os.path.abspath(source))
 
 
 def recover_interrupted_rewrite(paths: layout.SavePaths) -> None:
@@ -62,13 +84,21 @@ def swap_in(paths: layout.SavePaths) -> None:
     parent = os.path.dirname(paths.final)
     if os.path.exists(paths.aside):
         layout.remove_tree(paths.aside)
-    os.rename(paths.final, paths.aside)
-    layout.fsync_path(parent)
+    replacing = os.path.exists(paths.final)  # a Megatron-LM rewrite may create ROOT/release afresh
+    if replacing:
+        os.rename(paths.final, paths.aside)
+        layout.fsync_path(parent)
     layout.crash_point("prune_after_aside")
     os.rename(paths.staging, paths.final)
     layout.fsync_path(parent)
+    if paths.root is not None and paths.pointer == layout.TRACKER_FILE:
+        layout.crash_point("prune_before_pointer")
+        layout.write_pointer(paths)  # Megatron-LM's tracker -> release, written last
     layout.crash_point("prune_before_delete")
-    layout.remove_tree(paths.aside)
+    if replacing:
+        layout.remove_tree(paths.aside)
+    if paths.retire is not None and os.path.exists(paths.retire):
+        layout.remove_tree(paths.retire)
 
 
 def on_rank0(step: Callable[[], None], what: str) -> None:
@@ -116,7 +146,7 @@ def verify_checkpoint(directory: str, model, arch, parallel, dtype, device) -> N
 
 def save_and_swap(paths: layout.SavePaths, model, *, arch, parallel, dtype, device, iteration: int,
                   provenance: dict, tokenizer, add_files: Optional[Callable[[str], None]] = None,
-                  timer=None) -> str:
+                  timer=None, format: str = "minitron") -> str:
     """Steps 1-3 of the module docstring, collective. ``add_files(staged_dir)`` runs on rank 0 before the
     verification (tokenizer files, plan, summary). Returns the final directory."""
     import contextlib
@@ -126,7 +156,8 @@ def save_and_swap(paths: layout.SavePaths, model, *, arch, parallel, dtype, devi
     phase = timer if timer is not None else (lambda name: contextlib.nullcontext())
     with phase("save"):
         staged = checkpoint.save_checkpoint_to(paths.staging, [model], arch=arch, iteration=iteration,
-                                               parallel=parallel, provenance=provenance, tokenizer=tokenizer)
+                                               parallel=parallel, provenance=provenance, tokenizer=tokenizer,
+                                               format=format, megatron_lm_root=False)
         if add_files is not None:
             on_rank0(lambda: add_files(staged), f"adding files to {staged}")
     with phase("verify"):

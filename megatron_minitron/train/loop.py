@@ -213,7 +213,7 @@ class Trainer:
             tcfg.save, self.state.iteration, self.unwrapped(), optimizer=self.optimizer,
             scheduler=self.scheduler, extra={"consumed_samples": self.state.consumed_samples},
             arch=self.arch, parallel=self.cfg.parallel, provenance=self.provenance,
-            keep_last=tcfg.keep_last, tokenizer=self._tokenizer_for_checkpoint())
+            keep_last=tcfg.keep_last, tokenizer=self._tokenizer_for_checkpoint(), format=tcfg.save_format)
         self.log0(f"saved checkpoint {path}")
         return path
 
