@@ -90,3 +90,18 @@ def test_the_readme_flow_reuses_the_file_without_data(src, tmp_path):
     block = reference.blocks["bi"][2]
     start = int(torch.argmin(block))  # the lowest-importance block of 2 is dropped
     assert kept_layers(out) == [i for i in range(ARCH.num_layers) if i not in (start, start + 1)]
+
+
+def test_calibration_window_is_checked_before_any_work(src, tmp_path):
+    """--seq-length is the calibration window: 0 or negative is an error (not "the default"), longer than the
+    data allows fails on the data check, not later."""
+    out = str(tmp_path / "out")
+    for bad in ("0", "-4"):
+        with pytest.raises(ValueError, match="--seq-length=.*must be a positive integer"):
+            prune_cli.run(parse(["--load", src["ckpt"], "--save", out, "--data", src["calib"], *CALIB,
+                                 "--seq-length", bad]))
+    # 8 documents x 40 tokens hold 320 tokens: 8 windows of 32 (+1) fit, 8 of 64 do not
+    with pytest.raises(ValueError, match="sequences of 64"):
+        prune_cli.run(parse(["--load", src["ckpt"], "--save", out, "--data", src["calib"], *CALIB,
+                             "--seq-length", "64"]))
+    assert not os.path.exists(out)
