@@ -56,7 +56,8 @@ class Tokenizer:
 
     def encode_document(self, text: str) -> List[int]:
         """The ids of one document as preprocess stores it (before the EOD): BOS first when add_bos."""
-        return ([int(self.bos)] if self.add_bos else []) + self.encode(text)
+        ids = self.encode(text)
+        return [int(self.bos)] + ids if self.add_bos and ids else ids  # an empty text stays empty (dropped)
 
     @property
     def prefix_id(self) -> int:

@@ -38,6 +38,9 @@ def register(subparsers) -> None:
     b.add_argument("--family", default=None,
                    help="HF family to write (llama, mistral, qwen2, nemotron); default: the one the "
                         "checkpoint was converted from, else inferred from the architecture")
+    b.add_argument("--tokenizer", default=None,
+                   help="tokenizer to export with the model (sentencepiece .model, tokenizer.json or HF "
+                        "directory); default: the one the checkpoint records")
     b.set_defaults(handler=run)
     p.set_defaults(handler=_missing_direction)
 
@@ -50,7 +53,8 @@ def run(args) -> int:
     if args.direction == "hf-to-mcore":
         hf_to_mcore(args.input, args.output, args.tp, args.pp, args.dtype, format=args.format)
     elif args.direction == "mcore-to-hf":
-        mcore_to_hf(args.input, args.output, args.tp, args.pp, args.dtype, args.family)
+        mcore_to_hf(args.input, args.output, args.tp, args.pp, args.dtype, args.family,
+                    getattr(args, "tokenizer", None))
     else:
         return _missing_direction(args)
     return 0
@@ -123,8 +127,12 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str 
 
 
 def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = "auto",
-                family=None) -> str:
-    """Write the megatron checkpoint ``ckpt`` as an HF directory (safetensors, config, tokenizer)."""
+                family=None, tokenizer_path=None) -> str:
+    """Write the megatron checkpoint ``ckpt`` as an HF directory (safetensors, config, tokenizer).
+
+    The tokenizer (``tokenizer_path``, else the checkpoint's) is always written in a form AutoTokenizer
+    loads (a sentencepiece model is converted), and its bos/eos/pad ids go into config.json and
+    generation_config.json."""
     from ..checkpoint import arch_from_metadata, load_weights, read_metadata
     from ..config import Parallel
     from ..model.builder import build_gpt
@@ -148,8 +156,9 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
     if os.path.isdir(out_dir) and any(f.endswith(".safetensors") for f in os.listdir(out_dir)):
         raise ValueError(f"{out_dir} already holds safetensors files; choose an empty or new directory")
 
-    runtime, dist = _init(tp, pp)
     directory = metadata["checkpoint_dir"]
+    tokenizer, note = _export_tokenizer_source(metadata, directory, tokenizer_path)  # errors before any work
+    runtime, dist = _init(tp, pp)
     _say(runtime, f"{directory}: {arch.num_layers} layers, hidden {arch.hidden_size} -> {family} at "
                   f"{out_dir} ({_DTYPE_NAMES[out_dtype]})")
     model = build_gpt(arch, parallel, dtype=stored, device=runtime.device).eval()
@@ -159,15 +168,42 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
     dist.barrier()
     export_hf_weights(model, arch, out_dir, dtype=out_dtype)
     if runtime.is_rank0:
+        from .tokenizer_export import export_tokenizer, fill_token_ids, special_token_ids
+
         config = hf_config_from_arch(arch, family, base=provenance.get("hf_config"),
                                      dtype=_DTYPE_NAMES[out_dtype])
-        hf_io.write_hf_config(config, out_dir)
-        copied = hf_io.copy_tokenizer_files(directory, out_dir)
-        tokenizer = metadata.get("tokenizer") or {}
-        source = tokenizer.get("path") if isinstance(tokenizer, dict) else None
-        if not copied and source and os.path.isdir(source):
-            copied = hf_io.copy_tokenizer_files(source, out_dir)
+        if tokenizer is not None:
+            copied = export_tokenizer(tokenizer, out_dir, arch.seq_length)
+            ids = special_token_ids(tokenizer)
+        else:  # an HF tokenizer we could not read: its files as they are (old behaviour)
+            copied, ids = hf_io.copy_tokenizer_files(directory, out_dir), {}
+        if "generation_config.json" not in copied:  # the source model's, kept by hf-to-mcore
+            copied += hf_io.copy_tokenizer_files(directory, out_dir, ["generation_config.json"])
+        hf_io.write_hf_config(fill_token_ids(config, ids), out_dir)
+        hf_io.write_generation_config(out_dir, ids)
+        if note:
+            print(f"[convert] {note}", flush=True)
         print(f"[convert] wrote {out_dir}" + (f" with {', '.join(copied)}" if copied else
-                                               " (no tokenizer files found to copy)"), flush=True)
+                                               " WITHOUT a tokenizer: the checkpoint records none; give "
+                                               "--tokenizer PATH for AutoTokenizer to load it"), flush=True)
     dist.barrier()
     return out_dir
+
+
+def _export_tokenizer_source(metadata: dict, directory: str, given):
+    """(tokenizer to export or None, note to print). A given or sentencepiece tokenizer that fails is an
+    error; an HF one the installed transformers cannot read is copied file by file instead."""
+    from .tokenizer_export import checkpoint_tokenizer
+
+    if given:
+        return checkpoint_tokenizer(metadata, directory, given), None
+    try:
+        return checkpoint_tokenizer(metadata, directory), None
+    except (FileNotFoundError, ImportError):
+        raise
+    except Exception as e:  # noqa: BLE001  transformers raises anything on tokenizer files it cannot read
+        record = metadata.get("tokenizer")
+        if isinstance(record, dict) and record.get("type") == "sentencepiece":
+            raise
+        return None, (f"note: the checkpoint's tokenizer could not be read ({type(e).__name__}: {e}); its "
+                      f"files are copied as they are and config.json keeps its token ids")

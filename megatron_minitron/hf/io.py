@@ -106,11 +106,11 @@ class SafetensorsReader:
         self._handles.clear()
 
 
-def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list:
+def copy_tokenizer_files(src_dir: str, dst_dir: str, names=TOKENIZER_FILES) -> list:
     """Copy the tokenizer files present in ``src_dir``; returns their names."""
     copied = []
     os.makedirs(dst_dir, exist_ok=True)
-    for name in TOKENIZER_FILES:
+    for name in names:
         src = os.path.join(src_dir, name)
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(dst_dir, name))
@@ -140,6 +140,38 @@ def write_hf_config(config: dict, out_dir: str) -> None:
         f.write("\n")
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def write_generation_config(out_dir: str, ids: dict) -> None:
+    """generation_config.json with the bos/eos/pad ids: an existing one (copied from the source model)
+    keeps its own ids and gets the missing ones."""
+    path = os.path.join(out_dir, GENERATION_CONFIG_FILE)
+    config = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    for key, value in ids.items():
+        if config.get(key) is None and value is not None:
+            config[key] = int(value)
+    if not config:
+        return
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: str) -> None:
+    """Give a file the mode an ordinary write would (0666 less the umask): safetensors writes 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def save_tensor_file(tensors: dict, path: str) -> int:
     """Write one safetensors file (contiguous copies, HF's metadata); returns the bytes of tensor data."""
     from safetensors.torch import save_file
@@ -158,6 +190,7 @@ def finalize_shards(out_dir: str, parts: list) -> None:
     weight_map, size = {}, 0
     for i, (tmp_name, names, nbytes) in enumerate(parts):
         final = SINGLE_FILE if total == 1 else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+        make_readable(os.path.join(out_dir, tmp_name))
         os.replace(os.path.join(out_dir, tmp_name), os.path.join(out_dir, final))
         weight_map.update({n: final for n in names})
         size += nbytes
