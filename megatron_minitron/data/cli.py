@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                      help="train a new sentencepiece model on the inputs (saved as PREFIX.spm.model)")
     tok.add_argument("--vocab-size", type=int, help="vocabulary size for --train-tokenizer")
     tok.add_argument("--tokenizer-model-type", choices=["bpe", "unigram"], default="bpe")
+    tok.add_argument("--add-bos", action="store_true", default=None,
+                     help="put the sentencepiece model's BOS in front of every document (a Hugging Face "
+                          "tokenizer follows its own convention: BOS when it adds one by default)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--seed", type=int, default=1234, help="seed for tokenizer training")
     p.set_defaults(handler=run)
@@ -61,13 +64,14 @@ def _tokenizer_from_args(args):
     if not args.tokenizer_model:
         raise ValueError("no tokenizer: give --tokenizer-type/--tokenizer-model PATH, or "
                          "--train-tokenizer --vocab-size N to train a sentencepiece model on the inputs")
-    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.eod_token)
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.eod_token, args.add_bos)
 
 
 def _report(result) -> None:
     print(f"wrote {result.prefix}.bin/.idx: {result.documents} documents, {result.tokens} tokens "
           f"(tokenizer {result.tokenizer.path}, vocab {result.tokenizer.vocab_size}, "
-          f"eod {result.tokenizer.eod}; see {result.sidecar})", flush=True)
+          f"eod {result.tokenizer.eod}, {'BOS' if result.tokenizer.add_bos else 'no BOS'} before each "
+          f"document; see {result.sidecar})", flush=True)
 
 
 def run(args) -> int:
@@ -78,7 +82,7 @@ def run(args) -> int:
     tokenizer = _tokenizer_from_args(args)
     train_vocab = args.vocab_size if args.train_tokenizer else None
     common = dict(json_key=args.json_key, lines_as_documents=args.lines_as_documents, workers=args.workers,
-                  tokenizer_model_type=args.tokenizer_model_type, seed=args.seed)
+                  tokenizer_model_type=args.tokenizer_model_type, seed=args.seed, add_bos=bool(args.add_bos))
     if args.corpus is None:
         if not args.input:
             raise ValueError("no input: give --input FILE [FILE ...] or --corpus stdlib")

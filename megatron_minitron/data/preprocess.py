@@ -1,7 +1,8 @@
 """Text / jsonl -> megatron indexed dataset (PREFIX.bin + PREFIX.idx) + PREFIX.tokenizer.yaml.
 
-One document becomes one sequence of the indexed dataset: its token ids followed by the EOD id. That is
-the layout GPTDataset expects (it concatenates sequences and cuts seq_length+1 windows across them).
+One document becomes one sequence of the indexed dataset: its token ids (after the BOS id when the
+tokenizer's convention adds one, ``Tokenizer.add_bos``) followed by the EOD id. That is the layout
+GPTDataset expects (it concatenates sequences and cuts seq_length+1 windows across them).
 Everything is written under temporary names and renamed at the end, so an interrupted run never leaves a
 .bin/.idx pair that looks complete.
 """
@@ -78,24 +79,25 @@ def iter_documents(inputs: Sequence[str], json_key: str = "text",
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
-def _init_worker(kind: str, path: str, eod_token: Optional[str]) -> None:
+def _init_worker(kind: str, path: str, eod_token: Optional[str], add_bos: Optional[bool]) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = build_tokenizer(kind, path, eod_token)
+    _worker_tokenizer = build_tokenizer(kind, path, eod_token, add_bos)
 
 
 def _encode_in_worker(text: str) -> List[int]:
-    return _worker_tokenizer.encode(text)
+    return _worker_tokenizer.encode_document(text)
 
 
 def _encoded(documents: Iterable[str], tokenizer: Tokenizer, workers: int) -> Iterator[List[int]]:
     if workers <= 1:
         for text in documents:
-            yield tokenizer.encode(text)
+            yield tokenizer.encode_document(text)  # BOS first when the tokenizer's convention adds it
         return
     import multiprocessing as mp
 
     with mp.get_context().Pool(workers, initializer=_init_worker,
-                               initargs=(tokenizer.kind, tokenizer.path, tokenizer.eod_token)) as pool:
+                               initargs=(tokenizer.kind, tokenizer.path, tokenizer.eod_token,
+                                         tokenizer.add_bos)) as pool:
         yield from pool.imap(_encode_in_worker, documents, chunksize=16)  # imap keeps the order
 
 
@@ -137,7 +139,7 @@ def write_indexed_dataset(output_prefix: str, token_lists: Iterable[Sequence[int
 
 def train_tokenizer_on(inputs: Sequence[str], output_prefix: str, vocab_size: int, json_key: str = "text",
                        lines_as_documents: bool = False, model_type: str = "bpe",
-                       seed: int = 1234) -> Tokenizer:
+                       seed: int = 1234, add_bos: bool = False) -> Tokenizer:
     """Train a sentencepiece model on the documents of ``inputs``; saved as PREFIX.spm.model."""
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
@@ -152,17 +154,18 @@ def train_tokenizer_on(inputs: Sequence[str], output_prefix: str, vocab_size: in
         model = train_sentencepiece([text_path], output_prefix + ".spm", vocab_size, model_type, seed)
     finally:
         os.remove(text_path)
-    return build_tokenizer("sentencepiece", model)
+    return build_tokenizer("sentencepiece", model, add_bos=add_bos)
 
 
 def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[Tokenizer] = None, *,
                json_key: str = "text", lines_as_documents: bool = False, workers: int = 1,
                train_vocab_size: Optional[int] = None, tokenizer_model_type: str = "bpe",
-               seed: int = 1234) -> PreprocessResult:
+               seed: int = 1234, add_bos: bool = False) -> PreprocessResult:
     """Tokenize ``inputs`` into PREFIX.bin/.idx and write PREFIX.tokenizer.yaml.
 
     Give either ``tokenizer`` or ``train_vocab_size`` (a new sentencepiece model is trained on the inputs
-    first and saved as PREFIX.spm.model).
+    first and saved as PREFIX.spm.model; ``add_bos``: its BOS convention). Every document is
+    ``tokenizer.encode_document(text) + [eod]``; the sidecar records the convention (``add_bos``).
     """
     inputs = list(inputs)
     if not inputs:
@@ -175,7 +178,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[To
                          "(--train-tokenizer --vocab-size N), not both or neither")
     if train_vocab_size is not None:
         tokenizer = train_tokenizer_on(inputs, output_prefix, train_vocab_size, json_key,
-                                       lines_as_documents, tokenizer_model_type, seed)
+                                       lines_as_documents, tokenizer_model_type, seed, add_bos)
     documents = iter_documents(inputs, json_key, lines_as_documents)
     n_docs, n_tokens = write_indexed_dataset(output_prefix, _encoded(documents, tokenizer, workers),
                                              tokenizer.eod, tokenizer.vocab_size)

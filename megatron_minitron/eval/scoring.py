@@ -65,19 +65,38 @@ def item_requests(items: Sequence[MCItem], index: int, k: int, seed: int) -> Lis
     return [(context, TARGET_DELIMITER + choice) for choice in item.choices]
 
 
+def _bos_prefix(tokenizer, text: str) -> List[int]:
+    """[bos] when the tokenizer's convention adds it (``Tokenizer.add_bos``), as preprocess does for every
+    document; none when the text already starts with the BOS token's text (lm-evaluation-harness's rule)."""
+    if not getattr(tokenizer, "add_bos", False):
+        return []
+    bos = int(tokenizer.bos)
+    piece = tokenizer.id_to_piece(bos)
+    if piece and text.startswith(piece):
+        return []
+    return [bos]
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
-    """Token ids of (context, continuation) such that context + continuation tokenises as the text
-    would as a whole: trailing spaces of the context move to the continuation, and the continuation's
-    ids are what the whole text adds after the context's. An empty context becomes the EOD token, so
-    the first continuation token is still predicted from something."""
+    """Token ids of (context, continuation), as lm-evaluation-harness 0.4 encodes a loglikelihood
+    request for a causal HF model: trailing spaces of the context move to the continuation; the context
+    and the whole text are encoded as the tokenizer does by default (BOS in front when its convention adds
+    one), and the continuation's ids are what the whole text adds after the context's. An empty context
+    becomes the tokenizer's ``prefix_id`` (its BOS, else the EOD), unless the continuation starts with
+    that token already."""
     stripped = context.rstrip()
     if len(stripped) < len(context):
         continuation = context[len(stripped):] + continuation
         context = stripped
     if not context:
-        return [int(tokenizer.eod)], [int(t) for t in tokenizer.encode(continuation)]
-    whole = [int(t) for t in tokenizer.encode(context + continuation)]
-    ctx = [int(t) for t in tokenizer.encode(context)]
+        prefix = int(getattr(tokenizer, "prefix_id", tokenizer.eod))
+        cont = [int(t) for t in tokenizer.encode(continuation)]
+        if cont and cont[0] == prefix:
+            return cont[:1], cont[1:]
+        return [prefix], cont
+    bos = _bos_prefix(tokenizer, context)
+    whole = bos + [int(t) for t in tokenizer.encode(context + continuation)]
+    ctx = bos + [int(t) for t in tokenizer.encode(context)]
     return ctx, whole[len(ctx):]
 
 
