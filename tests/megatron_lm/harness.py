@@ -25,7 +25,7 @@ What is stubbed, and why (only here, never in the vendored files):
     During ``initialize_megatron`` each rank reports one device (a GPU node's view) so that Megatron-LM's
     own ``_initialize_distributed`` creates the model-parallel groups and ``_set_random_seed`` seeds the
     model-parallel RNG tracker (both are skipped when ``torch.cuda.device_count() == 0``);
-    ``torch.cuda.set_device`` is a no-op meanwhile. CUDA streams (get_model builds DDP on a side stream)
+    ``torch.cuda.set_device`` is a no-op and ``get_device_properties`` says compute capability 9.0 meanwhile. CUDA streams (get_model builds DDP on a side stream)
     are no-op objects.
   * ``initialize._compile_dependencies``: it runs ``make`` on megatron-core's dataset helpers (the
     installed wheel ships them prebuilt, without the Makefile) and builds the CUDA fused kernels with nvcc.
@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import os
 import sys
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENDOR = os.path.join(HERE, "vendor")
@@ -84,13 +85,15 @@ def import_megatron_lm():
 def one_device_per_rank():
     import torch
 
-    count, set_device = torch.cuda.device_count, torch.cuda.set_device
+    saved = torch.cuda.device_count, torch.cuda.set_device, torch.cuda.get_device_properties
     torch.cuda.device_count = lambda: 1
     torch.cuda.set_device = lambda *a, **k: None
+    # validate_args asks for the compute capability (Hopper, as on H100 nodes)
+    torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(major=9, minor=0, name="cpu")
     try:
         yield
     finally:
-        torch.cuda.device_count, torch.cuda.set_device = count, set_device
+        torch.cuda.device_count, torch.cuda.set_device, torch.cuda.get_device_properties = saved
 
 
 class _NoStream:
@@ -122,6 +125,7 @@ def initialize(flags):
 
     mlm_initialize._compile_dependencies = lambda: None
     sys.argv = ["pretrain_gpt.py", *CPU_FLAGS, *RUN_FLAGS, *flags]
+    os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # validate_args requires it for TP > 1 (as its examples set)
     with one_device_per_rank():
         mlm_initialize.initialize_megatron(args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
                                            allow_no_cuda=True)
