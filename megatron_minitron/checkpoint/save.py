@@ -189,7 +189,7 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
                 "extra_keys": sorted(str(k) for k in (extra or {})),
                 "params_dtype": params_dtype(model_chunks), "backend": "torch_dist"}
     if megatron_lm:
-        contents["release"] = os.path.basename(paths.final) == layout.RELEASE_DIR
+        contents["release"] = optimizer is None  # megatron_lm.output_dir_name: weights only -> ROOT/release
 
     def commit():
         metadata = build_metadata(arch, iteration, layout_now, contents, provenance, tokenizer, format=format)
