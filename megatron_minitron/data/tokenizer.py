@@ -15,6 +15,7 @@ paths, or the same vocabulary in another file format, compare equal (``same_toke
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -189,9 +190,9 @@ class HuggingFaceTokenizer(Tokenizer):
         probe = "Hello world"
         plain, full = self.encode(probe), self._encode_with_specials(probe)
         start = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
-        if start is None:
-            raise ValueError(f"the tokenizer {self.path} encodes a text differently with and without special "
-                             f"tokens (beyond adding some around it); it is not supported")
+        if start is None:  # special tokens change the text's own ids too: judge by the first id alone
+            declared = self._hf.bos_token_id if self._hf is not None else None
+            return int(full[0]) if full and declared is not None and full[0] == declared else None
         if start == 0:
             return None
         if start > 1:
@@ -449,3 +450,24 @@ def load_tokenizer_sidecar(prefix: str) -> Optional[Tokenizer]:
                              f"{key}={getattr(tok, key)}: the tokenizer changed after preprocessing; "
                              f"restore it or preprocess the data again")
     return tok
+
+
+def configured_tokenizer_record(kind: str, path: str, data_prefixes: Sequence[str] = ()) -> dict:
+    return dict(_configured_tokenizer_record(kind, path, tuple(data_prefixes)))
+
+
+@functools.lru_cache(maxsize=8)  # called at every checkpoint save; reading a large vocabulary takes a while
+def _configured_tokenizer_record(kind: str, path: str, data_prefixes: tuple) -> dict:
+    """The checkpoint record of a tokenizer a job names by path (``data.tokenizer_path``): what it is
+    (fingerprint) and the BOS convention of the data it trains on (a sentencepiece model's convention is
+    the data's, which the first prefix's sidecar records). Just type and path when it cannot be read."""
+    record = {"type": kind, "path": path}
+    try:
+        sidecar = load_tokenizer_sidecar(data_prefixes[0]) if data_prefixes else None
+        add_bos = sidecar.add_bos if sidecar is not None and kind == "sentencepiece" else None
+        tok = build_tokenizer(kind, path, add_bos=add_bos)
+        if sidecar is not None and sidecar.fingerprint != tok.fingerprint:
+            tok = build_tokenizer(kind, path)  # another vocabulary than the data's: its own default
+    except (ValueError, FileNotFoundError, OSError, ImportError):
+        return record
+    return {**tok.describe(), "path": path}

@@ -221,8 +221,10 @@ class Trainer:
         """The configured tokenizer, else the one the initial/resumed checkpoint named, else the training
         data's sidecar: so eval and HF export find it from any checkpoint of the pipeline."""
         d = self.cfg.data
-        if d.tokenizer_path:
-            return {"type": d.tokenizer_type, "path": d.tokenizer_path}
+        if d.tokenizer_path:  # with its fingerprint and the data's BOS convention
+            from ..data.tokenizer import configured_tokenizer_record
+            return configured_tokenizer_record(d.tokenizer_type, d.tokenizer_path,
+                                               [p for p in d.train_data if isinstance(p, str)])
         if self.tokenizer_record:
             return self.tokenizer_record
         prefixes = [p for p in d.train_data if isinstance(p, str)]

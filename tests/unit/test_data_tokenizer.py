@@ -154,3 +154,19 @@ def test_fingerprint_follows_the_vocabulary_not_the_path(stdlib_text, tmp_path):
     h1 = build_tokenizer("huggingface", str(tmp_path / "tokenizer.json"))
     h2 = build_tokenizer("huggingface", str(copy_dir / "tokenizer.json"))
     assert h1.fingerprint == h2.fingerprint != a.fingerprint
+
+
+def test_configured_tokenizer_record_takes_the_data_convention(stdlib_text, tmp_path):
+    """A job naming its tokenizer by path records what it is and the BOS convention its data was
+    written with (eval of the saved checkpoint then encodes the same way)."""
+    from megatron_minitron.data.tokenizer import configured_tokenizer_record, tokenizer_from_record
+
+    model = train_sentencepiece([stdlib_text], str(tmp_path / "spm"), 400)
+    with_bos = build_tokenizer("sentencepiece", model, add_bos=True)
+    write_tokenizer_sidecar(str(tmp_path / "data"), with_bos)
+    record = configured_tokenizer_record("sentencepiece", model, [str(tmp_path / "data")])
+    assert (record["add_bos"], record["bos"], record["fingerprint"]) == (True, 1, with_bos.fingerprint)
+    assert tokenizer_from_record(record).encode_document("x y") == with_bos.encode_document("x y")
+    assert configured_tokenizer_record("sentencepiece", model)["add_bos"] is False  # no data: the default
+    assert configured_tokenizer_record("sentencepiece", str(tmp_path / "gone.model")) == \
+        {"type": "sentencepiece", "path": str(tmp_path / "gone.model")}
