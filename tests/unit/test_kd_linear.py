@@ -8,12 +8,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from linear_kd_reference import make_linear_inputs, reference_linear_kd  # noqa: E402
-from megatron_minitron.distill.kd_linear import linear_kd_loss  # noqa: E402
+from megatron_minitron.distill.kd_linear import LinearKDOutput, linear_kd_loss  # noqa: E402
 from megatron_minitron.distill.losses import logit_kd_loss, triton_available  # noqa: E402
 
 SEQ, BATCH, H_S, H_T, VOCAB = 4, 3, 8, 12, 37  # 12 tokens in chunks of 5; 37 = 2 blocks of 16 + a partial one
-needs_triton = pytest.mark.skipif(not triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
-                                  reason="needs triton and TRITON_INTERPRET=1")
+# TRITON_INTERPRET=0 on a GPU machine: the same tests on CUDA tensors, kernels compiled (gpu_run.sh kernel_tests)
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs triton, and TRITON_INTERPRET=1 or a GPU")
 
 
 @pytest.fixture
@@ -29,7 +32,7 @@ def small_triton_block():
 
 
 def run_fused(inputs, kind, backend, upstream=1.0, with_labels=True, **kwargs):
-    h_s, w_s, h_t, w_t, labels, weights = inputs
+    h_s, w_s, h_t, w_t, labels, weights = (x.to(DEVICE) for x in inputs)
     hidden = h_s.reshape(SEQ, BATCH, H_S).clone().requires_grad_(True)  # megatron's [s, b, h] layout
     weight = w_s.clone().requires_grad_(True)
     out = linear_kd_loss(hidden, weight, h_t.reshape(SEQ, BATCH, H_T), w_t, kind,
@@ -38,7 +41,8 @@ def run_fused(inputs, kind, backend, upstream=1.0, with_labels=True, **kwargs):
                          group=None, backend=backend, chunk_tokens=5, **kwargs)
     (out.loss * upstream).backward()
     assert out.kd.shape == (SEQ, BATCH) and hidden.grad.dtype == h_s.dtype and weight.grad.dtype == w_s.dtype
-    return out, hidden.grad.reshape(-1, H_S), weight.grad
+    out = LinearKDOutput(out.loss.cpu(), out.kd.cpu(), out.lm.cpu() if out.lm is not None else None)
+    return out, hidden.grad.reshape(-1, H_S).cpu(), weight.grad.cpu()
 
 
 def check_against_reference(inputs, out, grad_h, grad_w, kind, upstream, with_labels, rtol, atol, **kwargs):
@@ -89,7 +93,7 @@ def test_triton_fp32_matches_float64(small_triton_block, kind, tau, scale, with_
 
 def unfused_bf16(inputs, kind, temperature, kd_weight, lm_weight):
     """The path the fused one replaces: bf16 logits from F.linear, the chunked KL, fp32 CE, autograd."""
-    h_s, w_s, h_t, w_t, labels, weights = inputs
+    h_s, w_s, h_t, w_t, labels, weights = (x.to(DEVICE) for x in inputs)
     hidden, weight = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
     z_s = torch.nn.functional.linear(hidden, weight)
     z_t = torch.nn.functional.linear(h_t, w_t)
@@ -97,7 +101,7 @@ def unfused_bf16(inputs, kind, temperature, kd_weight, lm_weight):
     lm = torch.nn.functional.cross_entropy(z_s.float(), labels, reduction="none")
     lm = torch.where(weights != 0, lm, torch.zeros_like(lm))
     (kd_weight * (kd * weights).sum() + lm_weight * (lm * weights).sum()).backward()
-    return kd.detach(), lm.detach(), hidden.grad, weight.grad
+    return kd.detach().cpu(), lm.detach().cpu(), hidden.grad.cpu(), weight.grad.cpu()
 
 
 @pytest.mark.parametrize("backend,kind,tau", [
