@@ -28,7 +28,8 @@ class Distill:
     teacher_precision: str = "auto"
     # fp8 only: Hopper's fast FP8 accumulation in the teacher's GEMMs (Transformer Engine's forward default)
     teacher_fp8_fast_accum: bool = False
-    # auto: the fused Triton kernel for forward/reverse KL on GPU, the chunked torch path otherwise
+    # auto: the fused Triton kernel for forward/reverse KL on GPU, the chunked torch path otherwise;
+    # fused_linear: KD (+ LM) loss fused with both output layers, no [T, V] logits (distill/kd_linear.py)
     kd_loss_backend: str = "auto"
 
     def validate(self) -> None:
@@ -52,11 +53,11 @@ class Distill:
             raise ValueError(f"distill.teacher_precision={self.teacher_precision!r}: auto, bf16, fp32 or fp8")
         if self.teacher_fp8_fast_accum and self.teacher_precision != "fp8":
             raise ValueError("distill.teacher_fp8_fast_accum=true only applies to distill.teacher_precision=fp8")
-        if self.kd_loss_backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"distill.kd_loss_backend={self.kd_loss_backend!r}: auto, triton or torch")
-        if self.kd_loss_backend == "triton" and self.logit_loss not in ("forward_kl", "reverse_kl"):
-            raise ValueError(f"distill.kd_loss_backend=triton implements forward_kl and reverse_kl, not "
-                             f"{self.logit_loss!r}: use kd_loss_backend=auto")
+        if self.kd_loss_backend not in ("auto", "triton", "torch", "fused_linear"):
+            raise ValueError(f"distill.kd_loss_backend={self.kd_loss_backend!r}: auto, triton, torch or fused_linear")
+        if self.kd_loss_backend in ("triton", "fused_linear") and self.logit_loss not in ("forward_kl", "reverse_kl"):
+            raise ValueError(f"distill.kd_loss_backend={self.kd_loss_backend} implements forward_kl and reverse_kl, "
+                             f"not {self.logit_loss!r}: use kd_loss_backend=auto")
 
 
 @dataclass

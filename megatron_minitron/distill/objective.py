@@ -9,6 +9,9 @@ the dynamic alpha is computed per micro-batch (where both losses are known), so 
 parallel layout as long as the micro-batch size is kept.
 All terms are token sums over the micro-batch (megatron divides by the global token count) and each is
 reported separately.
+With ``distill.kd_loss_backend=fused_linear`` (KL losses only) L_logit and L_CLM come from
+``kd_linear.linear_kd_loss``: computed tile by tile from both models' final hidden states and output
+weights, never materialising their [T, V] logits; the value and gradients are those of the logits path.
 """
 from __future__ import annotations
 
@@ -21,6 +24,11 @@ from ..train.objective import per_token_report
 from .config import Distill
 from .intermediate import dynamic_alpha, hidden_state_loss
 from .losses import logit_kd_loss
+
+
+def uses_fused_output_layer(distill: Distill) -> bool:
+    """Whether the KD (and LM) loss is computed with the output layers fused in (``kd_linear``)."""
+    return distill.kd_loss_backend == "fused_linear"
 
 
 class KDObjective:
@@ -49,7 +57,8 @@ class KDObjective:
             from .fp8_teacher import quantize_teacher
             quantize_teacher(teacher, fast_accum=self.cfg.teacher_fp8_fast_accum)
         self.model = DistillationModel(student, teacher, self.cfg.intermediate_pairs,
-                                       trainer.cfg.parallel.sequence_parallel)
+                                       trainer.cfg.parallel.sequence_parallel,
+                                       fused_output=uses_fused_output_layer(self.cfg))
         return self.model
 
     def schedule_kwargs(self, pipeline_parallel: bool) -> dict:
@@ -67,6 +76,8 @@ class KDObjective:
 
         cfg = self.cfg
         mask = loss_mask.float()
+        if "student_final_hidden" in out:
+            return self._fused_loss(labels, mask, out, ps)
         student, teacher = out["student_logits"], out["teacher_logits"]
         kd = logit_kd_loss(student, teacher, cfg.logit_loss, temperature=cfg.temperature,
                            scale_by_temperature_squared=cfg.scale_by_temperature_squared, loss_mask=mask,
@@ -89,6 +100,31 @@ class KDObjective:
                      else dynamic_alpha(kd_sum / mask_flat.sum().clamp(min=1), is_sum / is_count.clamp(min=1)))
             total = total + alpha * is_local
             # reported per token and pair, counted like the other terms (tokens) so DP sums stay exact
+            report["is_loss"] = torch.stack([is_sum / len(self.model.pairs), mask_flat.sum()])
+        report["loss"] = torch.stack([total.detach(), mask_flat.sum()])
+        return total, mask_flat.sum().to(torch.int), report
+
+    def _fused_loss(self, labels, mask, out, ps):
+        """loss_func for ``fused_output`` models: the same terms and report, token order [s, b] like the states."""
+        from .kd_linear import linear_kd_loss
+
+        cfg = self.cfg
+        token_mask = mask.t()
+        fused = linear_kd_loss(out["student_final_hidden"], out["student_output_weight"], out["teacher_final_hidden"],
+                               out["teacher_output_weight"], cfg.logit_loss, temperature=cfg.temperature,
+                               scale_by_temperature_squared=cfg.scale_by_temperature_squared, loss_mask=token_mask,
+                               labels=labels.t(), kd_weight=cfg.kd_weight, lm_weight=cfg.lm_loss_weight,
+                               sequence_parallel=self.model.student.config.sequence_parallel)
+        total = fused.loss
+        mask_flat = token_mask.reshape(-1)
+        report = {**per_token_report("kd_loss", fused.kd, token_mask),
+                  **per_token_report("lm_loss", fused.lm, token_mask)}
+        if cfg.intermediate_pairs:
+            kd_sum = (fused.kd.reshape(-1) * mask_flat).sum()
+            is_local, is_sum, is_count = self._intermediate(out, mask, ps)
+            alpha = (cfg.intermediate_weight if cfg.intermediate_weight is not None
+                     else dynamic_alpha(kd_sum / mask_flat.sum().clamp(min=1), is_sum / is_count.clamp(min=1)))
+            total = total + alpha * is_local
             report["is_loss"] = torch.stack([is_sum / len(self.model.pairs), mask_flat.sum()])
         report["loss"] = torch.stack([total.detach(), mask_flat.sum()])
         return total, mask_flat.sum().to(torch.int), report

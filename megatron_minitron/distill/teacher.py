@@ -6,6 +6,10 @@ activation sent is ``cat([student_hidden, teacher_hidden], -1)``, so the p2p sha
 teacher's hidden size (``adjust_tensor_shapes``); the teacher half carries no gradient. The last stage
 returns both models' vocab-parallel logits (and captured hidden states) for the KD loss.
 
+With ``fused_output`` (``distill.kd_loss_backend=fused_linear``) the last stage skips both output layers and
+returns the final hidden states and the output weights instead, for ``distill.kd_linear`` to compute the
+loss tile by tile without either model's [T, V] logits.
+
 The teacher is deliberately *not* a registered submodule: DDP, the optimizer and checkpoints only ever
 see the student and the KD projection layers, so the teacher has no grads, no optimizer state and is
 never written. It runs in eval mode under ``torch.no_grad``.
@@ -52,10 +56,35 @@ class _HiddenCapture:
         return states
 
 
+class _OutputLayerBypass:
+    """Within the context, ``model.output_layer`` returns its input (the final, normed hidden states,
+    [s/TP, b, h] under sequence parallelism) instead of the logits; GPTModel then hands them back as
+    [b, s(/TP), h]. Module hooks still run (megatron's param-gather pre-hooks)."""
+
+    def __init__(self, model):
+        self.layer = model.output_layer
+
+    def __enter__(self):
+        self.layer.forward = lambda input_, weight=None, runtime_gather_output=None: (input_, None)
+        return self
+
+    def __exit__(self, *exc):
+        del self.layer.forward  # the instance attribute shadowed the class's forward
+
+
+def output_weight(model) -> torch.Tensor:
+    """The [V/TP, h] weight GPTModel's output layer multiplies by (the word embedding when tied)."""
+    if model.share_embeddings_and_output_weights:
+        return model.shared_embedding_or_output_weight()
+    return model.output_layer.weight
+
+
 class DistillationModel(MegatronModule):
-    def __init__(self, student, teacher, intermediate_pairs=(), sequence_parallel: bool = False):
+    def __init__(self, student, teacher, intermediate_pairs=(), sequence_parallel: bool = False,
+                 fused_output: bool = False):
         super().__init__(config=student.config)
         self.student = student
+        self.fused_output = fused_output
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose (see module docstring)
         teacher.eval()
         for p in teacher.parameters():
@@ -117,12 +146,26 @@ class DistillationModel(MegatronModule):
         return fix(recv_shapes), fix(send_shapes)
 
     def forward(self, input_ids, position_ids, attention_mask=None):
+        if self.fused_output and self.post_process:
+            return self._forward_final_hidden(input_ids, position_ids, attention_mask)
         with torch.no_grad():
             teacher_out = self.teacher(input_ids, position_ids, attention_mask)
         student_out = self.student(input_ids, position_ids, attention_mask)
         if not self.post_process:
             return torch.cat([student_out, teacher_out.to(student_out.dtype)], dim=-1)
         return {"student_logits": student_out, "teacher_logits": teacher_out,
+                "student_hidden": self._student_capture.pop(), "teacher_hidden": self._teacher_capture.pop()}
+
+    def _forward_final_hidden(self, input_ids, position_ids, attention_mask):
+        """Last stage, fused output layer: final hidden states as [s(/TP), b, h] and both output weights."""
+        with torch.no_grad(), _OutputLayerBypass(self.teacher):
+            teacher_out = self.teacher(input_ids, position_ids, attention_mask)
+        with _OutputLayerBypass(self.student):
+            student_out = self.student(input_ids, position_ids, attention_mask)
+        return {"student_final_hidden": student_out.transpose(0, 1),
+                "teacher_final_hidden": teacher_out.transpose(0, 1),
+                "student_output_weight": output_weight(self.student),
+                "teacher_output_weight": output_weight(self.teacher),
                 "student_hidden": self._student_capture.pop(), "teacher_hidden": self._teacher_capture.pop()}
 
     def projection(self, s_layer: int, t_layer: int) -> Optional[torch.nn.Module]:
