@@ -116,6 +116,12 @@ def run_search(cfg: SearchConfig, after_candidate: Optional[Callable[[dict], Non
     s.validate()
     if cfg.train.eval_iters < 1:
         raise ValueError("the search ranks candidates by validation loss: set train.eval_iters >= 1")
+    from ..config import given_fields
+    ignored = sorted(given_fields(cfg.model))
+    if ignored:  # never silently dropped (job_arch.py): candidates take architecture and length from s.load
+        raise ValueError(f"the search does not use the model section ({', '.join('model.' + n for n in ignored)}"
+                         f" given): every candidate's architecture is pruned from search.load and runs at its "
+                         f"seq_length; drop them")
     source = checkpoint.read_arch(s.load)
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     candidates = enumerate_candidates(source, s.space, s.param_budget, s.tolerance, tp, pp, s.count)

@@ -1,6 +1,7 @@
 """The architecture + window of a job whose model comes from a checkpoint (job_arch.py): every rule, every
 error, and which model.* fields count as given (config.given_fields)."""
 import dataclasses
+import os
 
 import pytest
 import yaml
@@ -114,3 +115,16 @@ def test_given_fields_come_from_yaml_and_overrides_not_defaults(tmp_path):
     coded = ModelArch(seq_length=256, hidden_dropout=0.1)
     assert given_fields(coded) == {"seq_length", "hidden_dropout"}
     assert given_fields(dataclasses.replace(cfg.model)) == {"seq_length"}
+
+
+def test_search_refuses_a_model_section_it_would_not_use(tmp_path):
+    from megatron_minitron.search.run import SearchConfig, run_search
+
+    base = [f"search.load={tmp_path / 'nothing'}", f"search.output={tmp_path / 'out'}", "search.param_budget=100"]
+    with pytest.raises(ValueError, match=r"does not use the model section \(model.seq_length given\)"):
+        run_search(load_config(SearchConfig, None, base + ["model.seq_length=64"]))
+    # without it the search goes on to read search.load (which does not exist here)
+    with pytest.raises((ValueError, FileNotFoundError)) as e:
+        run_search(load_config(SearchConfig, None, base))
+    assert "model section" not in str(e.value)
+    assert not os.path.exists(tmp_path / "out")
