@@ -58,8 +58,8 @@ def check_compatible(cfg: DistillConfig, teacher: ModelArch, teacher_meta: Optio
     par.validate(student)
     # the teacher runs on the student's windows: beyond its learned positions is an error, beyond its rope
     # context a warning
-    show_warnings(JobArch(teacher, student.seq_length, tuple(check_seq_length(
-        student.seq_length, teacher, "model.seq_length (the run's window)", "the teacher"))))
+    teacher_warnings = check_seq_length(student.seq_length, teacher, "model.seq_length", "the teacher")
+    show_warnings(JobArch(teacher, student.seq_length, tuple(teacher_warnings)))
     for s_layer, t_layer in d.intermediate_pairs:
         if not 0 <= s_layer < student.num_layers:
             raise ValueError(f"distill.intermediate_pairs: student layer {s_layer} out of range "

@@ -75,3 +75,16 @@ def test_tokenizer_copied_elsewhere_is_the_same(tmp_path):
     check_compatible(cfg(), TEACHER, t_meta, {"tokenizer": {"type": "sentencepiece", "path": str(student_model)}})
     with pytest.raises(ValueError, match="teacher tokenizer .* differs from student tokenizer"):
         check_compatible(cfg(), TEACHER, t_meta, {"tokenizer": {"type": "sentencepiece", "path": other_model}})
+
+
+def test_the_run_window_is_checked_against_the_teacher_positions(capsys):
+    """The teacher runs on the student's windows (cfg.model.seq_length): past its learned position table is an
+    error, past its rope context a warning."""
+    learned = ModelArch(**{**TEACHER.__dict__, "position_embedding": "learned_absolute", "seq_length": 64})
+    student = ModelArch(**{**STUDENT.__dict__, "position_embedding": "learned_absolute", "seq_length": 65})
+    with pytest.raises(ValueError, match="model.seq_length=65 exceeds the 64 learned positions of the teacher"):
+        check_compatible(cfg(student=student), learned)
+    check_compatible(cfg(student=ModelArch(**{**student.__dict__, "seq_length": 64})), learned)
+    rope = ModelArch(**{**TEACHER.__dict__, "seq_length": 64})
+    check_compatible(cfg(student=ModelArch(**{**STUDENT.__dict__, "seq_length": 128})), rope)
+    assert "longer than the context the teacher was trained for (seq_length 64)" in capsys.readouterr().err
