@@ -7,7 +7,8 @@ bf16, temperature, token weights and the LM loss with labels on both shards: the
 the full-vocabulary reference and are bitwise identical on both ranks, the hidden-state gradient (summed
 over TP in the backward) equals the reference, and each rank's weight gradient equals the reference
 rows of its shard. Then with sequence parallelism: each rank passes its half of the positions, gathered
-inside, and gets the gradient of its own half back.
+inside, and gets the gradient of its own half back. Last, a distillation step of real TP2 GPTModels, with
+and without sequence parallelism: kd_loss_backend=fused_linear equals the logits path.
 """
 import os
 import sys
@@ -77,6 +78,52 @@ def run_case(tp_rank, tp_group, index, kind, backend, dtype, tau, with_labels, s
     check_close(name + " grad weight", weight.grad, ref_w[rows], **grad_tol)
 
 
+def distill_step_checks():
+    """A co-located distillation step of real TP2 GPTModels (fp32), with and without sequence parallelism:
+    kd_loss_backend=fused_linear gives the logits path's loss and every rank's student gradients."""
+    from megatron_minitron.config import ModelArch, Parallel
+    from megatron_minitron.distill.config import Distill
+    from megatron_minitron.distill.objective import KDObjective, uses_fused_output_layer
+    from megatron_minitron.distill.teacher import DistillationModel
+    from megatron_minitron.model.builder import build_gpt
+    from megatron_minitron.runtime.distributed import set_seed
+
+    seq = 8
+    student_arch = ModelArch(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                             num_query_groups=2, vocab_size=250, seq_length=seq, tie_embeddings=True)
+    teacher_arch = ModelArch(num_layers=2, hidden_size=48, ffn_hidden_size=64, num_attention_heads=4,
+                             num_query_groups=2, vocab_size=250, seq_length=seq)
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, 250, (BATCH, seq + 1), generator=gen)
+    loss_mask = (torch.rand(BATCH, seq, generator=gen) > 0.25).float()
+    positions = torch.arange(seq).expand(BATCH, seq)
+    for sp in (False, True):
+        layout = Parallel(tensor_model_parallel_size=2, sequence_parallel=sp)
+        results = {}
+        for backend in ("torch", "fused_linear"):
+            set_seed(21)  # the same weights for both backends
+            student, teacher = build_gpt(student_arch, layout), build_gpt(teacher_arch, layout)
+            cfg = Distill(teacher="unused", kd_loss_backend=backend, lm_loss_weight=0.5, temperature=1.5)
+            objective = KDObjective(cfg, teacher_arch, "unused")
+            objective.model = DistillationModel(student, teacher, sequence_parallel=sp,
+                                                fused_output=uses_fused_output_layer(cfg))
+            out = objective.model(tokens[:, :-1], positions, None)
+            total, _, report = objective.loss_func(tokens[:, 1:], loss_mask, out)
+            total.backward()
+            results[backend] = (total.detach(), report,
+                                {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None})
+        (total, report, grads), (f_total, f_report, f_grads) = results["torch"], results["fused_linear"]
+        name = f"distill step TP2 sp={sp}"
+        check_close(name + " loss", f_total, total, rtol=1e-5, atol=1e-6)
+        for key in report:
+            check_close(f"{name} report {key}", f_report[key], report[key], rtol=1e-5, atol=1e-6)
+        assert grads.keys() == f_grads.keys(), name
+        for key in grads:
+            check_close(f"{name} grad {key}", f_grads[key], grads[key], rtol=1e-4,
+                        atol=1e-5 * grads[key].abs().max().item())
+    return 2
+
+
 def main():
     init_distributed(tp=2)
     from megatron.core import parallel_state
@@ -97,9 +144,11 @@ def main():
                   ("reverse_kl", "triton", torch.float32, 1.5, False, True)]
     for index, case in enumerate(cases):
         run_case(tp_rank, tp_group, index, *case)
+    steps = distill_step_checks()
     dist.barrier()
     if dist.get_rank() == 0:
-        print(f"KD_LINEAR_TP_OK {len(cases)} cases, triton={'yes' if triton_available() else 'no'}", flush=True)
+        print(f"KD_LINEAR_TP_OK {len(cases)} loss cases, {steps} distill steps, "
+              f"triton={'yes' if triton_available() else 'no'}", flush=True)
     destroy()
 
 
