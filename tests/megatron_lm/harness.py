@@ -15,7 +15,8 @@ Two operations, each launched like a user's ``torchrun pretrain_gpt.py ...`` run
       ``setup_model_and_optimizer`` calls its real ``load_checkpoint``.
 
 Both dump (rank 0, torch.save) {"iteration", "args", "tensors": {sharded key: full global tensor},
-"logits": full-vocabulary logits [b, s, V] on ``fixed_batch``, "tp"}. ``tensors`` are assembled from the
+"optimizer": {sharded key: full tensor} of the optimizer state (or None), "logits": full-vocabulary
+logits [b, s, V] on ``fixed_tokens()``, "tp"}; load adds "checkpoint_iteration" (common.pt's) and "scheduler". ``tensors`` are assembled from the
 model's own ``sharded_state_dict()`` (the layout torch_dist stores, independent of TP), so dumps taken at
 different TP sizes compare directly, and compare directly with a checkpoint read by plain
 ``torch.distributed.checkpoint`` (``read_checkpoint_tensors``).
@@ -145,13 +146,11 @@ def setup_model_and_optimizer():
     return mlm_setup(partial(model_provider, gpt_builder), ModelType.encoder_or_decoder, checkpointing_context={})
 
 
-def fixed_batch(args, seed=FIXED_BATCH_SEED):
-    """Tokens [b, s] every rank agrees on, in the model's real vocabulary (not the padding)."""
+def fixed_tokens(batch=2, seq=32, vocab=256, seed=FIXED_BATCH_SEED):
+    """The tokens [b, s] every dump's logits are computed on (any tokenizer with >= 256 entries)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    vocab = min(args.vocab_size or args.padded_vocab_size, args.padded_vocab_size)
-    return torch.randint(0, vocab, (args.micro_batch_size, args.seq_length + 1), generator=g)
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
 def train_steps(model, optimizer, opt_param_scheduler, args, steps):
@@ -165,7 +164,7 @@ def train_steps(model, optimizer, opt_param_scheduler, args, steps):
 
     config = get_model_config(model[0])
     for step in range(steps):
-        text = fixed_batch(args, seed=step)
+        text = fixed_tokens(args.micro_batch_size, args.seq_length + 1, seed=step)
         # one micro-batch per step (global batch = micro batch x DP), shaped like GPTDataset's items
         data = RerunDataIterator(iter([{"tokens": text[:, :-1], "labels": text[:, 1:],
                                         "loss_mask": torch.ones(text.shape[0], text.shape[1] - 1),
@@ -175,7 +174,7 @@ def train_steps(model, optimizer, opt_param_scheduler, args, steps):
         loss_dict, skipped = result[0], result[1]
         assert not skipped, "Megatron-LM skipped the step"
         args.consumed_train_samples += args.global_batch_size
-        print(f"[megatron-lm] step {step}: {({k: float(v) for k, v in loss_dict.items()})}", flush=True)
+        rank0_print(f"step {step}: {({k: float(v) for k, v in loss_dict.items()})}")
 
 
 def full_logits(model, tokens):
@@ -195,28 +194,25 @@ def full_logits(model, tokens):
     return logits
 
 
-def global_tensors(model):
-    """{sharded key: full tensor}: every rank's model shards placed by their ShardedTensor offsets, gathered
-    to rank 0 (torch_dist's stored layout; layers stacked on the first axis)."""
+def global_tensors(sharded_state_dict):
+    """{sharded key: full tensor} of a (model or optimizer) sharded state dict: every rank's shards placed by
+    their ShardedTensor offsets, gathered to rank 0 (None elsewhere). That is the layout torch_dist stores
+    (layers stacked on the first axis), whatever the TP size."""
     import torch
     import torch.distributed as dist
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
     from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.training.utils import unwrap_model
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     pieces = []
-    for chunk in unwrap_model(model):
-        for item in nested_values(chunk.sharded_state_dict()):
-            items = [item]
-            if isinstance(item, ShardedTensorFactory):
-                items = list(nested_values(item.build()))
-            for sh in items:
-                if not isinstance(sh, ShardedTensor) or sh.key.endswith("_extra_state"):
-                    continue
-                assert sh.flattened_range is None, sh.key
-                # local_shape omits the prepended axes (the layer index of stacked layers)
-                local = sh.data.detach().float().cpu().reshape((1,) * sh.prepend_axis_num + tuple(sh.local_shape))
-                pieces.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset), local.clone()))
+    for item in nested_values(sharded_state_dict):
+        items = list(nested_values(item.build())) if isinstance(item, ShardedTensorFactory) else [item]
+        for sh in items:
+            if not isinstance(sh, ShardedTensor) or sh.key.endswith("_extra_state"):
+                continue
+            assert sh.flattened_range is None, f"{sh.key}: flattened (distributed-optimizer) shards"
+            # local_shape omits the prepended axes (the layer index of stacked layers)
+            local = sh.data.detach().float().cpu().reshape((1,) * sh.prepend_axis_num + tuple(sh.local_shape))
+            pieces.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset), local.clone()))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, pieces)
     if dist.get_rank() != 0:
@@ -225,11 +221,28 @@ def global_tensors(model):
     for rank_pieces in gathered:
         for key, shape, offset, local in rank_pieces:
             dest = full.setdefault(key, torch.full(shape, float("nan")))
-            index = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
-            dest[index] = local
+            dest[tuple(slice(o, o + n) for o, n in zip(offset, local.shape))] = local
     for key, tensor in full.items():
-        assert not torch.isnan(tensor).any(), f"{key}: shards do not cover the global tensor"
+        assert not torch.isnan(tensor).any(), f"{key}: the shards do not cover the global tensor"
     return full
+
+
+def model_and_optimizer_tensors(model, optimizer, args):
+    """Model and optimizer-state tensors in the keys save_checkpoint stores them under (optimizer: None when
+    it holds no state, e.g. before a step or after a weights-only load)."""
+    from megatron.training.checkpointing import _build_sharded_state_dict_metadata
+    from megatron.training.utils import unwrap_model
+
+    metadata = _build_sharded_state_dict_metadata(args)  # what save_checkpoint passes
+    model_sd = {}
+    for chunk in unwrap_model(model):
+        model_sd.update(chunk.sharded_state_dict(metadata=metadata))
+    tensors = global_tensors(model_sd)
+    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])] if optimizer else []
+    optim = None
+    if any(len(o.state) for o in inner):
+        optim = global_tensors(optimizer.sharded_state_dict(model_sd, metadata=metadata))
+    return tensors, optim
 
 
 def read_checkpoint_tensors(iteration_dir):
@@ -247,18 +260,27 @@ def read_checkpoint_tensors(iteration_dir):
     return state
 
 
-def dump(path, model, args, iteration):
+def dump(path, model, optimizer, args, **record):
+    """rank 0 writes {"tensors", "optimizer" (None when it holds no state), "logits" on fixed_tokens(), "args",
+    "tp", **record}."""
     import torch
     import torch.distributed as dist
 
-    logits = full_logits(model, fixed_batch(args)[:, :-1])
-    tensors = global_tensors(model)
+    logits = full_logits(model, fixed_tokens())
+    tensors, optim = model_and_optimizer_tensors(model, optimizer, args)
     if dist.get_rank() == 0:
         tmp = path + ".tmp"
-        torch.save({"iteration": iteration, "args": vars(args).copy() | {"rank": None},
-                    "tensors": tensors, "logits": logits, "tp": args.tensor_model_parallel_size}, tmp)
+        torch.save({**record, "args": vars(args).copy(), "tensors": tensors, "optimizer": optim,
+                    "logits": logits, "tp": args.tensor_model_parallel_size}, tmp)
         os.replace(tmp, path)
     dist.barrier()
+
+
+def rank0_print(*a):
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        print("[megatron-lm]", *a, flush=True)
 
 
 def write(opts, flags):
@@ -271,16 +293,17 @@ def write(opts, flags):
     save_checkpoint(opts.iteration, model, optimizer, opt_param_scheduler,
                     num_floating_point_operations_so_far=1000 * opts.iteration)
     if opts.dump:
-        dump(opts.dump, model, args, opts.iteration)
-    print(f"[megatron-lm] wrote {opts.root} iteration {opts.iteration}", flush=True)
+        dump(opts.dump, model, optimizer, args, iteration=opts.iteration)
+    rank0_print(f"wrote {opts.root} iteration {opts.iteration}")
 
 
 def load(opts, flags):
     args = initialize(["--load", opts.root, "--use-checkpoint-args", *flags])
-    model, optimizer, opt_param_scheduler = setup_model_and_optimizer()
-    iteration = args.iteration
-    dump(opts.dump, model, args, iteration)
-    print(f"[megatron-lm] loaded {opts.root} iteration {iteration}", flush=True)
+    checkpoint_iteration = args.iteration  # common.pt's, read by --use-checkpoint-args
+    model, optimizer, opt_param_scheduler = setup_model_and_optimizer()  # calls load_checkpoint
+    dump(opts.dump, model, optimizer, args, iteration=args.iteration, checkpoint_iteration=checkpoint_iteration,
+         scheduler=opt_param_scheduler.state_dict(), consumed_train_samples=args.consumed_train_samples)
+    rank0_print(f"loaded {opts.root} iteration {args.iteration}")
 
 
 def main(argv=None):
