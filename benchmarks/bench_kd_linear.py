@@ -176,7 +176,7 @@ def main(argv=None):
         prefix = f"| {date} | {device_name} | {variant} | {chunk or 'default'} |"
         try:
             fn = step_fn(variant, args, chunk)
-        except ImportError as exc:
+        except (ImportError, AssertionError, ValueError) as exc:  # e.g. a Liger release that rejects beta = 0
             print(f"{prefix} - | - | - | - | - | - | - | skipped: {exc} |", flush=True)
             continue
         try:

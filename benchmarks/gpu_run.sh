@@ -23,7 +23,7 @@ for item in ${1:-kd_loss fp8 train distill prune}; do
   echo "=== bench_$name ${extra[*]} $(date +%T)"
   case $name in
     memory_plan) cmd=(torchrun --nproc-per-node 1 benchmarks/bench_memory_plan.py --job train) ;;
-    kernel_tests) cmd=(env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_fused.py tests/unit/test_kd_triton.py) ;;
+    kernel_tests) cmd=(env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_fused.py tests/unit/test_kd_triton.py tests/unit/test_kd_linear.py) ;;
     *) cmd=(python3 benchmarks/bench_$name.py) ;;
   esac
   timeout "${BENCH_TIMEOUT:-240}" "${cmd[@]}" "${extra[@]}" 2>&1 | grep -v "UserWarning\|warnings.warn" | tee "$out/$name.md"

@@ -290,8 +290,8 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
         tp_size = 1 if process_group is None else dist.get_world_size(process_group)
         tp_rank = 0 if process_group is None else dist.get_rank(process_group)
         flat_labels = labels.reshape(-1).to(device=device, dtype=torch.int64)
-        counted = flat_labels[token_weight != 0]
-        if counted.numel() and bool(((counted < 0) | (counted >= local_vocab * tp_size)).any()):
+        out_of_range = (flat_labels < 0) | (flat_labels >= local_vocab * tp_size)
+        if bool((out_of_range & (token_weight != 0)).any()):  # one host sync per call
             raise ValueError(f"labels of counted tokens must lie in [0, {local_vocab * tp_size}) (the padded "
                              f"vocabulary); mask the tokens whose label is an ignore index")
         labels_local = flat_labels - tp_rank * local_vocab
