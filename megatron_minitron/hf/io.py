@@ -118,11 +118,14 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str, names=TOKENIZER_FILES) -> l
     return copied
 
 
-def tokenizer_record(hf_dir: str, checkpoint_dir: str, files: list) -> dict:
+def tokenizer_record(hf_dir: str, checkpoint_dir: str, files: list) -> Optional[dict]:
     """The checkpoint's record of the HF tokenizer in ``hf_dir`` (its files are copied into
-    ``checkpoint_dir``): what it is (vocabulary fingerprint, EOD, BOS convention) and where it will be."""
+    ``checkpoint_dir``): what it is (vocabulary fingerprint, EOD, BOS convention) and where it will be.
+    None when ``files`` hold no tokenizer (a generation_config.json alone)."""
     from ..data.tokenizer import HuggingFaceTokenizer
 
+    if not set(files) & {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"}:
+        return None
     record = {"type": "huggingface", "path": checkpoint_dir, "files": list(files)}
     try:
         described = HuggingFaceTokenizer(hf_dir).describe()
