@@ -166,7 +166,8 @@ class FusedLinearKD(torch.autograd.Function):
                 lse_1 = lse_s if lm_mode == "shared" else global_max[2] + torch.log(global_sums[3])
                 lm_chunk = lse_1 - global_sums[-1]
                 lm[start:end] = torch.where(keep, lm_chunk, torch.zeros_like(lm_chunk))
-                lm_scale = torch.where(keep, weight * lm_weight, torch.zeros_like(weight))
+                if lm_weight:  # else the LM loss is only reported: no LM term in the gradient pass
+                    lm_scale = torch.where(keep, weight * lm_weight, torch.zeros_like(weight))
             if need_hidden_grad or need_weight_grad:
                 kd_scale = torch.where(keep, weight * (kd_weight * loss_scale * inv_tau), torch.zeros_like(weight))
                 grad_logits = epilogue.grad_(z_s, z_t, labels, lse_s, lse_t, kl, kd_scale, lse_1, lm_scale,

@@ -71,6 +71,7 @@ CASES = [  # kind, temperature, scale_by_temperature_squared, labels, kd_weight,
     ("forward_kl", 1.7, False, True, 1.0, 0.25),
     ("reverse_kl", 2.0, True, False, 1.0, 0.0),
     ("forward_kl", 1.5, True, True, 0.0, 1.0),  # LM only (reported KD, no KD gradient)
+    ("forward_kl", 1.3, True, True, 1.0, 0.0),  # LM reported only (no LM gradient)
 ]
 
 
