@@ -314,6 +314,15 @@ def tokenizer_from_record(record, where: str = "the record") -> Tokenizer:
     return build_tokenizer(kind, path, record.get("eod_token"), add_bos)
 
 
+def with_recorded_convention(tok: Tokenizer, record) -> Tokenizer:
+    """``tok`` (a tokenizer given by path) with the BOS convention a checkpoint/sidecar record keeps for
+    the same vocabulary: a sentencepiece model's convention is its data's, which the file cannot say."""
+    if (tok.kind == "sentencepiece" and not tok.add_bos and isinstance(record, dict) and record.get("add_bos")
+            and record.get("fingerprint") == tok.fingerprint):
+        return build_tokenizer(tok.kind, tok.path, record.get("eod_token"), add_bos=True)
+    return tok
+
+
 def record_fingerprint(record) -> Optional[str]:
     """A record's vocabulary fingerprint: the one it stores, else computed from the files it names
     (records written before fingerprints existed); None when neither is possible."""

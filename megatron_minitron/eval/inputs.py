@@ -13,19 +13,21 @@ def resolve_eval_tokenizer(tokenizer=None, tokenizer_type: str = "auto", data: O
                            metadata: Optional[dict] = None):
     """A Tokenizer from, in order: ``tokenizer`` (a Tokenizer, or a path: a sentencepiece .model, a
     tokenizer.json or a tokenizer directory), the sidecar of the dataset prefix ``data``, the tokenizer
-    recorded in the checkpoint ``metadata``."""
+    recorded in the checkpoint ``metadata`` (each with its BOS convention: the sidecar's / record's)."""
     from ..data import build_tokenizer, load_tokenizer_sidecar
 
     if tokenizer is not None and not isinstance(tokenizer, str):
         return tokenizer
+    recorded = (metadata or {}).get("tokenizer")
     if tokenizer:
         kind = guess_tokenizer_type(tokenizer) if tokenizer_type == "auto" else tokenizer_type
-        return build_tokenizer(kind, tokenizer)
+        from ..data.tokenizer import with_recorded_convention
+
+        return with_recorded_convention(build_tokenizer(kind, tokenizer), recorded)
     if data:
         tok = load_tokenizer_sidecar(data)
         if tok is not None:
             return tok
-    recorded = (metadata or {}).get("tokenizer")
     if isinstance(recorded, str):
         recorded = {"path": recorded}
     if isinstance(recorded, dict) and recorded.get("path"):

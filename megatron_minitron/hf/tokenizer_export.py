@@ -250,11 +250,12 @@ def export_sentencepiece(tokenizer, out_dir: str, model_max_length: Optional[int
 def checkpoint_tokenizer(metadata: dict, checkpoint_dir: str, given: Optional[str] = None):
     """The tokenizer of a checkpoint: ``given`` (a path), else the one its metadata records, else
     tokenizer files inside the checkpoint directory; None when there is none."""
-    from ..data.tokenizer import build_tokenizer, guess_tokenizer_type, tokenizer_from_record
+    from ..data.tokenizer import (build_tokenizer, guess_tokenizer_type, tokenizer_from_record,
+                                  with_recorded_convention)
 
-    if given:
-        return build_tokenizer(guess_tokenizer_type(given), given)
     record = metadata.get("tokenizer")
+    if given:
+        return with_recorded_convention(build_tokenizer(guess_tokenizer_type(given), given), record)
     if isinstance(record, str):
         record = {"path": record}
     if isinstance(record, dict) and record.get("path") and os.path.exists(record["path"]):

@@ -139,6 +139,14 @@ def test_sentencepiece_convention_is_recorded_and_followed(text_file, tmp_path):
             assert encode_pair(tok, context, continuation) == tuple(lm_eval_pair(hf, context, continuation))
     # the default stays what existing data was written with: no BOS
     assert build_tokenizer("sentencepiece", model).add_bos is False
+    # eval given the model file by path takes the convention the checkpoint records for that vocabulary
+    from megatron_minitron.eval import resolve_eval_tokenizer
+
+    record = build_tokenizer("sentencepiece", model, add_bos=True).describe()
+    assert resolve_eval_tokenizer(model, metadata={"tokenizer": record}).add_bos is True
+    other = {**record, "fingerprint": "sha256:another-vocabulary"}
+    assert resolve_eval_tokenizer(model, metadata={"tokenizer": other}).add_bos is False
+    assert resolve_eval_tokenizer(model).add_bos is False
 
 
 def _convert(*argv):
