@@ -161,3 +161,30 @@ def test_user_errors_raise_value_error():
     linear_kd_loss(h_s, w_s, h_t, w_t, labels=bad, loss_mask=mask, **call)
     with pytest.raises(ValueError, match="one entry per token"):
         linear_kd_loss(h_s, w_s, h_t, w_t, loss_mask=torch.ones(5), **call)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_tile_epilogues_count_zero_probability_terms_as_zero(small_triton_block, backend, kind):
+    """The epilogues themselves on logits holding -inf (a padded vocabulary, top-k / masked columns): finite KL
+    and gradient equal to the reference on the finite columns (GEMM logits are finite; the property is kept)."""
+    from kd_reference import make_logits, reference_kl_with_neg_inf, with_neg_inf
+    from megatron_minitron.distill.kd_linear import TorchTileEpilogue, sum_owners
+    from megatron_minitron.distill.kl_torch import kl_from_global_stats
+    from megatron_minitron.distill.vocab_parallel import combine_partial_softmax_stats
+
+    epilogue = TorchTileEpilogue
+    if backend == "triton":
+        from megatron_minitron.kernels.kd_linear_triton import TritonTileEpilogue as epilogue
+    tau, reverse = 1.4, kind == "reverse_kl"
+    student, teacher = with_neg_inf(*make_logits((6, VOCAB), seed=11), kind, seed=12)
+    upstream = torch.rand(6, generator=torch.Generator().manual_seed(13)) + 0.5
+    s, t = student.clone().to(DEVICE), teacher.clone().to(DEVICE)
+    local_max, local_sums = epilogue.partial_stats(s, t, None, 1 / tau, reverse, None)
+    global_max, global_sums = combine_partial_softmax_stats(local_max, local_sums, sum_owners(reverse, None), None)
+    kl, lse_s, lse_t = kl_from_global_stats(global_max, global_sums, reverse)
+    grad = epilogue.grad_(s, t, None, lse_s, lse_t, kl, (upstream * tau).to(DEVICE), None, None, 1 / tau, reverse)
+    ref_loss, ref_grad = reference_kl_with_neg_inf(student, teacher, kind, upstream, temperature=tau)
+    assert torch.isfinite(kl).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close((kl * tau ** 2).cpu().double(), ref_loss, rtol=1e-5, atol=5e-6)
+    torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=1e-4, atol=1e-6)
