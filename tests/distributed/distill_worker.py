@@ -1,7 +1,8 @@
 """4 ranks. Distillation of a smaller student from a teacher, both loaded from checkpoints:
 
 - one KD step (forward KL + intermediate cosine loss with dynamic alpha) gives the loss and the updated
-  student weights of a plain-torch float64 reference at TP1PP1 (DP4), TP2PP1, TP1PP2 and TP2PP2;
+  student weights of a plain-torch float64 reference at TP1PP1 (DP4), TP2PP1, TP1PP2 and TP2PP2; at the PP2
+  layouts kd_loss_backend=fused_linear gives the same KD loss, loss and gradient norm;
 - the teacher's weights are bit-identical after the steps;
 - stop-and-resume reproduces the uninterrupted distillation exactly;
 - with the teacher as its own student, the KD loss is exactly 0.
@@ -35,7 +36,7 @@ GLOBAL_BATCH = 8
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 
-def config(tp, pp, teacher, student, pairs=PAIRS):
+def config(tp, pp, teacher, student, pairs=PAIRS, kd_loss_backend="auto"):
     return DistillConfig(
         parallel=Parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
         data=Data(micro_batch_size=1, global_batch_size=GLOBAL_BATCH),
@@ -43,7 +44,7 @@ def config(tp, pp, teacher, student, pairs=PAIRS):
                     adam_eps=1e-5, weight_decay=0.0, clip_grad=0.0, eval_iters=0, eval_interval=0,
                     progress_bar=False),
         distill=Distill(teacher=teacher, student=student, intermediate_pairs=pairs,
-                        intermediate_loss="cosine"))
+                        intermediate_loss="cosine", kd_loss_backend=kd_loss_backend))
 
 
 def distill_trainer(cfg, ds):
@@ -111,6 +112,14 @@ def main():
         metrics = trainer.train_step(trainer._batches(ds, 0))
         assert abs(metrics["kd_loss"] - ref_kd) < 1e-5, f"{tag}: kd {metrics['kd_loss']} vs {ref_kd}"
         assert abs(metrics["loss"] - ref_loss) < 1e-5, f"{tag}: loss {metrics['loss']} vs {ref_loss}"
+        if pp == 2:  # the KD loss fused with the output layers, on the last pipeline stage: the same step
+            fused = distill_trainer(config(tp, pp, teacher_dir, student_dir, kd_loss_backend="fused_linear"), ds)
+            assert fused.unwrapped()[0].fused_output, tag
+            fused_metrics = fused.train_step(fused._batches(ds, 0))
+            for key in ("kd_loss", "loss", "grad_norm"):
+                assert abs(fused_metrics[key] - metrics[key]) < 1e-5 * max(1.0, abs(metrics[key])), \
+                    f"{tag} fused_linear: {key} {fused_metrics[key]} vs {metrics[key]}"
+            del fused
         trainer.train_step(trainer._batches(ds, GLOBAL_BATCH))  # teacher must not move over more steps
         save_state([trainer.unwrapped()[0].teacher], os.path.join(root, f"teacher_{tag}"))
         # Only the first step is compared: store the student after step one by replaying it fresh.
