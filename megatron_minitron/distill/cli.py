@@ -1,7 +1,7 @@
 """`minitron distill CONFIG [section.key=value ...]`."""
 from __future__ import annotations
 
-from ..train.cli import add_config_args, split_config_args
+from ..train.cli import add_config_args, check_run_request, split_config_args
 
 
 def register(subparsers) -> None:
@@ -20,5 +20,6 @@ def run(args) -> int:
 
     config, overrides = split_config_args(args)
     cfg = load_config(DistillConfig, config, overrides)
+    check_run_request(cfg)
     trainer, _ = run_distillation(cfg)
     return trainer.exit_code

@@ -54,12 +54,39 @@ def run(args) -> int:
         import yaml
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
+    check_run_request(cfg)
     from .loop import Trainer
 
     trainer = Trainer(cfg).setup()
+    if already_finished(trainer):
+        return 0
     if trainer.rt.is_rank0 and cfg.train.save:
         import os
         os.makedirs(cfg.train.save, exist_ok=True)
         dump_yaml(cfg, os.path.join(cfg.train.save, "config.yaml"))
     trainer.run()
     return trainer.exit_code
+
+
+def check_run_request(cfg) -> None:
+    """What a `train` / `distill` command is asked to do, checked before any model is built: something to
+    train, and a save root that can be one."""
+    import os
+
+    t = cfg.train
+    if t.train_iters < 1:
+        raise ValueError(f"train.train_iters={t.train_iters}: nothing to train. Give the number of iterations "
+                         f"(e.g. train.train_iters=1000); to only evaluate a checkpoint use `minitron eval --load`")
+    if t.save and os.path.exists(t.save) and not os.path.isdir(t.save):
+        raise ValueError(f"train.save={t.save} is an existing file, not a directory: point train.save at a "
+                         f"checkpoint root (a new or existing directory)")
+
+
+def already_finished(trainer) -> bool:
+    """A resumed run that already reached train.train_iters: say so and change nothing on disk."""
+    done, target = trainer.state.iteration, trainer.cfg.train.train_iters
+    if done < target:
+        return False
+    trainer.log0(f"{trainer.cfg.train.save} is already at iteration {done} >= train.train_iters={target}: "
+                 f"nothing to do (raise train.train_iters to train further)")
+    return True

@@ -65,6 +65,12 @@ def test_train_learns_and_checkpoints(corpus, tmp_path):
         assert f.read().strip() == "iter_0000030"
     assert os.path.exists(os.path.join(save, "iter_0000030", "minitron.yaml"))
     assert os.path.exists(os.path.join(save, "config.yaml"))
+    # the same command again: already at train_iters, so nothing is trained or rewritten
+    before = {name: os.stat(os.path.join(save, name)).st_mtime_ns for name in ("config.yaml", "metrics.jsonl")}
+    again = minitron("train", *MODEL, f"data.train_data=[{train}]", f"data.valid_data=[{valid}]",
+                     "data.global_batch_size=8", "train.train_iters=30", f"train.save={save}")
+    assert "nothing to do" in again.stdout, again.stdout
+    assert before == {name: os.stat(os.path.join(save, name)).st_mtime_ns for name in before}
 
 
 def test_bad_config_fails_before_work(tmp_path):

@@ -83,3 +83,15 @@ def test_mistyped_config_key_suggests_the_field():
     with pytest.raises(ValueError) as info:
         load_config(TrainConfig, None, ["train.zzz=3"])
     assert "did you mean" not in str(info.value) and "known here" in str(info.value)
+
+
+def test_train_and_distill_refuse_nothing_to_do_and_a_file_as_save_root(tmp_path, capsys):
+    afile = tmp_path / "not_a_dir"
+    afile.write_text("x")
+    for command in ("train", "distill"):
+        assert main([command, "train.train_iters=0", "distill.teacher=/x"][:2 if command == "train" else 3]) == 2
+        assert "nothing to train" in capsys.readouterr().err
+        args = [command, f"train.save={afile}"] + (["distill.teacher=/x"] if command == "distill" else [])
+        assert main(args) == 2
+        assert "is an existing file" in capsys.readouterr().err
+    assert afile.read_text() == "x"
