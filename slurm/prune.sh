@@ -15,6 +15,7 @@
 #SBATCH --time=02:00:00
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
+#SBATCH --open-mode=append
 #SBATCH --output=minitron-prune_%j.out
 set -euo pipefail
 source "${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh"
