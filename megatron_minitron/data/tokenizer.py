@@ -202,9 +202,10 @@ class HuggingFaceTokenizer(Tokenizer):
 
     @property
     def prefix_id(self) -> int:
-        bos = self._hf.bos_token_id if self._hf is not None else None
-        if bos is not None:  # lm-evaluation-harness: the tokenizer's bos_token_id, else its EOS
-            return int(bos)
+        if self._hf is not None:  # lm-evaluation-harness: the tokenizer's bos_token_id, else its eos_token_id
+            for declared in (self._hf.bos_token_id, self._hf.eos_token_id):
+                if declared is not None:
+                    return int(declared)
         return int(self.bos) if self.add_bos else int(self.eod)
 
     def _find_eod(self, vocab: dict, eod_token: Optional[str], configured: Optional[str]) -> int:
