@@ -157,3 +157,28 @@ def test_mcore_to_hf_exports_a_sentencepiece_tokenizer(models, tmp_path):
         assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (sp.eod, sp.eod, sp.eod)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out))
     assert loaded.config.eos_token_id == sp.eod and loaded.generation_config.eos_token_id == sp.eod
+
+
+def test_lone_tokenizer_json_gets_a_config_naming_its_special_tokens(corpus_text, tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    from megatron_minitron.hf.tokenizer_export import export_tokenizer, special_token_ids
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train([corpus_text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<bos>", "<|endoftext|>"],
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                 show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = build_tokenizer("huggingface", str(tmp_path / "tokenizer.json"))
+    assert (ours.add_bos, ours.bos, ours.eod) == (True, 0, 1)
+    out = tmp_path / "out"
+    assert export_tokenizer(ours, str(out)) == ["tokenizer.json", "tokenizer_config.json"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert (hf.bos_token_id, hf.eos_token_id) == (0, 1)
+    assert special_token_ids(ours) == {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    for text in real_texts(100):
+        if text:
+            assert hf.encode(text) == ours.encode_document(text) == tok.encode(text).ids
