@@ -187,14 +187,18 @@ class FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_lm):
+        if ctx.grads is None:
+            raise RuntimeError("the fused output-layer KD loss was backpropagated twice; its gradients are "
+                               "computed once in the forward (retain_graph=True is not supported)")
         grad_hidden, grad_weight = ctx.grads
-        ctx.grads = (None, None)  # the buffers belong to autograd now; a second backward is not supported
+        ctx.grads = None  # the buffers belong to autograd now
+        # grad_total stays fp32: the multiply runs in fp32 and rounds once to the gradients' dtype
         if grad_hidden is not None:
-            grad_hidden.mul_(grad_total.to(grad_hidden.dtype))
+            grad_hidden.mul_(grad_total)
             if ctx.reduce_hidden_grad and ctx.group is not None:
                 dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
         if grad_weight is not None:
-            grad_weight.mul_(grad_total.to(grad_weight.dtype))
+            grad_weight.mul_(grad_total)
         return (grad_hidden, grad_weight) + (None,) * 13
 
 

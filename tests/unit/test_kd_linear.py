@@ -220,3 +220,12 @@ def test_never_materialises_token_by_vocab_logits(small_triton_block, backend):
     bound = max(chunk * vocab, vocab * H_T, tokens * H_T)
     assert bound < tokens * vocab
     assert recorder.largest <= bound, (recorder.largest, bound)
+
+
+def test_second_backward_raises():
+    h_s, w_s, h_t, w_t, _, _ = make_linear_inputs(6, H_S, H_T, VOCAB, seed=8)
+    hidden = h_s.clone().requires_grad_(True)
+    out = linear_kd_loss(hidden, w_s, h_t, w_t, group=None, backend="torch")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        out.loss.backward()
