@@ -3,6 +3,7 @@ pointer, readable ``minitron.yaml`` metadata and loading at any TP x PP; Megatro
 read and written too (megatron_lm.py). See docs/checkpoints.md."""
 from .layout import (COMMIT_FILE, LATEST_FILE, METADATA_FILE, RELEASE_DIR, TRACKER_FILE, committed_iterations,
                      iter_dir_name, latest_iteration, resolve_checkpoint_dir)
+from . import megatron_lm  # noqa: F401  (Megatron-LM layout: args <-> ModelArch, checkpoint.megatron_lm.*)
 from .load import load_checkpoint, load_weights
 from .metadata import (FORMAT_VERSION, MEGATRON_LM_FORMAT, SAVE_FORMATS, arch_differences, arch_from_metadata,
                        check_arch, checkpoint_format, read_arch, read_metadata)

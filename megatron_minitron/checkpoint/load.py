@@ -129,7 +129,11 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
         load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None:
         try:
-            scheduler.load_state_dict(loaded["opt_param_scheduler" if megatron_lm else "scheduler"])
+            if megatron_lm:
+                from .megatron_lm import SCHEDULER_KEY, scheduler_from_megatron_lm
+                scheduler.load_state_dict(scheduler_from_megatron_lm(loaded[SCHEDULER_KEY], loaded.get("args")))
+            else:
+                scheduler.load_state_dict(loaded["scheduler"])
         except AssertionError as e:  # megatron asserts that LR settings match the checkpoint's
             raise ValueError(f"LR schedule settings differ from {directory}'s: {e}. Keep them, or set "
                              f"override_opt_param_scheduler / use_checkpoint_opt_param_scheduler on the "

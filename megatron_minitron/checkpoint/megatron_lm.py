@@ -360,7 +360,8 @@ def metadata_from_directory(directory: str, dir_name: Optional[str] = None) -> d
     if arch.num_layers % (pp * chunks) == 0:
         per_stage = [[arch.num_layers // (pp * chunks)] * chunks for _ in range(pp)]
     content = common.get("content_metadata") or {}
-    has_optimizer = has_sharded_key(directory, "optimizer")
+    # a never-stepped non-distributed optimizer has only its param groups (common.pt), no sharded state
+    has_optimizer = "optimizer" in common or has_sharded_key(directory, "optimizer")
     if has_optimizer:
         sharding = content.get("distrib_optim_sharding_type") or (
             "per_parameter" if not _get(args, "use_distributed_optimizer", default=False) else "unknown")
@@ -437,6 +438,40 @@ def rng_sharded_object(states: list):
         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+_SCHEDULER_STEP_FIELDS = ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
+
+
+def scheduler_to_megatron_lm(state: dict, global_batch_size: Optional[int]) -> dict:
+    """Our OptimizerParamScheduler state (steps = iterations) in Megatron-LM's units: it steps its scheduler
+    by the samples of each iteration (lr_warmup_steps = lr_warmup_iters x global_batch_size, ...) and checks
+    the saved values against its own on load. Unchanged when the global batch size is not known."""
+    if not global_batch_size:
+        return state
+    return {k: (v * global_batch_size if k in _SCHEDULER_STEP_FIELDS and v is not None else v)
+            for k, v in state.items()}
+
+
+def scheduler_from_megatron_lm(state: dict, args) -> dict:
+    """A Megatron-LM scheduler state (samples) in our units (iterations), by args.global_batch_size."""
+    gbs = _get(args, "global_batch_size")
+    if not gbs:
+        return state
+    return {k: (v / gbs if k in _SCHEDULER_STEP_FIELDS and v is not None else v) for k, v in state.items()}
+
+
+def training_args(cfg) -> dict:
+    """Megatron-LM's names for a training config's batch, schedule and seed (for the saved ``args``; the
+    scheduler state is converted to its units with global_batch_size)."""
+    t, d = cfg.train, cfg.data
+    return {"global_batch_size": d.global_batch_size, "micro_batch_size": d.micro_batch_size,
+            "train_iters": t.train_iters, "lr": t.lr, "min_lr": t.min_lr, "lr_warmup_iters": t.lr_warmup_iters,
+            "lr_decay_iters": t.lr_decay_iters or t.train_iters, "lr_decay_style": t.lr_decay_style,
+            "weight_decay": t.weight_decay, "start_weight_decay": t.weight_decay,
+            "end_weight_decay": t.weight_decay, "weight_decay_incr_style": "constant",
+            "adam_beta1": t.adam_beta1, "adam_beta2": t.adam_beta2, "adam_eps": t.adam_eps,
+            "clip_grad": t.clip_grad, "seed": t.seed, "save_interval": t.save_interval or None}
 
 
 def output_dir_name(iteration: int, has_optimizer: bool) -> str:

@@ -157,8 +157,8 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
     if optimizer is not None:
         state["optimizer"] = optimizer_sharded_state(optimizer, model_state, is_loading=False,
                                                      sharding=sharding)
-    if scheduler is not None:
-        state["opt_param_scheduler" if megatron_lm else "scheduler"] = scheduler.state_dict()
+    if scheduler is not None and not megatron_lm:
+        state["scheduler"] = scheduler.state_dict()
     layout_now = current_layout(model_chunks)
     if parallel is not None and parallel.pipeline_split is not None:
         layout_now["pipeline_split"] = list(parallel.pipeline_split)
@@ -169,6 +169,9 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
             state[RNG_KEY] = mlm.rng_sharded_object(mlm.to_megatron_rng(collect_rng_state()))
         fields = dict(megatron_lm_args or {})
         flops = fields.pop("num_floating_point_operations_so_far", 0)
+        if scheduler is not None:  # in Megatron-LM's units (samples) when the global batch size is given
+            state[mlm.SCHEDULER_KEY] = mlm.scheduler_to_megatron_lm(scheduler.state_dict(),
+                                                                    fields.get("global_batch_size"))
         state["args"] = _megatron_lm_args(arch, layout_now, parallel, iteration, extra, optimizer, sharding,
                                           save_rng, tokenizer, params_dtype(model_chunks), fields)
         state["checkpoint_version"] = mlm.CHECKPOINT_VERSION
@@ -225,12 +228,21 @@ def _megatron_lm_args(arch, layout_now: dict, parallel, iteration, extra, optimi
               "consumed_train_samples": int((extra or {}).get("consumed_samples", 0)),
               # Megatron-LM skips what these say was not saved (no_save_rng) instead of failing to find it
               "no_save_optim": True if optimizer is None else None,
-              "no_save_rng": None if save_rng else True,
+              # RNG states made without a GPU are CPU generator states where Megatron-LM's load restores CUDA
+              # ones (torch.cuda.set_rng_state, the tracker's CUDA generators): stored for our resume, but
+              # marked not saved so that Megatron-LM starts its RNG afresh instead of failing
+              "no_save_rng": None if save_rng and _cuda_rng_in_use() else True,
               "dist_ckpt_optim_fully_reshardable": sharding == "fully_reshardable"}
     values.update(mlm.precision_args(dtype))
     values.update(mlm.tokenizer_args(tokenizer))
     values.update(fields)
     return mlm.args_from_arch(arch, sizes, **values)
+
+
+def _cuda_rng_in_use() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def _on_rank0(step, what: str) -> None:

@@ -213,7 +213,8 @@ class Trainer:
             tcfg.save, self.state.iteration, self.unwrapped(), optimizer=self.optimizer,
             scheduler=self.scheduler, extra={"consumed_samples": self.state.consumed_samples},
             arch=self.arch, parallel=self.cfg.parallel, provenance=self.provenance,
-            keep_last=tcfg.keep_last, tokenizer=self._tokenizer_for_checkpoint(), format=tcfg.save_format)
+            keep_last=tcfg.keep_last, tokenizer=self._tokenizer_for_checkpoint(), format=tcfg.save_format,
+            megatron_lm_args=checkpoint.megatron_lm.training_args(self.cfg))
         self.log0(f"saved checkpoint {path}")
         return path
 

@@ -246,7 +246,12 @@ def reshard(work):
         assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.world_size,
                 args.data_parallel_size) == (2, 1, 2, 1)
         assert args.consumed_train_samples == GLOBAL_BATCH and args.iteration == 1
-        assert not args.no_save_optim and not args.no_save_rng and args.use_distributed_optimizer
+        assert not args.no_save_optim and args.use_distributed_optimizer
+        # saved for our resume, but CPU generator states: Megatron-LM (restoring CUDA ones) is told to skip them
+        assert args.no_save_rng is True and not torch.cuda.is_available()
+        assert args.global_batch_size == GLOBAL_BATCH  # and the scheduler in its units (samples)
+        assert common["opt_param_scheduler"]["num_steps"] == GLOBAL_BATCH
+        assert common["opt_param_scheduler"]["lr_warmup_steps"] == GLOBAL_BATCH * 1
         assert mlm.arch_from_args(args) == arch
         assert common["content_metadata"]["distrib_optim_sharding_type"] == "fully_reshardable"
         assert "opt_param_scheduler" in common and "num_floating_point_operations_so_far" in common

@@ -1,7 +1,7 @@
 """Megatron-LM checkpoints without torch.distributed: args <-> ModelArch both ways, unsupported features,
 the tracker file and iteration directories, the RNG layout, and the errors for directories of neither format.
 Directories are fabricated (empty files stand in for common.pt / metadata.json / .metadata where only their
-presence matters; real dist checkpoints are in tests/distributed/test_checkpoint_megatron_lm.py)."""
+presence matters; real dist checkpoints are in tests/distributed/test_checkpoint_megatron_lm_distributed.py)."""
 import argparse
 import dataclasses
 import os
