@@ -446,6 +446,12 @@ def load_tokenizer_sidecar(prefix: str) -> Optional[Tokenizer]:
         tok = build_tokenizer(info["type"], model, info.get("eod_token"), add_bos)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    if "add_bos" not in info and tok.add_bos:
+        import warnings
+
+        warnings.warn(f"{path} was written before BOS conventions were recorded: the documents of {prefix} "
+                      f"have no BOS, but the tokenizer adds one (as lm-evaluation-harness will); run "
+                      f"`minitron preprocess` again so that training and eval data agree", stacklevel=2)
     if "add_bos" in info and bool(info["add_bos"]) != tok.add_bos:
         raise ValueError(f"{path} records add_bos={info['add_bos']} but the tokenizer at {model} "
                          f"{'adds' if tok.add_bos else 'does not add'} BOS: the tokenizer changed after "

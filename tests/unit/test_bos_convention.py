@@ -213,3 +213,16 @@ def test_eval_loglikelihoods_equal_lm_eval_on_the_exported_model(text_file, tmp_
         no_bos = float(torch.log_softmax(logits[0, -len(cont):].double(), -1).gather(
             -1, torch.tensor(cont)[:, None]).sum())
         assert abs(no_bos - ours["items"][0]["loglikelihoods"][0]) > 1e-4
+
+
+def test_old_sidecar_of_a_bos_adding_tokenizer_warns(text_file, tmp_path):
+    import yaml
+
+    from megatron_minitron.data import load_tokenizer_sidecar, write_tokenizer_sidecar
+
+    tok = build_tokenizer("huggingface", hf_tokenizer_dir(text_file, str(tmp_path / "tok"), adds_bos=True))
+    side = write_tokenizer_sidecar(str(tmp_path / "data"), tok)
+    info = yaml.safe_load(open(side))
+    yaml.safe_dump({k: info[k] for k in ("type", "path", "vocab_size", "eod", "eod_token")}, open(side, "w"))
+    with pytest.warns(UserWarning, match="preprocess` again"):
+        assert load_tokenizer_sidecar(str(tmp_path / "data")).add_bos is True
