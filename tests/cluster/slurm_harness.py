@@ -49,6 +49,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _alive(pid: int) -> bool:
+    """True while pid runs (a zombie, which nobody may reap here, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def node_line() -> str:
     """This host as slurmd sees it (`slurmd -C`): NodeName, CPUs, sockets, cores, threads, RealMemory."""
     out = subprocess.run([_binary("slurmd"), "-C"], capture_output=True, text=True, check=True, timeout=60).stdout
@@ -115,6 +124,10 @@ class LocalSlurm:
                 os.kill(self._munged_pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+            # munged writes its seed file on the way out: wait, or it recreates what rmtree removes
+            deadline = time.time() + 20
+            while time.time() < deadline and _alive(self._munged_pid):
+                time.sleep(0.1)
             self._munged_pid = None
         if self.munge_dir is not None:
             shutil.rmtree(self.munge_dir, ignore_errors=True)
