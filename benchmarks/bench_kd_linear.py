@@ -171,6 +171,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     reference = None
     gemms_ms = None
+    measured = {}  # (variant, chunk) -> (ms, beyond-the-gradients GB)
     rows = [(v, c) for v in args.variants for c in (args.chunk_tokens if v.startswith("fused") else [None])]
     for variant, chunk in rows:
         prefix = f"| {date} | {device_name} | {variant} | {chunk or 'default'} |"
@@ -206,6 +207,23 @@ def main(argv=None):
             note = "jsd_beta=0; its loss is its own JSD(beta=0) normalisation"
         print(f"{prefix} {ms:.2f} | {ratio} | {peak_gb:.2f} | {peak_gb - grads_gb:.2f} | {diffs[0]} | {diffs[1]} | "
               f"{diffs[2]} | {note} |", flush=True)
+        measured[(variant, chunk)] = (ms, peak_gb - grads_gb)
+    summarize(measured, gemms_ms)
+
+
+def summarize(measured: dict, gemms_ms):
+    """The issue's goals for the fused variant, from this run's rows (nothing printed for missing baselines)."""
+    liger = measured.get(("liger", None))
+    for (variant, chunk), (ms, extra_gb) in measured.items():
+        if variant != "fused":
+            continue
+        goals = []
+        if gemms_ms:
+            goals.append(f"{ms / gemms_ms:.3f}x the GEMMs (goal <= 1.15)")
+        goals.append(f"{extra_gb:.2f} GB beyond the gradients (goal < 1)")
+        if liger:
+            goals.append(f"{liger[0] / ms:.2f}x faster than Liger (goal > 1)")
+        print(f"fused, chunk {chunk or 'default'}: " + ", ".join(goals))
 
 
 if __name__ == "__main__":
