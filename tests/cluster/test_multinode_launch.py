@@ -5,7 +5,7 @@ import os
 import socket
 import subprocess
 
-from conftest import BASE_ENV, ROOT, distill_args, losses
+from cluster_helpers import BASE_ENV, ROOT, distill_args, losses
 
 ITERS = 20  # as many as short_reference
 

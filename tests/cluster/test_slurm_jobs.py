@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from conftest import BASE_ENV, ROOT, distill_args, losses, read_metrics, wait_for
+from cluster_helpers import BASE_ENV, ROOT, distill_args, losses, read_metrics, wait_for
 
 SUBMIT = ["--nodes=1", "--gpus-per-node=0"]  # the scripts ask for 32 nodes x 8 GPUs: this cluster has 1 x 0
 

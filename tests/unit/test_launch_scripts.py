@@ -71,6 +71,12 @@ def test_scripts_parse_and_are_strict(script):
     text = open(script).read()
     assert "set -euo pipefail" in text
     assert "/home/" not in text and "/lustre" not in text  # no hard-coded site paths
+    if "/slurm/" in script and not script.endswith("common.sh"):
+        headers = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith("#SBATCH ")]
+        # save-and-requeue needs all three; without append SLURM truncates the .out at every restart
+        # (seen under SLURM 22.05, tests/cluster)
+        assert "--requeue" in headers and "--open-mode=append" in headers
+        assert any(h.startswith("--signal=B:USR1@") for h in headers)
 
 
 def test_single_node_train_passes_overrides_through(fake_env):
