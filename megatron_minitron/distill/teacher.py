@@ -85,6 +85,9 @@ class DistillationModel(MegatronModule):
         super().__init__(config=student.config)
         self.student = student
         self.fused_output = fused_output
+        if fused_output and any(getattr(m.config, "mtp_num_layers", None) for m in (student, teacher)):
+            raise ValueError("distill.kd_loss_backend=fused_linear does not support multi-token prediction layers; "
+                             "use kd_loss_backend=auto")
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose (see module docstring)
         teacher.eval()
         for p in teacher.parameters():
