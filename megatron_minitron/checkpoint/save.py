@@ -105,8 +105,9 @@ def _check_root_pointer(root: str, pointer: str) -> None:
     other = layout.LATEST_FILE if pointer == layout.TRACKER_FILE else layout.TRACKER_FILE
     if os.path.isfile(os.path.join(root, other)) and not os.path.isfile(os.path.join(root, pointer)):
         kind = "Megatron-LM" if other == layout.TRACKER_FILE else "megatron-minitron"
-        raise ValueError(f"{root} holds {kind}-format checkpoints (it has {other}); save the other format "
-                         f"into another directory, or keep that format")
+        fmt = "megatron-lm" if other == layout.TRACKER_FILE else "minitron"
+        raise ValueError(f"{root} holds {kind}-format checkpoints (it has {other}); keep that format "
+                         f"(train.save_format={fmt}, prune --save-format {fmt}) or save into another directory")
 
 
 def _check_megatron_lm_output_root(root: str) -> None:

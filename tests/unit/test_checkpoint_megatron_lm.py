@@ -274,3 +274,65 @@ def test_save_refuses_mixing_layouts_in_one_root(tmp_path):
         checkpoint.save_checkpoint_to(str(data), [object()], arch=BASE, format="megatron-lm")
     with pytest.raises(ValueError, match="format 'megatron'"):
         checkpoint.save_checkpoint_to(str(tmp_path / "new"), [object()], arch=BASE, format="megatron")
+
+
+# ------------------------------------------------------------------------------------------ CLI format flags
+def test_prune_output_format_defaults_to_the_input_and_in_place_keeps_it(tmp_path):
+    from megatron_minitron.prune import cli as prune_cli
+
+    parser = argparse.ArgumentParser()
+    prune_cli.register(parser.add_subparsers())
+
+    def parse(*argv):
+        return parser.parse_args(["prune", "--load", "SRC", *argv])
+
+    ours, theirs = {"format": "megatron-minitron-checkpoint"}, {"format": "megatron-lm"}
+    assert prune_cli._save_format(parse("--save", "OUT"), ours) == "minitron"
+    assert prune_cli._save_format(parse("--save", "OUT"), theirs) == "megatron-lm"
+    assert prune_cli._save_format(parse("--save", "OUT", "--save-format", "megatron-lm"), ours) == "megatron-lm"
+    assert prune_cli._save_format(parse("--in-place"), theirs) == "megatron-lm"
+    with pytest.raises(ValueError, match="--in-place keeps the input's format"):
+        prune_cli._save_format(parse("--in-place", "--save-format", "minitron"), theirs)
+    with pytest.raises(SystemExit):  # argparse: not a format
+        parse("--save", "OUT", "--save-format", "nemo")
+    # a Megatron-LM-format --save must be new, empty or a Megatron-LM root
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("x")
+    meta = {"checkpoint_dir": str(tmp_path / "src")}
+    with pytest.raises(ValueError, match="not a Megatron-LM checkpoint root"):
+        prune_cli._check_output(parse("--save", str(busy)), meta, "megatron-lm")
+    (busy / layout.TRACKER_FILE).write_text("release")
+    assert prune_cli._check_output(parse("--save", str(busy)), meta, "megatron-lm") == str(busy)
+
+
+def test_convert_and_train_take_the_format():
+    from megatron_minitron.config import Train
+    from megatron_minitron.hf import cli as hf_cli
+
+    parser = argparse.ArgumentParser()
+    hf_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["convert", "hf-to-mcore", "--input", "HF", "--output", "OUT", "--format",
+                              "megatron-lm"])
+    assert args.format == "megatron-lm"
+    assert parser.parse_args(["convert", "hf-to-mcore", "--input", "HF", "--output", "OUT"]).format == "minitron"
+    Train(save_format="megatron-lm").validate()
+    with pytest.raises(ValueError, match="train.save_format='nemo'"):
+        Train(save_format="nemo").validate()
+
+
+def test_scheduler_state_in_megatron_lm_units():
+    from megatron_minitron.config import Data, Train, TrainConfig
+
+    cfg = TrainConfig(data=Data(global_batch_size=32, micro_batch_size=4),
+                      train=Train(train_iters=50, lr_warmup_iters=5, lr_decay_iters=40))
+    fields = mlm.training_args(cfg)
+    assert (fields["global_batch_size"], fields["train_iters"], fields["lr_decay_iters"]) == (32, 50, 40)
+    ours = {"max_lr": 3e-4, "min_lr": 3e-5, "lr_warmup_steps": 5, "num_steps": 12, "lr_decay_style": "cosine",
+            "lr_decay_steps": 40, "start_wd": 0.01, "end_wd": 0.01, "wd_incr_style": "constant", "wd_incr_steps": 40}
+    saved = mlm.scheduler_to_megatron_lm(ours, 32)
+    # Megatron-LM's own values for this run: iterations x global batch size (training.py get_optimizer_param_scheduler)
+    assert (saved["lr_warmup_steps"], saved["lr_decay_steps"], saved["num_steps"]) == (5 * 32, 40 * 32, 12 * 32)
+    assert saved["max_lr"] == 3e-4 and saved["lr_decay_style"] == "cosine"
+    assert mlm.scheduler_from_megatron_lm(saved, argparse.Namespace(global_batch_size=32)) == ours
+    assert mlm.scheduler_to_megatron_lm(ours, None) == ours  # batch size unknown: left as is
