@@ -91,6 +91,44 @@ def _check_prefixes(prefixes: Sequence[str]) -> None:
                                         f"`minitron preprocess --input FILES --output-prefix {p} ...`")
 
 
+# Datasets without a recorded largest id (older sidecars, write_indexed_dataset alone) are scanned up to
+# this size; past it the check is skipped rather than reading terabytes before a run.
+_SCAN_LIMIT_BYTES = 4 << 30
+
+
+def max_token_id(prefix: str) -> Optional[int]:
+    """The largest token id in dataset PREFIX: recorded in its sidecar by `minitron preprocess`, else read
+    from a small enough .bin; None when unknown."""
+    import yaml
+
+    side = sidecar_path(prefix)
+    if os.path.isfile(side):
+        with open(side) as f:
+            info = yaml.safe_load(f) or {}
+        if isinstance(info, dict) and info.get("max_token_id") is not None:
+            return int(info["max_token_id"])
+    if not os.path.isfile(prefix + ".bin") or os.path.getsize(prefix + ".bin") > _SCAN_LIMIT_BYTES:
+        return None
+    from megatron.core.datasets.indexed_dataset import _IndexReader
+
+    dtype = _IndexReader(prefix + ".idx", False).dtype
+    tokens = np.memmap(prefix + ".bin", dtype=dtype, mode="r")
+    return int(tokens.max()) if tokens.size else None
+
+
+def check_token_ids(entries, vocab_size: int, what: str = "data") -> None:
+    """ValueError before any work when a dataset (a prefix list or a Megatron-LM blend) holds token ids the
+    model's vocabulary does not cover (it would fail mid-run with an index error, or silently wrap)."""
+    blend = parse_blend(entries)
+    for prefix in (blend[0] if blend else []):
+        largest = max_token_id(prefix)
+        if largest is not None and largest >= vocab_size:
+            raise ValueError(f"{what}: {prefix} holds token id {largest}, but the model's vocabulary has "
+                             f"{vocab_size} entries (model.vocab_size): the data was tokenized with another, "
+                             f"larger tokenizer. Preprocess the data with the model's tokenizer, or set "
+                             f"model.vocab_size >= {largest + 1} for a model trained from scratch")
+
+
 def resolve_tokenizer(data_cfg, prefixes: Sequence[str] = ()) -> Tokenizer:
     """data.tokenizer_path when set, else the sidecar of the first prefix that has one."""
     if data_cfg.tokenizer_path:

@@ -103,7 +103,8 @@ def _encoded(documents: Iterable[str], tokenizer: Tokenizer, workers: int) -> It
 
 def write_indexed_dataset(output_prefix: str, token_lists: Iterable[Sequence[int]], eod: int,
                           vocab_size: int) -> tuple:
-    """Write each token list + EOD as one document; returns (documents, tokens). Empty ones are dropped."""
+    """Write each token list + EOD as one document; returns (documents, tokens, largest token id). Empty
+    ones are dropped."""
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
@@ -111,7 +112,7 @@ def write_indexed_dataset(output_prefix: str, token_lists: Iterable[Sequence[int
     tmp = f"{output_prefix}.tmp-{os.getpid()}"
     dtype = DType.optimal_dtype(vocab_size)
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
-    documents = tokens = 0
+    documents = tokens = max_id = 0
     try:
         for ids in token_lists:
             if len(ids) == 0:
@@ -123,6 +124,7 @@ def write_indexed_dataset(output_prefix: str, token_lists: Iterable[Sequence[int
             builder.add_document(doc, [doc.size])
             documents += 1
             tokens += int(doc.size)
+            max_id = max(max_id, int(doc.max()))
         builder.finalize(tmp + ".idx")
         if documents == 0:
             raise ValueError("the inputs hold no non-empty documents; check the files and --json-key")
@@ -134,7 +136,7 @@ def write_indexed_dataset(output_prefix: str, token_lists: Iterable[Sequence[int
         for ext in (".bin", ".idx"):
             if os.path.exists(tmp + ext):
                 os.remove(tmp + ext)
-    return documents, tokens
+    return documents, tokens, max_id
 
 
 def train_tokenizer_on(inputs: Sequence[str], output_prefix: str, vocab_size: int, json_key: str = "text",
@@ -180,7 +182,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer: Optional[To
         tokenizer = train_tokenizer_on(inputs, output_prefix, train_vocab_size, json_key,
                                        lines_as_documents, tokenizer_model_type, seed, add_bos)
     documents = iter_documents(inputs, json_key, lines_as_documents)
-    n_docs, n_tokens = write_indexed_dataset(output_prefix, _encoded(documents, tokenizer, workers),
-                                             tokenizer.eod, tokenizer.vocab_size)
-    sidecar = write_tokenizer_sidecar(output_prefix, tokenizer)
+    n_docs, n_tokens, max_id = write_indexed_dataset(output_prefix, _encoded(documents, tokenizer, workers),
+                                                     tokenizer.eod, tokenizer.vocab_size)
+    sidecar = write_tokenizer_sidecar(output_prefix, tokenizer, max_token_id=max_id)
     return PreprocessResult(output_prefix, n_docs, n_tokens, tokenizer, sidecar)

@@ -407,9 +407,10 @@ def sidecar_path(prefix: str) -> str:
     return prefix + ".tokenizer.yaml"
 
 
-def write_tokenizer_sidecar(prefix: str, tokenizer: Tokenizer) -> str:
+def write_tokenizer_sidecar(prefix: str, tokenizer: Tokenizer, max_token_id: Optional[int] = None) -> str:
     """Write PREFIX.tokenizer.yaml atomically. A tokenizer stored in the same directory as the dataset is
-    named by a relative path, so the directory can be moved as a whole."""
+    named by a relative path, so the directory can be moved as a whole. ``max_token_id``: the largest id in
+    the dataset, so that jobs check it against the model's vocabulary without reading the data."""
     import yaml
 
     out = sidecar_path(prefix)
@@ -418,6 +419,8 @@ def write_tokenizer_sidecar(prefix: str, tokenizer: Tokenizer) -> str:
     if os.path.commonpath([out_dir, model]) == out_dir:
         model = os.path.relpath(model, out_dir)
     info = {**tokenizer.describe(), "path": model}
+    if max_token_id is not None:
+        info["max_token_id"] = int(max_token_id)
     tmp = f"{out}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         yaml.safe_dump(info, f, sort_keys=False, allow_unicode=True)

@@ -84,6 +84,9 @@ def run(args) -> int:
         if tokenizer.vocab_size > arch.padded_vocab_size(args.tp):
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
                              f"holds {arch.padded_vocab_size(args.tp)}: it is not this model's tokenizer")
+    if args.data:
+        from ..data import check_token_ids
+        check_token_ids([args.data], arch.vocab_size, "--data")
     from ..job_arch import check_seq_length
     seq_length = arch.seq_length if args.seq_length is None else args.seq_length
     for warning in check_seq_length(seq_length, arch, "--seq-length", f"the checkpoint {args.load}"):

@@ -282,6 +282,8 @@ def prepare(args) -> PruneJob:
         _depth_needs(arch, targets, resolved, settings, notes)
         settings.validate(arch.num_layers)
         _check_data(args.data, args.num_samples, seq_length, args.micro_batch_size)
+        from ..data import check_token_ids
+        check_token_ids([args.data], arch.vocab_size, "--data (calibration)")
     if args.pp > 1 and not args.scores_only:
         kept = (plan.kept_layers if plan is not None else
                 None if resolved.drop is None else [i for i in range(arch.num_layers) if i not in resolved.drop])

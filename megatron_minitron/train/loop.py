@@ -53,6 +53,10 @@ class Trainer:
         par.validate(cfg.model)
         self.rt = init_distributed(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
         cfg.validate(self.rt.world_size)
+        if self._datasets is None:
+            from ..data import check_token_ids
+            check_token_ids(cfg.data.train_data, cfg.model.vocab_size, "data.train_data")
+            check_token_ids(cfg.data.valid_data, cfg.model.vocab_size, "data.valid_data")
         set_seed(cfg.train.seed)
         self.dtype = resolve_dtype(cfg.train.precision)
         t = cfg.train
