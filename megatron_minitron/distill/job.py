@@ -48,6 +48,12 @@ def check_compatible(cfg: DistillConfig, teacher: ModelArch, teacher_meta: Optio
     if same_tokenizer(t_tok, s_tok) is False:
         raise ValueError(f"teacher tokenizer {t_tok} differs from student tokenizer {s_tok} (another "
                          "vocabulary); distill with the teacher's tokenizer (prune the student from this teacher)")
+    data_tok = _data_tokenizer_record(cfg)
+    if same_tokenizer(t_tok, data_tok) is False:
+        raise ValueError(f"the training data was tokenized with {data_tok.get('path')} (vocabulary "
+                         f"{data_tok.get('fingerprint')}), not with the teacher's tokenizer {t_tok}: the "
+                         f"teacher would read other tokens than the text holds. Preprocess the data with the "
+                         f"teacher's tokenizer (`minitron preprocess --tokenizer-model ...`)")
     if par.pipeline_split is not None:
         raise ValueError("parallel.pipeline_split is not supported for distillation yet: teacher and student "
                          "stages are split evenly (PP must divide both depths)")
@@ -76,6 +82,17 @@ def check_compatible(cfg: DistillConfig, teacher: ModelArch, teacher_meta: Optio
                     f"distill.intermediate_pairs [{s_layer}, {t_layer}]: with pipeline parallelism both layers "
                     f"must be on the last stage (student layers >= {s_first}, teacher layers >= {t_first}), "
                     "where the logit loss is; choose later layers or PP=1")
+
+
+def _data_tokenizer_record(cfg: DistillConfig) -> Optional[dict]:
+    """The record of the tokenizer the training data was written with (its sidecar), if known."""
+    from ..data import load_tokenizer_sidecar, parse_blend
+
+    if cfg.data.tokenizer_path:
+        return None  # the user named the tokenizer; the data's sidecar is not consulted
+    blend = parse_blend(cfg.data.train_data)
+    tok = load_tokenizer_sidecar(blend[0][0]) if blend else None
+    return tok.describe() if tok is not None else None
 
 
 def run(cfg: DistillConfig):

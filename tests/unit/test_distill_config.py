@@ -75,6 +75,17 @@ def test_tokenizer_copied_elsewhere_is_the_same(tmp_path):
     check_compatible(cfg(), TEACHER, t_meta, {"tokenizer": {"type": "sentencepiece", "path": str(student_model)}})
     with pytest.raises(ValueError, match="teacher tokenizer .* differs from student tokenizer"):
         check_compatible(cfg(), TEACHER, t_meta, {"tokenizer": {"type": "sentencepiece", "path": other_model}})
+    # the training data must be the teacher's tokens too (its sidecar names the tokenizer it was written with)
+    from megatron_minitron.data import build_tokenizer, write_indexed_dataset, write_tokenizer_sidecar
+    for name, model in (("same", student_model), ("other", other_model)):
+        write_indexed_dataset(str(tmp_path / name), [[5, 6, 7]], eod=2, vocab_size=500)
+        write_tokenizer_sidecar(str(tmp_path / name), build_tokenizer("sentencepiece", str(model)))
+    with_data = cfg()
+    with_data.data.train_data = [str(tmp_path / "same")]
+    check_compatible(with_data, TEACHER, t_meta, t_meta)
+    with_data.data.train_data = [str(tmp_path / "other")]
+    with pytest.raises(ValueError, match="the training data was tokenized with .*other"):
+        check_compatible(with_data, TEACHER, t_meta, t_meta)
 
 
 def test_the_run_window_is_checked_against_the_teacher_positions(capsys):
