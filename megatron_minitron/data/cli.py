@@ -37,13 +37,15 @@ def register(subparsers) -> None:
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, "
                    "PREFIX.tokenizer.yaml (with --corpus: PREFIX_train.* and PREFIX_valid.*)")
     tok = p.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="sentencepiece")
+    tok.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="sentencepiece",
+                     help="kind of --tokenizer-model: a sentencepiece .model, or an HF tokenizer.json / directory")
     tok.add_argument("--tokenizer-model", help="sentencepiece .model, HF tokenizer.json or HF directory")
     tok.add_argument("--eod-token", help="token that ends a document (default: the tokenizer's EOS)")
     tok.add_argument("--train-tokenizer", action="store_true",
                      help="train a new sentencepiece model on the inputs (saved as PREFIX.spm.model)")
     tok.add_argument("--vocab-size", type=int, help="vocabulary size for --train-tokenizer")
-    tok.add_argument("--tokenizer-model-type", choices=["bpe", "unigram"], default="bpe")
+    tok.add_argument("--tokenizer-model-type", choices=["bpe", "unigram"], default="bpe",
+                     help="with --train-tokenizer: the sentencepiece algorithm")
     tok.add_argument("--add-bos", action="store_true", default=None,
                      help="put the sentencepiece model's BOS in front of every document (a Hugging Face "
                           "tokenizer follows its own convention: BOS when it adds one by default)")

@@ -14,27 +14,31 @@ def register(subparsers) -> None:
     p.add_argument("--load", required=True, help="checkpoint directory (or root: follows `latest`)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this run")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this run")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="compute dtype; auto = bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("LM loss")
     g.add_argument("--data", help="dataset prefix (.bin/.idx) for LM loss / perplexity")
     g.add_argument("--split", help="e.g. 949,50,1: evaluate only the --split-name share of --data's documents "
                                    "(the split training used); default: all of --data")
-    g.add_argument("--split-name", default="valid", choices=("train", "valid", "test"))
+    g.add_argument("--split-name", default="valid", choices=("train", "valid", "test"),
+                   help="with --split: which part of the split to evaluate")
     g.add_argument("--num-samples", type=int, help="sequences to evaluate (default: the whole split)")
     g.add_argument("--seq-length", type=int, help="sequence length (default: the checkpoint's seq_length, its "
                                                   "maximum context)")
-    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward pass")
     g = p.add_argument_group("multiple-choice tasks")
     g.add_argument("--tasks", nargs="*", default=[], metavar="FILE",
                    help="jsonl task files (winogrande / hellaswag / arc / mmlu / native rows)")
     g.add_argument("--task-format", default="auto",
-                   choices=("auto", "native", "winogrande", "hellaswag", "arc", "mmlu"))
+                   choices=("auto", "native", "winogrande", "hellaswag", "arc", "mmlu"),
+                   help="row format of the task files; auto = guessed from each file's fields")
     g.add_argument("--num-fewshot", type=int, default=0, help="examples from the same file put before each item")
     g.add_argument("--limit", type=int, help="score only the first N items of each task")
     g.add_argument("--batch-size", type=int, default=8, help="(context, continuation) requests per forward")
     g.add_argument("--tokenizer", help="tokenizer (.model / tokenizer.json / directory); default: the --data "
                                        "sidecar, else the one the checkpoint records")
-    g.add_argument("--tokenizer-type", default="auto", choices=("auto", "sentencepiece", "huggingface"))
+    g.add_argument("--tokenizer-type", default="auto", choices=("auto", "sentencepiece", "huggingface"),
+                   help="kind of --tokenizer; auto = from its file name")
     p.add_argument("--seed", type=int, default=1234, help="dataset shuffle and few-shot sampling seed")
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--log-samples", action="store_true", help="include per-item log-likelihoods in --output")

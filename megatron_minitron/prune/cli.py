@@ -36,11 +36,13 @@ def register(subparsers) -> None:
     p.add_argument("--targets-file", help="YAML mapping of targets (or one under `targets:`, e.g. `minitron "
                                           "search`'s best_prune.yaml); --target entries override it")
     p.add_argument("--num-samples", type=int, default=1024, help="calibration samples (paper: 1024)")
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--micro-batch-size", type=int, default=1, help="calibration samples per forward pass")
     p.add_argument("--seq-length", type=int, help="calibration sequence length (default: the checkpoint's "
                                                   "seq_length, its maximum context)")
-    p.add_argument("--batch-agg", default="l2", choices=("mean", "l2", "var"))
-    p.add_argument("--seq-agg", default="mean", choices=("mean", "l2", "var"))
+    p.add_argument("--batch-agg", default="l2", choices=("mean", "l2", "var"),
+                   help="how activations aggregate over the batch axis (2407.14679 Table 13: l2 best)")
+    p.add_argument("--seq-agg", default="mean", choices=("mean", "l2", "var"),
+                   help="how activations aggregate over the sequence axis (mean best)")
     p.add_argument("--depth-metrics", default="bi", help="comma list: bi, lm_loss, accuracy (with "
                                                          "--depth-task), or registered metrics")
     p.add_argument("--block-sizes", default="", help="comma list of contiguous block sizes to score")

@@ -95,3 +95,22 @@ def test_train_and_distill_refuse_nothing_to_do_and_a_file_as_save_root(tmp_path
         assert main(args) == 2
         assert "is an existing file" in capsys.readouterr().err
     assert afile.read_text() == "x"
+
+
+def test_every_option_has_a_help_line_and_the_top_level_help_is_for_users(capsys):
+    import argparse
+
+    from megatron_minitron.cli import _all_subparsers, build_parser
+
+    parser = build_parser()
+    missing = [f"{sub.prog} {action.option_strings or action.dest}" for sub in _all_subparsers(parser)
+               for action in sub._actions
+               if not action.help and not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction))]
+    assert not missing, missing
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "The usual journey" in text and "MINITRON_DEBUG" in text
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    assert "(default: l2)" in capsys.readouterr().out  # defaults are shown
