@@ -1,0 +1,278 @@
+"""Checkpoints in and out of NVIDIA Megatron-LM, checked with Megatron-LM's own code (vendored, see harness.py).
+
+One Megatron-LM run (TP2, 2 ranks, a real train step) writes SRC the way `pretrain_gpt.py --ckpt-format
+torch_dist` does; then:
+  * prune: `minitron prune --save` at TP1 and `--in-place --tp 2` on a copy (same scores) -> Megatron-LM's
+    load_checkpoint (default flags, architecture from the checkpoint's args) loads each at the other TP; the
+    loaded tensors are the ones in the files (plain torch.distributed.checkpoint), the same for both prunes,
+    the slices of SRC that prune_plan.json names; logits equal ours; iteration as recorded.
+  * HF: `convert mcore-to-hf` of SRC gives transformers logits equal to Megatron-LM's; `convert hf-to-mcore
+    --format megatron-lm` of that export is loaded by Megatron-LM with SRC's exact tensors and the same logits;
+    `minitron eval` gives the same LM loss on SRC, on that import and on a minitron-format import.
+  * distill: teacher = student = SRC gives KD loss 0 at the first step (both roles read the same weights); its
+    save (train.save_format=megatron-lm, with LM loss so the optimizer state is not zero) is resumed by
+    Megatron-LM with its optimizer state, scheduler and RNG, at the saved iteration.
+Megatron-LM runs fp32 with the non-distributed optimizer: megatron-core 0.16.1 without Apex/TE cannot load a
+distributed-optimizer checkpoint (DistributedOptimizer.state_dict asserts on an empty torch Adam state).
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import harness  # noqa: E402
+
+from conftest import torchrun  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+SEQ = 32
+VOCAB = 512
+SOURCE_ITERATION = 7
+ARCH_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+              "--group-query-attention", "--num-query-groups", "2", "--seq-length", str(SEQ),
+              "--max-position-embeddings", str(SEQ), "--normalization", "RMSNorm", "--swiglu",
+              "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+              "--init-method-std", "0.1"]  # weights large enough that a wrong mapping moves logits by >> 1e-4
+# How the data is fed (no mask tensors in the batches; the local spec builds the causal mask).
+RUN_FLAGS = ["--no-create-attention-mask-in-dataloader"]
+TARGETS = ["hidden_size=48", "ffn_hidden_size=96", "num_attention_heads=2", "num_query_groups=2", "num_layers=1"]  # TP2-able
+ATOL = 1e-4
+
+
+def minitron(*argv):
+    """Our CLI in this process (each command initialises and tears down its own process group)."""
+    from megatron_minitron import cli
+
+    rc = cli.main([str(a) for a in argv])
+    assert rc == 0, f"minitron {' '.join(map(str, argv))} returned {rc}"
+
+
+def minitron_torchrun(nproc, *argv):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)  # set by the in-process runs
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                           f"--master-port={port}", "--master-addr=127.0.0.1", "-m", "megatron_minitron.cli",
+                           *map(str, argv)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun minitron {' '.join(map(str, argv))} failed:\n{(proc.stdout + proc.stderr)[-6000:]}")
+
+
+def megatron_lm(op, root, nproc, dump, *flags, **opts):
+    """Megatron-LM (harness.py) writes or loads ROOT; returns (its output, the dump)."""
+    extra = [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", v)]
+    out = torchrun(os.path.join(HERE, "harness.py"), nproc, op, root, "--dump", dump, *extra, "--", *RUN_FLAGS,
+                   *flags, timeout=600)
+    assert os.path.exists(dump), f"Megatron-LM {op} exited without finishing (sys.exit?):\n{out[-4000:]}"
+    assert "Unable to load" not in out, out[-4000:]
+    return out, torch.load(dump, weights_only=False)
+
+
+def file_tensors(root):
+    """The model / optimizer tensors of the checkpoint the root's tracker names, read by plain DCP."""
+    with open(os.path.join(root, "latest_checkpointed_iteration.txt")) as f:
+        tracker = f.read().strip()
+    name = "release" if tracker == "release" else f"iter_{int(tracker):07d}"
+    tensors = harness.read_checkpoint_tensors(os.path.join(root, name))
+    return tracker, tensors
+
+
+def assert_tensors_equal(actual, expected, what):
+    assert set(actual) == set(expected), f"{what}: keys differ: {set(actual) ^ set(expected)}"
+    for key in expected:
+        assert torch.equal(actual[key].float(), expected[key].float()), f"{what}: {key} differs"
+
+
+def model_keys(tensors):
+    return {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
+
+
+def our_logits(path):
+    """Full logits on harness.fixed_tokens() with our loader and model builder (TP1)."""
+    from megatron_minitron import checkpoint
+    from megatron_minitron.config import Parallel
+    from megatron_minitron.model.builder import build_gpt
+    from megatron_minitron.runtime.distributed import destroy, init_distributed
+
+    init_distributed(1, 1)
+    try:
+        arch = checkpoint.read_arch(path)
+        model = build_gpt(arch, Parallel()).eval()
+        checkpoint.load_weights(path, [model], arch=arch)
+        tokens = harness.fixed_tokens()
+        with torch.no_grad():
+            return model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).float()
+    finally:
+        destroy()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A sentencepiece tokenizer (Megatron-LM's GPTSentencePieceTokenizer reads it) and data made with it."""
+    out = tmp_path_factory.mktemp("data")
+    minitron("preprocess", "--corpus", "stdlib", "--corpus-bytes", "120000", "--train-tokenizer", "--vocab-size",
+             VOCAB, "--output-prefix", out / "stdlib")
+    return {"train": str(out / "stdlib_train"), "valid": str(out / "stdlib_valid"),
+            "tokenizer": str(out / "stdlib_train.spm.model")}
+
+
+@pytest.fixture(scope="module")
+def source(corpus, tmp_path_factory):
+    """SRC: written by Megatron-LM at TP2 after one train step (iter_0000007, tracker "7")."""
+    work = tmp_path_factory.mktemp("megatron_lm")
+    root, dump = str(work / "src"), str(work / "src.pt")
+    megatron_lm("write", root, 2, dump, *ARCH_FLAGS, "--tensor-model-parallel-size", "2",
+                "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", corpus["tokenizer"],
+                iteration=SOURCE_ITERATION)
+    written = torch.load(dump, weights_only=False)
+    tracker, tensors = file_tensors(root)
+    assert tracker == str(SOURCE_ITERATION)
+    assert_tensors_equal(model_keys(tensors), written["tensors"], "Megatron-LM's save vs its model")
+    return {"root": root, "written": written, "tensors": tensors}
+
+
+def test_our_reading_of_a_megatron_lm_checkpoint(source, corpus):
+    from megatron_minitron import checkpoint
+
+    meta = checkpoint.read_metadata(source["root"])
+    assert meta["iteration"] == SOURCE_ITERATION
+    arch = meta["architecture"]
+    assert (arch["num_layers"], arch["hidden_size"], arch["ffn_hidden_size"], arch["num_attention_heads"],
+            arch["num_query_groups"], arch["seq_length"]) == (2, 64, 128, 4, 2, SEQ)
+    assert (arch["normalization"], arch["activation"], arch["position_embedding"], arch["tie_embeddings"],
+            arch["add_bias_linear"]) == ("RMSNorm", "swiglu", "rope", False, False)
+    assert arch["vocab_size"] == VOCAB  # the sentencepiece model's size, = Megatron-LM's padded_vocab_size
+    assert os.path.samefile(meta["tokenizer"]["path"], corpus["tokenizer"])
+    assert torch.allclose(our_logits(source["root"]), source["written"]["logits"], atol=ATOL, rtol=0)
+
+
+def check_pruned_slices(pruned, src, plan):
+    """Tensors that pruning only slices (no head merging) are SRC's rows/columns named by the plan."""
+    hidden = torch.tensor(plan["hidden"])
+    layers = plan["kept_layers"]
+    assert torch.equal(pruned["embedding.word_embeddings.weight"], src["embedding.word_embeddings.weight"][:, hidden])
+    assert torch.equal(pruned["output_layer.weight"], src["output_layer.weight"][:, hidden])
+    assert torch.equal(pruned["decoder.final_layernorm.weight"], src["decoder.final_layernorm.weight"][hidden])
+    ffn = src["decoder.layers.mlp.linear_fc2.weight"].shape[-1]
+    for new, old in enumerate(layers):
+        neurons = torch.tensor(plan["neurons"][old])
+        fc2 = src["decoder.layers.mlp.linear_fc2.weight"][old][hidden][:, neurons]
+        assert torch.equal(pruned["decoder.layers.mlp.linear_fc2.weight"][new], fc2)
+        fc1 = src["decoder.layers.mlp.linear_fc1.weight"][old]  # [gate; up] x hidden, TP-independent
+        fc1 = torch.cat([fc1[:ffn][neurons], fc1[ffn:][neurons]])[:, hidden]
+        assert torch.equal(pruned["decoder.layers.mlp.linear_fc1.weight"][new], fc1)
+        for norm in ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"):
+            key = f"decoder.layers.{norm}"
+            assert torch.equal(pruned[key][new], src[key][old][hidden]), key
+
+
+def test_pruned_at_tp1_and_in_place_at_tp2_load_in_megatron_lm(source, corpus, tmp_path):
+    from megatron_minitron import checkpoint
+
+    save, in_place, scores = str(tmp_path / "pruned"), str(tmp_path / "in_place"), str(tmp_path / "scores.pt")
+    common = ["--data", corpus["train"], "--scores", scores, "--num-samples", "8", "--micro-batch-size", "2",
+              "--seq-length", SEQ, "--target", *TARGETS]
+    minitron("prune", "--load", source["root"], "--save", save, "--save-format", "megatron-lm", *common)
+    shutil.copytree(source["root"], in_place)
+    minitron_torchrun(2, "prune", "--load", in_place, "--in-place", "--tp", "2", *common)  # same scores
+
+    # only what the tracker names is left in the in-place root
+    tracker, in_place_files = file_tensors(in_place)
+    assert sorted(os.listdir(in_place)) == sorted(["latest_checkpointed_iteration.txt",
+                                                   "release" if tracker == "release" else f"iter_{int(tracker):07d}"])
+    tracker_save, save_files = file_tensors(save)
+    assert tracker_save == tracker
+    assert_tensors_equal(model_keys(in_place_files), model_keys(save_files), "prune --in-place at TP2 vs --save at TP1")
+    plan_dir = os.path.join(save, "release" if tracker == "release" else f"iter_{int(tracker):07d}")
+    with open(os.path.join(plan_dir, "prune_plan.json")) as f:
+        check_pruned_slices(save_files, source["tensors"], json.load(f))
+
+    ours = our_logits(save)
+    for root, nproc in ((save, 2), (in_place, 1)):  # Megatron-LM loads each at the other TP
+        out, loaded = megatron_lm("load", root, nproc, str(tmp_path / f"{os.path.basename(root)}.pt"),
+                                  "--tensor-model-parallel-size", nproc)
+        args = loaded["args"]
+        assert (args["num_layers"], args["hidden_size"], args["ffn_hidden_size"], args["num_attention_heads"],
+                args["num_query_groups"], args["kv_channels"], args["padded_vocab_size"]) == (1, 48, 96, 2, 2, 16, VOCAB)
+        # Megatron-LM reads the iteration we record (--in-place keeps the source's)
+        assert loaded["checkpoint_iteration"] == checkpoint.read_metadata(root)["iteration"]
+        if root == in_place:
+            assert loaded["checkpoint_iteration"] == SOURCE_ITERATION
+        # a weights-only checkpoint: Megatron-LM starts at 0 for a release, else at the recorded iteration
+        assert loaded["iteration"] == (0 if tracker == "release" else SOURCE_ITERATION)
+        assert_tensors_equal(loaded["tensors"], model_keys(save_files), f"Megatron-LM's load of {root}")
+        assert torch.allclose(loaded["logits"], ours, atol=ATOL, rtol=0), (loaded["logits"] - ours).abs().max()
+
+
+def test_hf_export_and_import_round_trip_through_megatron_lm(source, corpus, tmp_path):
+    hf_dir, imported, imported_ours = (str(tmp_path / n) for n in ("hf", "imported", "imported_ours"))
+    minitron("convert", "mcore-to-hf", "--input", source["root"], "--output", hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert len(tokenizer) == VOCAB
+    with torch.no_grad():
+        hf = model(input_ids=harness.fixed_tokens()).logits.float()
+    megatron_written = source["written"]["logits"]
+    assert torch.allclose(hf, megatron_written[..., :hf.shape[-1]], atol=ATOL, rtol=0), \
+        (hf - megatron_written[..., :hf.shape[-1]]).abs().max()
+
+    minitron("convert", "hf-to-mcore", "--input", hf_dir, "--output", imported, "--format", "megatron-lm",
+             "--dtype", "fp32")
+    minitron("convert", "hf-to-mcore", "--input", hf_dir, "--output", imported_ours, "--dtype", "fp32")
+    out, loaded = megatron_lm("load", imported, 2, str(tmp_path / "imported.pt"), "--tensor-model-parallel-size", 2)
+    _, files = file_tensors(imported)
+    assert_tensors_equal(loaded["tensors"], model_keys(files), "Megatron-LM's load of our import")
+    assert_tensors_equal(loaded["tensors"], source["written"]["tensors"], "SRC -> HF -> Megatron-LM format")
+    assert torch.allclose(loaded["logits"][..., :hf.shape[-1]], hf, atol=ATOL, rtol=0)
+
+    losses = []
+    for path in (source["root"], imported, imported_ours):
+        minitron("eval", "--load", path, "--data", corpus["valid"], "--num-samples", "4", "--seq-length", SEQ,
+                 "--micro-batch-size", "2", "--output", tmp_path / "eval.json")
+        with open(tmp_path / "eval.json") as f:
+            losses.append(json.load(f)["lm"]["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0] == pytest.approx(losses[2], abs=1e-5), losses
+
+
+def test_distill_reads_megatron_lm_teacher_and_student_and_megatron_lm_resumes_its_save(source, corpus, tmp_path):
+    save = str(tmp_path / "distilled")
+    minitron("distill", f"data.train_data=[{corpus['train']}]", f"data.valid_data=[{corpus['valid']}]",
+             "data.micro_batch_size=2", "data.global_batch_size=2", f"data.cache_dir={tmp_path / 'cache'}",
+             "train.eval_interval=0", "train.lr=1e-3", "train.lr_warmup_iters=1", "train.train_iters=2",
+             "train.log_interval=1",
+             f"distill.teacher={source['root']}", f"distill.student={source['root']}", "distill.lm_loss_weight=1.0",
+             "model.hidden_dropout=0.0", "model.attention_dropout=0.0",  # the student equals the teacher exactly
+             f"train.save={save}", "train.save_format=megatron-lm", "parallel.use_distributed_optimizer=false")
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f if line.strip()]
+    first = next(m for m in metrics if m.get("iteration") == 1)
+    assert first["kd_loss"] == pytest.approx(0.0, abs=1e-6), first  # teacher and student read the same weights
+    assert first["grad_norm"] > 0  # the LM loss moves the student, so the optimizer state is not zero
+
+    tracker, files = file_tensors(save)
+    assert tracker == "2"
+    # resumed with the run's hyperparameters (Megatron-LM checks its scheduler's settings against the saved ones)
+    out, loaded = megatron_lm("load", save, 1, str(tmp_path / "distilled.pt"), "--lr", "1e-3", "--min-lr", "3e-5",
+                              "--lr-warmup-iters", "1", "--train-iters", "2", "--weight-decay", "0.01",
+                              "--adam-beta2", "0.95")
+    assert loaded["iteration"] == 2 and loaded["checkpoint_iteration"] == 2
+    assert "RNG state will be ignored" not in out and "Rerun state will be ignored" not in out, out[-3000:]
+    assert_tensors_equal(loaded["tensors"], model_keys(files), "Megatron-LM's load of our distill save")
+    assert loaded["optimizer"] is not None, "Megatron-LM did not load the optimizer state"
+    optimizer_files = {k: v for k, v in files.items() if k.startswith("optimizer.")}
+    assert_tensors_equal(loaded["optimizer"], optimizer_files, "Megatron-LM's optimizer state")
+    assert any(v.abs().sum() > 0 for k, v in optimizer_files.items() if ".exp_avg_sq." in k)
+    assert loaded["scheduler"]["num_steps"] == 2 * 2  # iterations x global batch (Megatron-LM counts samples)
+    assert torch.allclose(loaded["logits"], our_logits(save), atol=ATOL, rtol=0)
