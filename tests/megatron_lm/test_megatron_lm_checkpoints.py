@@ -276,3 +276,30 @@ def test_distill_reads_megatron_lm_teacher_and_student_and_megatron_lm_resumes_i
     assert any(v.abs().sum() > 0 for k, v in optimizer_files.items() if ".exp_avg_sq." in k)
     assert loaded["scheduler"]["num_steps"] == 2 * 2  # iterations x global batch (Megatron-LM counts samples)
     assert torch.allclose(loaded["logits"], our_logits(save), atol=ATOL, rtol=0)
+
+
+def test_bf16_distributed_optimizer_checkpoint_reads_and_exports(corpus, tmp_path):
+    """The usual pretrain_gpt.py setting (--bf16 --use-distributed-optimizer): its flattened optimizer state is
+    skipped, its bf16 weights give our model (fp32 compute) Megatron-LM's logits within bf16 rounding, and the
+    HF export keeps them."""
+    from megatron_minitron import checkpoint
+
+    root, dump = str(tmp_path / "bf16"), str(tmp_path / "bf16.pt")
+    _, written = megatron_lm("write", root, 2, dump, *ARCH_FLAGS, "--tensor-model-parallel-size", "2", "--bf16",
+                             "--use-distributed-optimizer", "--tokenizer-type", "GPTSentencePieceTokenizer",
+                             "--tokenizer-model", corpus["tokenizer"], iteration=3)
+    meta = checkpoint.read_metadata(root)
+    assert meta["iteration"] == 3 and meta["contents"]["params_dtype"] == "bfloat16"
+    _, files = file_tensors(root)
+    assert any(k.startswith("optimizer.distributed.") for k in files)  # Megatron-LM's distributed layout
+    assert_tensors_equal(written["tensors"], model_keys(files), "Megatron-LM's bf16 save vs its model")
+    bf16_tolerance = 3e-2 * written["logits"].abs().max().item()
+    ours = our_logits(root)
+    assert torch.allclose(ours, written["logits"], atol=bf16_tolerance, rtol=0), (ours - written["logits"]).abs().max()
+
+    hf_dir = str(tmp_path / "hf")
+    minitron("convert", "mcore-to-hf", "--input", root, "--output", hf_dir, "--dtype", "fp32")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        hf = model(input_ids=harness.fixed_tokens()).logits.float()
+    assert torch.allclose(hf, ours[..., :hf.shape[-1]], atol=ATOL, rtol=0)  # the same bf16 weights, fp32 compute
