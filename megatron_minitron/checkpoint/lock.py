@@ -1,0 +1,75 @@
+"""One writer per output: an OS advisory lock (``flock``) that dies with its process.
+
+A training root is locked for the whole run (``ROOT/.minitron.lock``); an exact-directory output such as
+``prune --save OUT`` is locked through a sibling file (``OUT.lock``), because OUT itself is replaced by a
+rename. A second writer fails at once with a message naming the holder (host, pid, command, start time).
+The lock is released by the kernel when its process exits, however it exits, so a crash never leaves a
+stale lock and resuming after one is unaffected. Taken on rank 0 only: the other ranks write shards into
+directories rank 0 prepared under it.
+"""
+from __future__ import annotations
+
+import datetime
+import fcntl
+import os
+import socket
+import sys
+from typing import Optional
+
+ROOT_LOCK_NAME = ".minitron.lock"
+
+
+def lock_path_for(target: str, is_root: bool) -> str:
+    target = os.path.abspath(target.rstrip(os.sep) or target)
+    return os.path.join(target, ROOT_LOCK_NAME) if is_root else target + ".lock"
+
+
+class OutputLock:
+    """``with OutputLock(path, is_root=True): ...`` or ``acquire()`` / ``release()``."""
+
+    def __init__(self, target: str, is_root: bool, what: str = "output"):
+        self.path = lock_path_for(target, is_root)
+        self.target = target
+        self.what = what
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "OutputLock":
+        if self._fd is not None:
+            return self
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(fd) or "holder unknown"
+            os.close(fd)
+            raise ValueError(f"{self.what} {self.target} is being written by another job ({holder}); two "
+                             f"writers would overwrite each other's checkpoints. Wait for it to finish, stop it, "
+                             f"or choose another {self.what}") from None
+        os.ftruncate(fd, 0)
+        stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        command = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]
+        os.write(fd, f"host {socket.gethostname()} pid {os.getpid()} since {stamp}: {command}\n".encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 1000).decode(errors="replace").strip()
+    except OSError:
+        return ""
