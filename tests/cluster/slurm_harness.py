@@ -1,6 +1,6 @@
 """A throwaway one-node SLURM cluster on this machine: munged, slurmctld and slurmd started by the tests, with
 their own key, socket, ports, state and spool under one temporary directory, and stopped again (only the
-processes started here are killed). Needs Debian's slurm-wlm (22.05: slurmctld, slurmd, munge) and root.
+processes started here are killed). Needs Debian 12's slurmd, slurmctld, slurm-client (22.05; munge) and root.
 
 Choices a real site would not make, each because of this sandbox (no systemd, no cgroups, 2 CPUs):
 - ProctrackType=proctrack/linuxproc (a step's processes are found by parentage; sites use proctrack/cgroup,
@@ -21,7 +21,7 @@ import tempfile
 import time
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun")
-DEBIAN_PACKAGE = "slurm-wlm"
+DEBIAN_PACKAGES = "slurmd slurmctld slurm-client"  # what .ci/run installs (munge comes with them)
 
 
 def missing_binaries() -> list[str]:
@@ -33,7 +33,7 @@ def unavailable_reason() -> str | None:
     missing = missing_binaries()
     if missing:
         return (f"SLURM is not installed ({', '.join(missing)} not found): "
-                f"`apt-get install {DEBIAN_PACKAGE}` (Debian 12 gives SLURM 22.05 and munge)")
+                f"`apt-get install {DEBIAN_PACKAGES}` as root (Debian 12: SLURM 22.05 and munge)")
     if os.geteuid() != 0:
         return "a local slurmd must run as root to launch jobs (run the cluster tests as root)"
     return None
