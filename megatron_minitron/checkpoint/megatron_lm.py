@@ -4,8 +4,9 @@
     ROOT/iter_0000100/                       common.pt, metadata.json, .metadata, __*_*.distcp
       common.pt: args (argparse.Namespace), checkpoint_version 3.0, iteration,
                  num_floating_point_operations_so_far, content_metadata (how the optimizer state is sharded)
-      sharded:   model (model0, model1, ... with virtual pipeline), optimizer, opt_param_scheduler (common),
-                 rng_state (ShardedObject over the (PP, TP) grid holding a list of one dict per DP rank)
+      sharded:   model (model0, model1, ... with virtual pipeline), optimizer (+ its param groups and the
+                 opt_param_scheduler in common.pt), rng_state (ShardedObject over the (PP, TP) grid holding a
+                 list of one dict per DP rank)
 
 The same GPTModel names as ours (megatron-core's sharded_state_dict), so the weights load at any TP x PP
 through dist_checkpointing; this module maps Megatron-LM's ``args`` to our ModelArch and back, reads the
