@@ -14,20 +14,23 @@ Two operations, each launched like a user's ``torchrun pretrain_gpt.py ...`` run
       ``--load ROOT`` and default flags (no --no-load-rng / --no-load-optim / --finetune): its real
       ``setup_model_and_optimizer`` calls its real ``load_checkpoint``.
 
-Both dump (rank 0, torch.save) {"iteration", "args", "tensors": {sharded key: full global tensor},
-"optimizer": {sharded key: full tensor} of the optimizer state (or None), "logits": full-vocabulary
-logits [b, s, V] on ``fixed_tokens()``, "tp"}; load adds "checkpoint_iteration" (common.pt's) and "scheduler". ``tensors`` are assembled from the
-model's own ``sharded_state_dict()`` (the layout torch_dist stores, independent of TP), so dumps taken at
-different TP sizes compare directly, and compare directly with a checkpoint read by plain
-``torch.distributed.checkpoint`` (``read_checkpoint_tensors``).
+Both dump (rank 0, torch.save) {"iteration", "args", "tp", "tensors": {sharded key: full tensor},
+"optimizer": {sharded key: full tensor} (None when the optimizer holds no state), "logits": full-vocabulary
+logits [b, s, V] on ``fixed_tokens()``}; load adds "checkpoint_iteration" (common.pt's) and "scheduler".
+``tensors`` are assembled from the model's own ``sharded_state_dict()`` - the layout torch_dist stores,
+independent of TP - so dumps taken at different TP sizes compare directly, and compare directly with a
+checkpoint read by plain ``torch.distributed.checkpoint`` (``read_checkpoint_tensors``).
+
+write runs one train step by default: Megatron-LM cannot load its own checkpoint saved before any step (the
+empty Adam state is not in the file, and its non-release load always loads the optimizer).
 
 What is stubbed, and why (only here, never in the vendored files):
   * CUDA: megatron_minitron.runtime.cpu_mode redirects megatron-core's hard-wired CUDA calls to the CPU.
     During ``initialize_megatron`` each rank reports one device (a GPU node's view) so that Megatron-LM's
     own ``_initialize_distributed`` creates the model-parallel groups and ``_set_random_seed`` seeds the
     model-parallel RNG tracker (both are skipped when ``torch.cuda.device_count() == 0``);
-    ``torch.cuda.set_device`` is a no-op and ``get_device_properties`` says compute capability 9.0 meanwhile. CUDA streams (get_model builds DDP on a side stream)
-    are no-op objects.
+    ``torch.cuda.set_device`` is a no-op and ``get_device_properties`` says compute capability 9.0
+    meanwhile. CUDA streams (get_model builds DDP on a side stream) are no-op objects.
   * ``initialize._compile_dependencies``: it runs ``make`` on megatron-core's dataset helpers (the
     installed wheel ships them prebuilt, without the Makefile) and builds the CUDA fused kernels with nvcc.
   * Services (one_logger, wandb, tensorboard, nvidia_resiliency_ext fault tolerance) are off by default in
@@ -297,12 +300,46 @@ def write(opts, flags):
     rank0_print(f"wrote {opts.root} iteration {opts.iteration}")
 
 
+def rng_state_as_load_checkpoint_requests(root, args):
+    """The checkpoint's rng_state read with the request load_checkpoint builds (its get_rng_state ShardedObject),
+    applied the way load_checkpoint applies it, except the CUDA generator state (cpu_mode maps the CUDA
+    generator to the CPU one; its shape is checked instead). Returns a summary, or the error as a string.
+    load_checkpoint itself skips the RNG when the checkpoint's args say no_save_rng (our CPU-made saves)."""
+    import random
+
+    import numpy as np
+    import torch
+    from megatron.core import dist_checkpointing, mpu, tensor_parallel
+    from megatron.training.checkpointing import (get_checkpoint_name, get_checkpoint_tracker_filename,
+                                                 get_rng_state, read_metadata)
+
+    iteration, release = read_metadata(get_checkpoint_tracker_filename(root))
+    directory = get_checkpoint_name(root, iteration, release, return_base_dir=True)
+    request = {"rng_state": get_rng_state(args.ckpt_format, mpu.get_tensor_model_parallel_group(),
+                                          mpu.get_pipeline_model_parallel_group())}
+    own_tracker = sorted(tensor_parallel.get_cuda_rng_tracker().get_states())  # what a Megatron-LM run has
+    try:
+        state = dist_checkpointing.load(request, directory)["rng_state"][0]
+        random.setstate(state["random_rng_state"])
+        np.random.set_state(state["np_rng_state"])
+        torch.set_rng_state(state["torch_rng_state"])
+        tracker = {k: tensor_parallel.convert_cuda_rng_state(v, to_graphable=False)
+                   for k, v in state["rng_tracker_states"].items()}
+        tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
+        cuda = state["cuda_rng_state"]
+        return {"keys": sorted(state), "tracker": sorted(tracker), "megatron_lm_tracker": own_tracker,
+                "cuda_rng_state": (cuda.dtype, tuple(cuda.shape))}
+    except Exception as e:  # reported to the test, which fails with it
+        return f"{type(e).__name__}: {e}"
+
+
 def load(opts, flags):
     args = initialize(["--load", opts.root, "--use-checkpoint-args", *flags])
     checkpoint_iteration = args.iteration  # common.pt's, read by --use-checkpoint-args
     model, optimizer, opt_param_scheduler = setup_model_and_optimizer()  # calls load_checkpoint
+    rng = rng_state_as_load_checkpoint_requests(opts.root, args) if opts.check_rng else None
     dump(opts.dump, model, optimizer, args, iteration=args.iteration, checkpoint_iteration=checkpoint_iteration,
-         scheduler=opt_param_scheduler.state_dict(), consumed_train_samples=args.consumed_train_samples)
+         scheduler=opt_param_scheduler.state_dict(), consumed_train_samples=args.consumed_train_samples, rng=rng)
     rank0_print(f"loaded {opts.root} iteration {args.iteration}")
 
 
@@ -318,6 +355,8 @@ def main(argv=None):
     parser.add_argument("--iteration", type=int, default=7)
     parser.add_argument("--train-steps", type=int, default=1)
     parser.add_argument("--dump")
+    parser.add_argument("--check-rng", action="store_true",
+                        help="load: also read rng_state with load_checkpoint's request (dump['rng'])")
     opts = parser.parse_args(argv)
     if opts.op == "load" and not opts.dump:
         parser.error("load needs --dump")

@@ -9,9 +9,10 @@ torch_dist` does; then:
   * HF: `convert mcore-to-hf` of SRC gives transformers logits equal to Megatron-LM's; `convert hf-to-mcore
     --format megatron-lm` of that export is loaded by Megatron-LM with SRC's exact tensors and the same logits;
     `minitron eval` gives the same LM loss on SRC, on that import and on a minitron-format import.
-  * distill: teacher = student = SRC gives KD loss 0 at the first step (both roles read the same weights); its
-    save (train.save_format=megatron-lm, with LM loss so the optimizer state is not zero) is resumed by
-    Megatron-LM with its optimizer state, scheduler and RNG, at the saved iteration.
+  * distill: teacher = student = SRC gives KD loss 0 at the first step (both roles read the same weights), and
+    the LM loss and gradient norm of `train.load=SRC`'s first step; its save (train.save_format=megatron-lm,
+    with LM loss so the optimizer state is not zero) is resumed by Megatron-LM with its optimizer state and
+    scheduler, at the saved iteration.
 Megatron-LM runs fp32 with the non-distributed optimizer: megatron-core 0.16.1 without Apex/TE cannot load a
 distributed-optimizer checkpoint (DistributedOptimizer.state_dict asserts on an empty torch Adam state).
 """
@@ -44,7 +45,8 @@ ARCH_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "
               "--init-method-std", "0.1"]  # weights large enough that a wrong mapping moves logits by >> 1e-4
 # How the data is fed (no mask tensors in the batches; the local spec builds the causal mask).
 RUN_FLAGS = ["--no-create-attention-mask-in-dataloader"]
-TARGETS = ["hidden_size=48", "ffn_hidden_size=96", "num_attention_heads=2", "num_query_groups=2", "num_layers=1"]  # TP2-able
+# groups stay divisible by 2: the in-place prune runs at TP2, and Megatron-LM loads the result at TP2
+TARGETS = ["hidden_size=48", "ffn_hidden_size=96", "num_attention_heads=2", "num_query_groups=2", "num_layers=1"]
 ATOL = 1e-4
 
 
@@ -72,11 +74,13 @@ def minitron_torchrun(nproc, *argv):
 
 def megatron_lm(op, root, nproc, dump, *flags, **opts):
     """Megatron-LM (harness.py) writes or loads ROOT; returns (its output, the dump)."""
-    extra = [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", v)]
+    extra = [x for k, v in opts.items() for x in ((f"--{k.replace('_', '-')}",) + (() if v is True else (v,)))]
     out = torchrun(os.path.join(HERE, "harness.py"), nproc, op, root, "--dump", dump, *extra, "--", *RUN_FLAGS,
                    *flags, timeout=600)
     assert os.path.exists(dump), f"Megatron-LM {op} exited without finishing (sys.exit?):\n{out[-4000:]}"
     assert "Unable to load" not in out, out[-4000:]
+    if op == "load":  # not "could not find the metadata file ... will start from random"
+        assert "successfully loaded checkpoint" in out and "start from random" not in out, out[-4000:]
     return out, torch.load(dump, weights_only=False)
 
 
@@ -194,7 +198,8 @@ def test_pruned_at_tp1_and_in_place_at_tp2_load_in_megatron_lm(source, corpus, t
                                                    "release" if tracker == "release" else f"iter_{int(tracker):07d}"])
     tracker_save, save_files = file_tensors(save)
     assert tracker_save == tracker
-    assert_tensors_equal(model_keys(in_place_files), model_keys(save_files), "prune --in-place at TP2 vs --save at TP1")
+    assert_tensors_equal(model_keys(in_place_files), model_keys(save_files),
+                         "prune --in-place at TP2 vs --save at TP1")
     plan_dir = os.path.join(save, "release" if tracker == "release" else f"iter_{int(tracker):07d}")
     with open(os.path.join(plan_dir, "prune_plan.json")) as f:
         check_pruned_slices(save_files, source["tensors"], json.load(f))
@@ -204,8 +209,9 @@ def test_pruned_at_tp1_and_in_place_at_tp2_load_in_megatron_lm(source, corpus, t
         out, loaded = megatron_lm("load", root, nproc, str(tmp_path / f"{os.path.basename(root)}.pt"),
                                   "--tensor-model-parallel-size", nproc)
         args = loaded["args"]
-        assert (args["num_layers"], args["hidden_size"], args["ffn_hidden_size"], args["num_attention_heads"],
-                args["num_query_groups"], args["kv_channels"], args["padded_vocab_size"]) == (1, 48, 96, 2, 2, 16, VOCAB)
+        built = [args[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                                   "num_query_groups", "kv_channels", "padded_vocab_size")]
+        assert built == [1, 48, 96, 2, 2, 16, VOCAB], built  # Megatron-LM's model, from our args
         # Megatron-LM reads the iteration we record (--in-place keeps the source's)
         assert loaded["checkpoint_iteration"] == checkpoint.read_metadata(root)["iteration"]
         if root == in_place:
@@ -246,29 +252,44 @@ def test_hf_export_and_import_round_trip_through_megatron_lm(source, corpus, tmp
     assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0] == pytest.approx(losses[2], abs=1e-5), losses
 
 
-def test_distill_reads_megatron_lm_teacher_and_student_and_megatron_lm_resumes_its_save(source, corpus, tmp_path):
-    save = str(tmp_path / "distilled")
-    minitron("distill", f"data.train_data=[{corpus['train']}]", f"data.valid_data=[{corpus['valid']}]",
-             "data.micro_batch_size=2", "data.global_batch_size=2", f"data.cache_dir={tmp_path / 'cache'}",
-             "train.eval_interval=0", "train.lr=1e-3", "train.lr_warmup_iters=1", "train.train_iters=2",
-             "train.log_interval=1",
-             f"distill.teacher={source['root']}", f"distill.student={source['root']}", "distill.lm_loss_weight=1.0",
-             "model.hidden_dropout=0.0", "model.attention_dropout=0.0",  # the student equals the teacher exactly
-             f"train.save={save}", "train.save_format=megatron-lm", "parallel.use_distributed_optimizer=false")
+def first_iteration(save):
     with open(os.path.join(save, "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f if line.strip()]
-    first = next(m for m in metrics if m.get("iteration") == 1)
+        return next(m for m in map(json.loads, filter(str.strip, f)) if m.get("iteration") == 1)
+
+
+def test_distill_and_train_load_read_megatron_lm_and_megatron_lm_resumes_our_save(source, corpus, tmp_path):
+    save, trained = str(tmp_path / "distilled"), str(tmp_path / "trained")
+    run = [f"data.train_data=[{corpus['train']}]", f"data.valid_data=[{corpus['valid']}]", "data.micro_batch_size=2",
+           "data.global_batch_size=2", f"data.cache_dir={tmp_path / 'cache'}", "train.eval_interval=0",
+           "train.lr=1e-3", "train.lr_warmup_iters=1", "train.log_interval=1",
+           "model.hidden_dropout=0.0", "model.attention_dropout=0.0"]  # no dropout: the student is the teacher
+    minitron("distill", *run, "train.train_iters=2", f"distill.teacher={source['root']}",
+             f"distill.student={source['root']}", "distill.lm_loss_weight=1.0",
+             f"train.save={save}", "train.save_format=megatron-lm", "parallel.use_distributed_optimizer=false")
+    first = first_iteration(save)
     assert first["kd_loss"] == pytest.approx(0.0, abs=1e-6), first  # teacher and student read the same weights
     assert first["grad_norm"] > 0  # the LM loss moves the student, so the optimizer state is not zero
+    # train.load (architecture from the Megatron-LM checkpoint): the same first step as the distilled student
+    minitron("train", *run, "train.train_iters=1", f"train.load={source['root']}", f"train.save={trained}")
+    plain = first_iteration(trained)
+    assert (plain["lm_loss"], plain["grad_norm"]) == pytest.approx((first["lm_loss"], first["grad_norm"]), rel=1e-6)
 
     tracker, files = file_tensors(save)
     assert tracker == "2"
     # resumed with the run's hyperparameters (Megatron-LM checks its scheduler's settings against the saved ones)
     out, loaded = megatron_lm("load", save, 1, str(tmp_path / "distilled.pt"), "--lr", "1e-3", "--min-lr", "3e-5",
                               "--lr-warmup-iters", "1", "--train-iters", "2", "--weight-decay", "0.01",
-                              "--adam-beta2", "0.95")
+                              "--adam-beta2", "0.95", check_rng=True)
     assert loaded["iteration"] == 2 and loaded["checkpoint_iteration"] == 2
-    assert "RNG state will be ignored" not in out and "Rerun state will be ignored" not in out, out[-3000:]
+    assert "Rerun state will be ignored" not in out, out[-3000:]
+    # our rng_state is what Megatron-LM's load requests and restores (load_checkpoint itself skips it here:
+    # a CPU-made save says no_save_rng, its generator states would not fit a GPU)
+    rng = loaded["rng"]
+    assert isinstance(rng, dict), rng
+    assert rng["keys"] == ["cuda_rng_state", "np_rng_state", "random_rng_state", "rng_tracker_states",
+                           "torch_rng_state"], rng
+    assert rng["tracker"] == rng["megatron_lm_tracker"], rng  # the same model-parallel generators
+    assert rng["cuda_rng_state"] == (torch.uint8, (16,)), rng  # a CUDA (Philox: seed, offset) state
     assert_tensors_equal(loaded["tensors"], model_keys(files), "Megatron-LM's load of our distill save")
     assert loaded["optimizer"] is not None, "Megatron-LM did not load the optimizer state"
     optimizer_files = {k: v for k, v in files.items() if k.startswith("optimizer.")}
@@ -295,7 +316,8 @@ def test_bf16_distributed_optimizer_checkpoint_reads_and_exports(corpus, tmp_pat
     assert_tensors_equal(written["tensors"], model_keys(files), "Megatron-LM's bf16 save vs its model")
     bf16_tolerance = 3e-2 * written["logits"].abs().max().item()
     ours = our_logits(root)
-    assert torch.allclose(ours, written["logits"], atol=bf16_tolerance, rtol=0), (ours - written["logits"]).abs().max()
+    assert torch.allclose(ours, written["logits"], atol=bf16_tolerance, rtol=0), \
+        (ours - written["logits"]).abs().max()
 
     hf_dir = str(tmp_path / "hf")
     minitron("convert", "mcore-to-hf", "--input", root, "--output", hf_dir, "--dtype", "fp32")
