@@ -15,7 +15,7 @@ import sys
 
 MODELS = [  # (eval name, row label)
     ("teacher", "teacher: SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"),
-    ("width", "width-pruned (hidden 384, ffn 1024), before distillation"),
+    ("width", "width-pruned (hidden 360, ffn 1024), before distillation"),
     ("width_kd", "width-pruned + KD"),
     ("width_lm", "width-pruned + plain LM loss"),
     ("random_init", "same size as width-pruned, random init"),
@@ -31,12 +31,17 @@ def read_json(path):
         return json.load(f)
 
 
-def iterations(out, name):
+def training_records(out, name):
     path = os.path.join(out, name, "metrics.jsonl")
     if not os.path.exists(path):
-        return 0
+        return []
     with open(path) as f:
-        return max((json.loads(line).get("iteration", 0) for line in f if line.strip()), default=0)
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
 
 
 def lm_eval_results(out, name):
@@ -100,20 +105,23 @@ def main(argv=None) -> int:
         lm = read_json(path)["lm"]
         params = checkpoint.read_arch(os.path.join(out, name)).num_parameters()
         step = STEPS_OF.get(name)
+        records = training_records(out, name)
         models.append({"name": name, "model": label, "params": params, "share": params / teacher_params,
-                       "iterations": iterations(out, name), "val_lm_loss": lm["loss"],
-                       "tokens": lm["tokens"], "seconds": times.get(step) if step else None,
-                       "seconds_per_iteration": (times[step] / max(iterations(out, name), 1))
-                       if step in times else None})
+                       "iterations": max((r.get("iteration", 0) for r in records), default=0),
+                       "val_lm_loss": lm["loss"], "tokens": lm["tokens"],
+                       "command_seconds": times.get(step) if step else None,
+                       "median_tokens_per_s": median([r["tokens_per_s"] for r in records if "tokens_per_s" in r])})
     tasks = task_rows(out)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"models": models, "tasks": tasks, "timings_s": times}, f, indent=2)
 
-    lines = ["| model | params | iterations | val LM loss | wall time (s/iteration) |", "|---|---:|---:|---:|---:|"]
+    lines = ["| model | params | iterations | val LM loss | training tokens/s (median) | command wall time |",
+             "|---|---:|---:|---:|---:|---:|"]
     for m in models:
-        wall = "" if m["seconds"] is None else f"{m['seconds']} s ({m['seconds_per_iteration']:.2f})"
+        speed = "" if m["median_tokens_per_s"] is None else f"{m['median_tokens_per_s']:.1f}"
+        wall = "" if m["command_seconds"] is None else f"{m['command_seconds']} s"
         lines.append(f"| {m['model']} | {m['params']:,} ({m['share']:.0%}) | {m['iterations']} | "
-                     f"{m['val_lm_loss']:.4f} | {wall} |")
+                     f"{m['val_lm_loss']:.4f} | {speed} | {wall} |")
     if models:
         lines.append(f"\nval LM loss: {models[0]['tokens']:,} held-out tokens, the same windows for every model.")
     if tasks:

@@ -15,12 +15,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 OUT=${OUT:-runs/smollm2}
-STEPS=${STEPS:-200}          # distillation / training iterations of every student
+STEPS=${STEPS:-100}          # distillation / training iterations of every student
 SEQ=${SEQ:-128}              # the jobs' window (the checkpoint's maximum context is 8192)
 GBS=${GBS:-2}                # sequences per iteration (SEQ x GBS tokens)
 LR=${LR:-3e-4}
 CALIB=${CALIB:-32}           # calibration samples for importance
-EVAL_SAMPLES=${EVAL_SAMPLES:-32}   # validation windows for every LM loss below (the same windows for all)
+EVAL_SAMPLES=${EVAL_SAMPLES:-16}   # validation windows for every LM loss below (the same windows for all)
 LM_EVAL=${LM_EVAL:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} TOKENIZERS_PARALLELISM=false HF_DATASETS_OFFLINE=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -55,11 +55,11 @@ step preprocess minitron preprocess --corpus stdlib --corpus-bytes 3000000 --val
 TRAIN="$OUT/data/stdlib_train" VALID="$OUT/data/stdlib_valid"
 
 # 4. importance (one calibration pass: heads, groups, neurons, channels, per-layer and 18-layer-block BI),
-#    then prune to about half: width (hidden 576 -> 384, ffn 1536 -> 1024) and depth (30 -> 12 layers,
+#    then prune to about half: width (hidden 576 -> 360, ffn 1536 -> 1024) and depth (30 -> 12 layers,
 #    one contiguous block dropped, by block importance), both from the same scores file
 step prune_width minitron prune --load "$OUT/teacher" --data "$TRAIN" --num-samples "$CALIB" \
     --seq-length "$SEQ" --micro-batch-size 4 --scores "$OUT/importance.pt" --block-sizes 18 \
-    --save "$OUT/width" --target hidden_size=384 ffn_hidden_size=1024
+    --save "$OUT/width" --target hidden_size=360 ffn_hidden_size=1024
 step prune_depth minitron prune --load "$OUT/teacher" --scores "$OUT/importance.pt" \
     --save "$OUT/depth" --target num_layers=12 contiguous=true
 step random_init python examples/smollm2/random_init.py --like "$OUT/width" --output "$OUT/random_init"
