@@ -17,6 +17,7 @@ setup(
         "psutil",
         "sentencepiece",
         "packaging",
+        "xxhash",  # checkpoint manifests (xxh3-64); CRC-32 from zlib when it is missing
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.45", "safetensors", "tokenizers", "triton",

@@ -10,6 +10,7 @@ from .errors import debug_enabled, user_error_message
 
 def build_parser() -> argparse.ArgumentParser:
     from . import demo
+    from .checkpoint import cli as checkpoint_cli
     from .data import cli as data_cli
     from .distill import cli as distill_cli
     from .eval import cli as eval_cli
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minitron", description=USAGE_GUIDE, epilog=USAGE_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", metavar="<subcommand>")
-    for module in (demo, data_cli, train_cli, prune_cli, distill_cli, eval_cli, search_cli, hf_cli, plan_cli):
+    for module in (demo, data_cli, train_cli, prune_cli, distill_cli, eval_cli, search_cli, hf_cli, plan_cli,
+                   checkpoint_cli):
         module.register(subparsers)
     for sub in _all_subparsers(parser):
         sub.formatter_class = HelpFormatter
@@ -101,7 +103,9 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except Exception as e:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
         message = user_error_message(e)
         if message is None or debug_enabled():
             raise  # a bug of ours (or MINITRON_DEBUG=1): the traceback is what helps

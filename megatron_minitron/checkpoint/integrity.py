@@ -17,6 +17,8 @@ import zlib
 from typing import Optional
 
 MANIFEST_FILE = "MANIFEST.json"
+# what loads check: "full" (sizes and checksums, the default), "sizes" (presence and sizes only), "off"
+LOAD_VERIFY_ENV = "MINITRON_LOAD_VERIFY"
 MANIFEST_VERSION = 1
 _SKIP = {MANIFEST_FILE, "COMMIT"}
 _BLOCK = 16 << 20
@@ -207,3 +209,12 @@ def verify_before_load(directory: str, hashes: bool = True) -> None:
     found = sorted({p for part in _gather(problems) for p in part})
     if found:
         raise ValueError(damage_message(directory, found))
+
+
+def verify_on_load(directory: str) -> None:
+    """What every load runs before reading tensors (``MINITRON_LOAD_VERIFY`` = full | sizes | off)."""
+    mode = os.environ.get(LOAD_VERIFY_ENV, "full")
+    if mode not in ("full", "sizes", "off"):
+        raise ValueError(f"{LOAD_VERIFY_ENV}={mode!r}: full, sizes or off")
+    if mode != "off":
+        verify_before_load(directory, hashes=mode == "full")

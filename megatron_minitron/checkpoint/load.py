@@ -12,6 +12,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from ..config import ModelArch
+from . import integrity
 from .layout import resolve_checkpoint_dir
 from .metadata import MEGATRON_LM_FORMAT, check_arch, checkpoint_format, read_directory_metadata
 from .state import (DEFAULT_OPTIMIZER_SHARDING, PER_PARAMETER, RNG_KEY, collect_rng_state, current_layout,
@@ -30,6 +31,7 @@ def _prepare(path: str, model_chunks: list, arch: Optional[ModelArch]) -> tuple:
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised; call runtime.init_distributed() first")
     directory = resolve_checkpoint_dir(path)
+    integrity.verify_on_load(directory)  # a damaged or missing file is named before anything reads it
     metadata = read_directory_metadata(directory)
     if arch is not None:
         check_arch(arch, metadata)

@@ -2,7 +2,8 @@
 
 A training root is locked for the whole run (``ROOT/.minitron.lock``); an exact-directory output such as
 ``prune --save OUT`` is locked through a sibling file (``OUT.lock``), because OUT itself is replaced by a
-rename. A second writer fails at once with a message naming the holder (host, pid, command, start time).
+rename. A second writer (another process) fails at once with a message naming the holder (host, pid, command, start
+time); jobs within one process share the lock.
 The lock is released by the kernel when its process exits, however it exits, so a crash never leaves a
 stale lock and resuming after one is unaffected. Taken on rank 0 only: the other ranks write shards into
 directories rank 0 prepared under it.
@@ -17,6 +18,9 @@ import sys
 from typing import Optional
 
 ROOT_LOCK_NAME = ".minitron.lock"
+# Locks this process holds: path -> (fd, holders). flock conflicts between open files even within one
+# process; jobs of one process (demo, search, tests that resume in-process) share theirs instead.
+_HELD: dict = {}
 
 
 def lock_path_for(target: str, is_root: bool) -> str:
@@ -36,6 +40,11 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         if self._fd is not None:
             return self
+        if self.path in _HELD:  # this process holds it already (e.g. a resume built while a run object lives)
+            fd, count = _HELD[self.path]
+            _HELD[self.path] = (fd, count + 1)
+            self._fd = fd
+            return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -52,13 +61,22 @@ class OutputLock:
         os.write(fd, f"host {socket.gethostname()} pid {os.getpid()} since {stamp}: {command}\n".encode())
         os.fsync(fd)
         self._fd = fd
+        _HELD[self.path] = (fd, 1)
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._fd is None:
+            return
+        fd, count = _HELD.pop(self.path, (self._fd, 1))
+        if count > 1:
+            _HELD[self.path] = (fd, count - 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self._fd = None
+
+    def __del__(self) -> None:  # a job object dropped in a long-lived process (demo, search, tests)
+        self.release()
 
     def __enter__(self) -> "OutputLock":
         return self.acquire()
@@ -73,3 +91,24 @@ def _read(fd: int) -> str:
         return os.read(fd, 1000).decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def lock_output_on_rank0(target: str, is_root: bool, what: str) -> Optional[OutputLock]:
+    """Rank 0 takes the lock; every rank returns, or raises the holder's message, together. Keep the returned
+    object alive for as long as the job writes (the lock is released when it is collected or the process ends)."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    lock, error = None, None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            lock = OutputLock(target, is_root, what).acquire()
+        except ValueError as e:
+            error = str(e)
+    if distributed:
+        outcome = [error]
+        dist.broadcast_object_list(outcome, src=0)
+        error = outcome[0]
+    if error is not None:
+        raise ValueError(error)
+    return lock

@@ -13,14 +13,16 @@ ROOT/release (tracker "release"), which Megatron-LM loads with no flags.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
+import shutil
 import queue
 from typing import Optional
 
 import torch.distributed as dist
 
 from ..config import ModelArch, Parallel
-from . import layout
+from . import integrity, layout, space
 from .metadata import MEGATRON_LM_FORMAT, SAVE_FORMATS, build_metadata, write_metadata
 from .state import (DEFAULT_OPTIMIZER_SHARDING, RNG_KEY, collect_rng_state, current_layout,
                     model_sharded_state, optimizer_sharded_state, params_dtype,
@@ -150,6 +152,9 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is always kept), got {keep_last}")
     sharding = resolve_optimizer_sharding(optimizer, optimizer_sharding) if optimizer is not None else None
+    needed = space.estimate_checkpoint_bytes(model_chunks, optimizer is not None)
+    _on_rank0(lambda: space.check_free_space(os.path.dirname(paths.staging), needed),
+              f"checking free space for {paths.final}; nothing was changed")
     _on_rank0(lambda: layout.prepare_staging(paths), f"preparing {paths.staging}; nothing was changed")
 
     megatron_lm = format == MEGATRON_LM_FORMAT
@@ -184,8 +189,13 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
     state["extra"] = dict(extra or {})
 
     _use_in_process_results_queue()
-    dist_checkpointing.save(state, paths.staging, validate_access_integrity=validate_access_integrity,
-                            async_sharded_save=False, **save_kwargs)
+    try:
+        dist_checkpointing.save(state, paths.staging, validate_access_integrity=validate_access_integrity,
+                                async_sharded_save=False, **save_kwargs)
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        _discard_staging(paths, e)
+        raise
+    entries = integrity.shard_hashes(paths.staging)
 
     contents = {"model": True, "optimizer": optimizer is not None,
                 "optimizer_sharding": sharding,
@@ -199,6 +209,7 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
         metadata = build_metadata(arch, iteration, layout_now, contents, provenance, tokenizer, format=format)
         metadata["megatron_core"] = _megatron_version()
         write_metadata(paths.staging, metadata)
+        integrity.finish_manifest(paths.staging, entries)
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         layout.commit_staged(paths, f"iteration {iteration}\n{stamp}\n")
 
@@ -244,6 +255,21 @@ def _cuda_rng_in_use() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _discard_staging(paths: layout.SavePaths, error: Exception) -> None:
+    """A failed write (every rank raises: torch_dist gathers the writers' errors) leaves nothing behind: rank 0
+    removes the staging directory; the previous checkpoint was never touched. A full disk is said plainly."""
+    text = str(error)
+    # torch's zip writer reports a full disk as "unexpected pos N vs M", without an errno: the disk tells
+    disk_full = any(f"[Errno {code}]" in text for code in (errno.ENOSPC, errno.EDQUOT)) or (
+        getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT)) or space.nearly_full(paths.staging)
+    dist.barrier()  # every rank looked at the disk before the partial files go
+    if dist.get_rank() == 0:
+        shutil.rmtree(paths.staging, ignore_errors=True)
+    if disk_full:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} while writing the checkpoint; the partial "
+                                    f"save was removed and the previous checkpoint is intact", paths.final) from None
 
 
 def _on_rank0(step, what: str) -> None:

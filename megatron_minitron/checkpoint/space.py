@@ -58,5 +58,14 @@ def check_free_space(directory: str, needed: int) -> None:
                          f"(train.keep_last), or save to a filesystem with room")
 
 
+def nearly_full(directory: str, slack: int = 64 << 20) -> bool:
+    """Whether the filesystem holding ``directory`` has less than ``slack`` bytes left (a failed write there
+    is a full disk, whatever the writer's message says)."""
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free < slack
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"

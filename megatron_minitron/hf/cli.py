@@ -106,6 +106,8 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str 
         raise ValueError(f"--dtype {dtype!r}: choose fp32, bf16 or auto")
 
     runtime, dist = _init(tp, pp)
+    from ..checkpoint.lock import lock_output_on_rank0
+    output_lock = lock_output_on_rank0(out_dir, False, "--output directory")  # noqa: F841 (held until return)
     _say(runtime, f"{hf_dir}: {family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
                   f"vocab {arch.vocab_size} (embedding rows {arch.padded_vocab_size(tp)}) -> TP{tp} PP{pp} {dtype}")
     model = build_gpt(arch, parallel, dtype=DTYPES[dtype], device=runtime.device).eval()

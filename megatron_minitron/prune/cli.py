@@ -339,6 +339,12 @@ def run(args) -> int:
     with timer("validate"):
         job = prepare(args)
     rt = init_distributed(args.tp, args.pp)
+    from ..checkpoint.lock import lock_output_on_rank0
+    if job.rewrite is not None:  # one writer per output: a second prune into the same place fails at once
+        output_lock = lock_output_on_rank0(job.rewrite.root or job.rewrite.final, job.rewrite.root is not None,
+                                           "--in-place checkpoint")
+    else:
+        output_lock = lock_output_on_rank0(job.save, False, "--save directory")
     for note in job.notes:
         rank0_print(f"[prune] {note}")
     if job.rewrite is not None:

@@ -57,6 +57,9 @@ class Trainer:
             from ..data import check_token_ids
             check_token_ids(cfg.data.train_data, cfg.model.vocab_size, "data.train_data")
             check_token_ids(cfg.data.valid_data, cfg.model.vocab_size, "data.valid_data")
+        if cfg.train.save:  # one writer per root, for the whole run (a second run fails here, at once)
+            from ..checkpoint.lock import lock_output_on_rank0
+            self._save_lock = lock_output_on_rank0(cfg.train.save, is_root=True, what="train.save")
         set_seed(cfg.train.seed)
         self.dtype = resolve_dtype(cfg.train.precision)
         t = cfg.train
@@ -292,6 +295,8 @@ class Trainer:
         finally:
             progress.close()
             signals.restore()
+            if getattr(self, "_save_lock", None) is not None:
+                self._save_lock.release()  # the next writer (e.g. a resume in this process) may take it
         return st
 
 

@@ -12,7 +12,7 @@ from megatron_minitron.checkpoint.lock import OutputLock
 HOLD = """
 import sys, time
 from megatron_minitron.checkpoint.lock import OutputLock
-OutputLock(sys.argv[1], is_root=sys.argv[2] == "root", what="train.save").acquire()
+lock = OutputLock(sys.argv[1], is_root=sys.argv[2] == "root", what="train.save").acquire()
 print("held", flush=True)
 time.sleep(600)
 """
@@ -45,3 +45,16 @@ def test_lock_files_stay_out_of_the_checkpoint_names(tmp_path):
     exact = OutputLock(str(tmp_path / "pruned") + "/", is_root=False)
     assert root.path == str(tmp_path / "root" / ".minitron.lock")
     assert exact.path == str(tmp_path / "pruned.lock")
+
+
+def test_jobs_of_one_process_share_the_lock_and_release_it_last(tmp_path):
+    target = str(tmp_path / "root")
+    first = OutputLock(target, is_root=True).acquire()
+    second = OutputLock(target, is_root=True).acquire()  # e.g. a resumed Trainer built while the first lives
+    first.release()
+    probe = subprocess.run([sys.executable, "-c", HOLD, target, "root"], capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0 and "being written by another job" in probe.stderr  # still held by `second`
+    second.release()
+    holder = _holder(target, "root")  # now free for another process
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()

@@ -1,0 +1,43 @@
+"""`minitron verify CKPT`: check a whole checkpoint's files against its manifest, without loading a model."""
+from __future__ import annotations
+
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("verify", help="check a checkpoint's files (sizes and checksums) without loading it",
+                              description="Every file of the checkpoint against the MANIFEST.json written at\n"
+                                          "save time: missing, truncated, zero-length and damaged files are\n"
+                                          "named. Checkpoints without a manifest (older ones, Megatron-LM's)\n"
+                                          "get the checks possible without one: the files torch_dist's\n"
+                                          ".metadata refers to exist and hold their bytes.")
+    p.add_argument("checkpoint", help="a checkpoint root (follows its latest / tracker file) or directory")
+    p.add_argument("--sizes-only", action="store_true", help="check presence and sizes, skip the checksums")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from . import integrity
+    from .layout import resolve_checkpoint_dir
+    from .metadata import read_metadata
+
+    started = time.time()
+    directory = resolve_checkpoint_dir(args.checkpoint)
+    read_metadata(directory)  # the description parses (our metadata or Megatron-LM's common.pt)
+    manifest = integrity.read_manifest(directory)
+    if manifest is None:
+        problems = integrity.check_storage_references(directory)
+        if problems:
+            raise ValueError(integrity.damage_message(directory, problems))
+        print(f"{directory}: no {integrity.MANIFEST_FILE} (an older or foreign checkpoint): the files its "
+              f".metadata refers to are present and long enough; contents not checksummed", flush=True)
+        return 0
+    problems = integrity.check_files(directory, manifest, hashes=not args.sizes_only)
+    if problems:
+        raise ValueError(integrity.damage_message(directory, problems))
+    files = manifest["files"]
+    size = sum(entry["size"] for entry in files.values())
+    what = "sizes" if args.sizes_only else f"sizes and {manifest.get('algorithm')} checksums"
+    print(f"{directory}: OK, {len(files)} files ({size / 2**20:.1f} MiB), {what} match the manifest "
+          f"({time.time() - started:.1f} s)", flush=True)
+    return 0
