@@ -127,8 +127,39 @@ class Trainer:
         return [getattr(m, "module", m) for m in self.model]
 
     def log0(self, text: str) -> None:
-        if self.rt.is_rank0:
+        if not self.rt.is_rank0:
+            return
+        progress = getattr(self, "_progress", None)
+        if progress is not None:
+            progress.write(text)  # above the progress bar, never through it
+        else:
             print(text, flush=True)
+
+    def start_summary(self, tokens_per_iter: int) -> str:
+        cfg, st = self.cfg, self.state
+        teacher = getattr(self.objective, "teacher_arch", None)
+        what = (f"distill: student {self.arch.num_parameters():,} parameters from a teacher of "
+                f"{teacher.num_parameters():,}" if teacher is not None else
+                f"train: {self.arch.num_parameters():,} parameters")
+        where = cfg.train.save or "nowhere (train.save is not set)"
+        return (f"{what}; TP{self.rt.tp} PP{self.rt.pp} DP{self.rt.dp}; {tokens_per_iter:,} tokens per step "
+                f"({cfg.data.global_batch_size} x {cfg.model.seq_length}); iterations {st.iteration} -> "
+                f"{cfg.train.train_iters}; checkpoints to {where}")
+
+    def end_summary(self, start_iteration: int, seconds: float, tokens_per_iter: int) -> str:
+        st = self.state
+        ran = st.iteration - start_iteration
+        text = (f"done: {ran} iterations ({start_iteration} -> {st.iteration}), {ran * tokens_per_iter:,} tokens "
+                f"in {seconds:.0f} s")
+        key = next((k for k in ("val_loss", "val_lm_loss") if any(k in h for h in st.history)), None)
+        if key is not None:
+            points = [(h["iteration"], h[key]) for h in st.history if key in h]
+            best = min(points, key=lambda p: p[1])
+            text += (f"; final {key} {points[-1][1]:.4f} (iteration {points[-1][0]}), best {best[1]:.4f} "
+                     f"(iteration {best[0]})")
+        if self.cfg.train.save:
+            text += f"; checkpoints in {self.cfg.train.save}"
+        return text
 
     # ------------------------------------------------------------------ data
     @property
@@ -260,6 +291,9 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         progress.interval_seconds()
+        self._progress = progress
+        progress.write(self.start_summary(tokens_per_iter))
+        started = time.perf_counter()
         try:
             while st.iteration < t.train_iters:
                 metrics = self.train_step(train_iter)
@@ -292,7 +326,9 @@ class Trainer:
                     break
             if saved_at != st.iteration and st.iteration > start_iteration:
                 self.save()
+            progress.write(self.end_summary(start_iteration, time.perf_counter() - started, tokens_per_iter))
         finally:
+            self._progress = None
             progress.close()
             signals.restore()
             if getattr(self, "_save_lock", None) is not None:

@@ -55,12 +55,16 @@ def test_train_learns_and_checkpoints(corpus, tmp_path):
                     "data.global_batch_size=8", "train.train_iters=30", "train.lr=3e-3", "train.eval_interval=15",
                     "train.eval_iters=2", f"train.save={save}", "train.log_interval=5")
     assert "Warning" not in proc.stderr, proc.stderr  # library deprecation notices are filtered for users
+    # a summary at the start (size, layout, tokens per step) and at the end (final and best validation loss)
+    assert f"TP1 PP1 DP1; 256 tokens per step (8 x 32); iterations 0 -> 30; checkpoints to {save}" in proc.stdout
+    assert "done: 30 iterations (0 -> 30), 7,680 tokens in" in proc.stdout, proc.stdout
     records = read_metrics(save)
     losses = [r["lm_loss"] for r in records if "lm_loss" in r]
     vals = [r["val_lm_loss"] for r in records if "val_lm_loss" in r]
     assert len(losses) == 30 and len(vals) == 2
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses  # it learns real text
     assert vals[1] < vals[0]
+    assert f"final val_lm_loss {vals[1]:.4f} (iteration 30), best {min(vals):.4f}" in proc.stdout, proc.stdout
     with open(os.path.join(save, "latest")) as f:
         assert f.read().strip() == "iter_0000030"
     assert os.path.exists(os.path.join(save, "iter_0000030", "minitron.yaml"))
