@@ -160,10 +160,9 @@ def run_journey(tmp_path, kind):
     if kind == "hf_bos":
         original = bpe_tokenizer_adding_bos(corpus_text_file(tmp_path), hf_dir)
         random_llama(hf_dir, len(original), original.bos_token_id, original.eos_token_id, tied=False)
-        # documents end with <|endoftext|> (as SmolLM2's pretraining data); BOS follows from the tokenizer
+        # documents end with the tokenizer's EOS; BOS in front follows from the tokenizer's post-processor
         minitron("preprocess", "--corpus", "stdlib", "--corpus-bytes", CORPUS_BYTES, "--valid-percent", 10,
-                 "--tokenizer-type", "huggingface", "--tokenizer-model", hf_dir, "--eod-token", EOT,
-                 "--output-prefix", prefix)
+                 "--tokenizer-type", "huggingface", "--tokenizer-model", hf_dir, "--output-prefix", prefix)
         encode = original.encode  # the reference encoding: the original HF tokenizer's default
         target = ["hidden_size=48", "ffn_hidden_size=96", "num_attention_heads=2", "num_query_groups=1"]
     else:
@@ -199,14 +198,23 @@ def run_journey(tmp_path, kind):
     flat = torch.cat([torch.as_tensor(stored[i].astype("int64")) for i in range(len(stored))])
     assert flat.numel() >= 4 * WINDOW
     valid_windows = flat[:4 * WINDOW].view(4, WINDOW)  # as the data holds them (BOS/EOD included)
-    return dict(kind=kind, teacher=teacher, pruned=pruned, kd=kd, lm=lm, kd_cache=kd + "_cache",
+    return dict(kind=kind, hf_dir=str(hf_dir), data_args=data_args, teacher=teacher, pruned=pruned, kd=kd, lm=lm, kd_cache=kd + "_cache",
                 lm_cache=lm + "_cache", export=export, encode=encode, sidecar=sidecar, eval=evaluated,
                 valid_windows=valid_windows)
 
 
+JOURNEYS = {}  # kind -> run_journey's result, shared by the tests of this module
+
+
+def journey_of(kind, tmp_path_factory):
+    if kind not in JOURNEYS:
+        JOURNEYS[kind] = run_journey(tmp_path_factory.mktemp(kind), kind)
+    return JOURNEYS[kind]
+
+
 @pytest.fixture(scope="module", params=["hf_bos", "sentencepiece"])
 def journey(request, tmp_path_factory):
-    return run_journey(tmp_path_factory.mktemp(request.param), request.param)
+    return journey_of(request.param, tmp_path_factory)
 
 
 def test_prune_distill_and_baseline_keep_the_pruned_architecture_and_the_window(journey):
@@ -281,3 +289,22 @@ def test_exported_model_and_tokenizer_load_in_transformers_and_match(journey):
     for row, item in zip(TASK, items):
         reference = [lm_eval_loglikelihood(hf_tok, hf_model, row["context"], " " + c) for c in row["choices"]]
         assert item["loglikelihoods"] == pytest.approx(reference, abs=1e-3), row
+
+
+@pytest.mark.xfail(strict=True, reason="distill refuses data whose document separator (preprocess --eod-token) is "
+                   "not the tokenizer's EOS although the vocabulary fingerprints are equal: data/tokenizer.py "
+                   "same_tokenizer compares 'eod' (see /work/notes/journey_bugs.md #1)")
+def test_distill_takes_data_ending_documents_with_another_separator(tmp_path_factory, tmp_path):
+    """SmolLM2-style: the data's documents end with <|endoftext|>, the tokenizer's EOS is another token.
+    The same tokenizer (same vocabulary) wrote the data, so the distillation must run."""
+    journey = journey_of("hf_bos", tmp_path_factory)
+    prefix = str(tmp_path / "eot")
+    minitron("preprocess", "--corpus", "stdlib", "--corpus-bytes", CORPUS_BYTES, "--valid-percent", 10,
+             "--tokenizer-type", "huggingface", "--tokenizer-model", journey["hf_dir"], "--eod-token", EOT,
+             "--output-prefix", prefix)
+    overrides = [a for a in journey["data_args"] if not a.startswith(("data.train_data", "data.valid_data",
+                                                                        "train.train_iters", "train.eval"))]
+    minitron("distill", f"distill.teacher={journey['teacher']}", f"distill.student={journey['pruned']}",
+             f"data.train_data=[{prefix}_train]", f"data.valid_data=[{prefix}_valid]", "train.train_iters=1", "train.eval_interval=0",
+             f"train.save={tmp_path / 'kd'}", *overrides)
+    assert checkpoint.read_arch(str(tmp_path / "kd")) == checkpoint.read_arch(journey["pruned"])
