@@ -162,6 +162,12 @@ class LocalSlurm:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {proc.stderr}")
         return int(proc.stdout.strip().split(";")[0])
 
+    def scontrol(self, *args) -> bool:
+        return self._run("scontrol", *args).returncode == 0
+
+    def scancel(self, *args) -> bool:
+        return self._run("scancel", *args).returncode == 0
+
     def job(self, job_id: int) -> dict:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} once the job is forgotten."""
         proc = self._run("scontrol", "show", "job", "-o", str(job_id))

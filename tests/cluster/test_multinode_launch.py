@@ -3,9 +3,9 @@ c10d rendezvous as on a cluster): a TP2 distillation whose two tensor-parallel r
 gives exactly the losses of the single-node TP2 run (two ranks under one torchrun)."""
 import os
 import socket
-import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
-from cluster_helpers import BASE_ENV, ROOT, distill_args, losses
+from cluster_helpers import BASE_ENV, ROOT, distill_args, losses, run_launcher
 
 ITERS = 20  # as many as short_reference
 
@@ -22,17 +22,10 @@ def test_two_nodes_on_localhost_equal_one_node(tiny, short_reference, tmp_path):
                RDZV_ID="two-nodes-test", CONFIG=os.path.join(ROOT, "examples", "tiny_cpu_distill.yaml"))
     args = ["bash", os.path.join(ROOT, "launch", "distill.sh"), "parallel.tensor_model_parallel_size=2",
             "parallel.sequence_parallel=true", "data.micro_batch_size=4", *distill_args(tiny, save, ITERS)]
-    logs = [open(tmp_path / f"node{rank}.log", "w") for rank in (0, 1)]
-    nodes = [subprocess.Popen(args, env=dict(env, NODE_RANK=str(rank)), cwd=str(tmp_path), stdout=logs[rank],
-                              stderr=subprocess.STDOUT, start_new_session=True) for rank in (0, 1)]
-    try:
-        codes = [node.wait(timeout=600) for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                os.killpg(node.pid, 9)
-        for log in logs:
-            log.close()
+    with ThreadPoolExecutor(2) as pool:  # both "nodes" at once: each waits for the other at the rendezvous
+        runs = [pool.submit(run_launcher, args, dict(env, NODE_RANK=str(rank)), str(tmp_path),
+                            str(tmp_path / f"node{rank}.log"), 600) for rank in (0, 1)]
+        codes = [run.result() for run in runs]
     text = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
     assert codes == [0, 0], "\n\n".join(t[-3000:] for t in text)
     for rank in (0, 1):  # each node ran its own torchrun with the multi-node rendezvous
