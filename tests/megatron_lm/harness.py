@@ -8,7 +8,7 @@ Two operations, each launched like a user's ``torchrun pretrain_gpt.py ...`` run
       ``setup_model_and_optimizer(model_provider, ...)``, optionally runs real ``train_step``s of
       pretrain_gpt's ``forward_step`` on a fixed batch, then calls its real ``save_checkpoint``.
 
-  torchrun --nproc-per-node N harness.py load ROOT --dump F [-- FLAGS]
+  torchrun --nproc-per-node N harness.py load ROOT --dump F [--check-rng] [-- FLAGS] [--then load ...]
       Megatron-LM builds the model from the checkpoint's own args (``--use-checkpoint-args``, the way a user
       resumes a checkpoint whose architecture the command line does not repeat) and loads it with
       ``--load ROOT`` and default flags (no --no-load-rng / --no-load-optim / --finetune): its real
@@ -343,8 +343,7 @@ def load(opts, flags):
     rank0_print(f"loaded {opts.root} iteration {args.iteration}")
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_run(argv):
     flags = []
     if "--" in argv:
         at = argv.index("--")
@@ -360,8 +359,27 @@ def main(argv=None):
     opts = parser.parse_args(argv)
     if opts.op == "load" and not opts.dump:
         parser.error("load needs --dump")
+    return opts, flags
+
+
+def main(argv=None):
+    """One run, or several separated by ``--then`` in one launch (imports are most of a run's time): between
+    runs Megatron-LM's own destroy_global_state() resets its globals, as its unit tests do."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    runs = [[]]
+    for arg in argv:
+        if arg == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
     sys.path.insert(0, REPO_ROOT)
-    (write if opts.op == "write" else load)(opts, flags)
+    for i, run in enumerate(runs):
+        opts, flags = parse_run(run)
+        if i:
+            from megatron.training.training import destroy_global_state
+
+            destroy_global_state()
+        (write if opts.op == "write" else load)(opts, flags)
 
 
 if __name__ == "__main__":

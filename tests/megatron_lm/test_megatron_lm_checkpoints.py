@@ -3,7 +3,8 @@
 One Megatron-LM run (TP2, 2 ranks, a real train step) writes SRC the way `pretrain_gpt.py --ckpt-format
 torch_dist` does; then:
   * prune: `minitron prune --save` at TP1 and `--in-place --tp 2` on a copy (same scores) -> Megatron-LM's
-    load_checkpoint (default flags, architecture from the checkpoint's args) loads each at the other TP; the
+    load_checkpoint (default flags, architecture from the checkpoint's args) loads each at the other TP (both
+    in one 2-rank launch); the
     loaded tensors are the ones in the files (plain torch.distributed.checkpoint), the same for both prunes,
     the slices of SRC that prune_plan.json names; logits equal ours; iteration as recorded.
   * HF: `convert mcore-to-hf` of SRC gives transformers logits equal to Megatron-LM's; `convert hf-to-mcore
@@ -13,8 +14,10 @@ torch_dist` does; then:
     the LM loss and gradient norm of `train.load=SRC`'s first step; its save (train.save_format=megatron-lm,
     with LM loss so the optimizer state is not zero) is resumed by Megatron-LM with its optimizer state and
     scheduler, at the saved iteration.
-Megatron-LM runs fp32 with the non-distributed optimizer: megatron-core 0.16.1 without Apex/TE cannot load a
-distributed-optimizer checkpoint (DistributedOptimizer.state_dict asserts on an empty torch Adam state).
+  * bf16 + --use-distributed-optimizer (the usual pretrain_gpt.py setting): our reading and HF export.
+Megatron-LM loads run fp32 with the non-distributed optimizer: megatron-core 0.16.1 without Apex/TE cannot load
+a distributed-optimizer checkpoint (DistributedOptimizer.state_dict asserts on an empty torch Adam state).
+Each Megatron-LM launch costs ~10 s of imports per rank; the file takes about 2.5 minutes on 2 idle cores.
 """
 import json
 import os
@@ -74,14 +77,25 @@ def minitron_torchrun(nproc, *argv):
 
 def megatron_lm(op, root, nproc, dump, *flags, **opts):
     """Megatron-LM (harness.py) writes or loads ROOT; returns (its output, the dump)."""
-    extra = [x for k, v in opts.items() for x in ((f"--{k.replace('_', '-')}",) + (() if v is True else (v,)))]
-    out = torchrun(os.path.join(HERE, "harness.py"), nproc, op, root, "--dump", dump, *extra, "--", *RUN_FLAGS,
-                   *flags, timeout=600)
-    assert os.path.exists(dump), f"Megatron-LM {op} exited without finishing (sys.exit?):\n{out[-4000:]}"
+    out, (loaded,) = megatron_lm_runs(nproc, [(op, root, dump, flags, opts)])
+    return out, loaded
+
+
+def megatron_lm_runs(nproc, runs):
+    """Several harness runs [(op, root, dump, flags, opts)] in one launch; returns (output, [dump, ...])."""
+    argv = []
+    for op, root, dump, flags, opts in runs:
+        extra = [x for k, v in opts.items() for x in ((f"--{k.replace('_', '-')}",) + (() if v is True else (v,)))]
+        argv += [*(["--then"] if argv else []), op, root, "--dump", dump, *extra, "--", *RUN_FLAGS, *flags]
+    out = torchrun(os.path.join(HERE, "harness.py"), nproc, *argv, timeout=600)
     assert "Unable to load" not in out, out[-4000:]
-    if op == "load":  # not "could not find the metadata file ... will start from random"
-        assert "successfully loaded checkpoint" in out and "start from random" not in out, out[-4000:]
-    return out, torch.load(dump, weights_only=False)
+    loads = sum(op == "load" for op, *_ in runs)  # none may say "... will start from random"
+    assert out.count("successfully loaded checkpoint") == loads and "start from random" not in out, out[-4000:]
+    dumps = []
+    for op, root, dump, *_ in runs:
+        assert os.path.exists(dump), f"Megatron-LM {op} {root} exited without finishing (sys.exit?):\n{out[-4000:]}"
+        dumps.append(torch.load(dump, weights_only=False))
+    return out, dumps
 
 
 def file_tensors(root):
@@ -205,9 +219,11 @@ def test_pruned_at_tp1_and_in_place_at_tp2_load_in_megatron_lm(source, corpus, t
         check_pruned_slices(save_files, source["tensors"], json.load(f))
 
     ours = our_logits(save)
-    for root, nproc in ((save, 2), (in_place, 1)):  # Megatron-LM loads each at the other TP
-        out, loaded = megatron_lm("load", root, nproc, str(tmp_path / f"{os.path.basename(root)}.pt"),
-                                  "--tensor-model-parallel-size", nproc)
+    # one launch of 2 ranks: Megatron-LM loads each at the other TP (TP1 here runs DP2)
+    runs = [("load", root, str(tmp_path / f"{os.path.basename(root)}.pt"), ["--tensor-model-parallel-size", tp], {})
+            for root, tp in ((save, 2), (in_place, 1))]
+    _, dumps = megatron_lm_runs(2, runs)
+    for (_, root, *_), loaded in zip(runs, dumps):
         args = loaded["args"]
         built = [args[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                    "num_query_groups", "kv_channels", "padded_vocab_size")]
