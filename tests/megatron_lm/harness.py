@@ -169,9 +169,13 @@ def train_steps(model, optimizer, opt_param_scheduler, args, steps):
     for step in range(steps):
         text = fixed_tokens(args.micro_batch_size, args.seq_length + 1, seed=step)
         # one micro-batch per step (global batch = micro batch x DP), shaped like GPTDataset's items
-        data = RerunDataIterator(iter([{"tokens": text[:, :-1], "labels": text[:, 1:],
-                                        "loss_mask": torch.ones(text.shape[0], text.shape[1] - 1),
-                                        "position_ids": torch.arange(args.seq_length).expand(text.shape[0], -1)}]))
+        batch = {"tokens": text[:, :-1], "labels": text[:, 1:],
+                 "loss_mask": torch.ones(text.shape[0], text.shape[1] - 1),
+                 "position_ids": torch.arange(args.seq_length).expand(text.shape[0], -1)}
+        if args.create_attention_mask_in_dataloader:  # GPTDataset's causal mask (True = masked); TP ranks > 0
+            causal = torch.tril(torch.ones(args.seq_length, args.seq_length)) < 0.5  # expect it broadcast
+            batch["attention_mask"] = causal.expand(text.shape[0], 1, -1, -1).contiguous()
+        data = RerunDataIterator(iter([batch]))
         result = train_step(pretrain_gpt.forward_step, data, model, optimizer, opt_param_scheduler, config,
                             get_forward_backward_func())
         loss_dict, skipped = result[0], result[1]

@@ -46,8 +46,6 @@ ARCH_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "
               "--max-position-embeddings", str(SEQ), "--normalization", "RMSNorm", "--swiglu",
               "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
               "--init-method-std", "0.1"]  # weights large enough that a wrong mapping moves logits by >> 1e-4
-# How the data is fed (no mask tensors in the batches; the local spec builds the causal mask).
-RUN_FLAGS = ["--no-create-attention-mask-in-dataloader"]
 # groups stay divisible by 2: the in-place prune runs at TP2, and Megatron-LM loads the result at TP2
 TARGETS = ["hidden_size=48", "ffn_hidden_size=96", "num_attention_heads=2", "num_query_groups=2", "num_layers=1"]
 ATOL = 1e-4
@@ -86,7 +84,7 @@ def megatron_lm_runs(nproc, runs):
     argv = []
     for op, root, dump, flags, opts in runs:
         extra = [x for k, v in opts.items() for x in ((f"--{k.replace('_', '-')}",) + (() if v is True else (v,)))]
-        argv += [*(["--then"] if argv else []), op, root, "--dump", dump, *extra, "--", *RUN_FLAGS, *flags]
+        argv += [*(["--then"] if argv else []), op, root, "--dump", dump, *extra, "--", *flags]
     out = torchrun(os.path.join(HERE, "harness.py"), nproc, *argv, timeout=600)
     assert "Unable to load" not in out, out[-4000:]
     loads = sum(op == "load" for op, *_ in runs)  # none may say "... will start from random"
