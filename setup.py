@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.45", "safetensors", "tokenizers", "triton",
-             "six"],  # six: imported by the vendored Megatron-LM (tests/megatron_lm/vendor)
+             "six", "pydantic"],  # imported by the vendored Megatron-LM (tests/megatron_lm/vendor)
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "wandb": ["wandb"],
         "triton": ["triton"],

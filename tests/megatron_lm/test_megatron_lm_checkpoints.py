@@ -4,20 +4,21 @@ One Megatron-LM run (TP2, 2 ranks, a real train step) writes SRC the way `pretra
 torch_dist` does; then:
   * prune: `minitron prune --save` at TP1 and `--in-place --tp 2` on a copy (same scores) -> Megatron-LM's
     load_checkpoint (default flags, architecture from the checkpoint's args) loads each at the other TP (both
-    in one 2-rank launch); the
-    loaded tensors are the ones in the files (plain torch.distributed.checkpoint), the same for both prunes,
-    the slices of SRC that prune_plan.json names; logits equal ours; iteration as recorded.
+    in one 2-rank launch); the loaded tensors are the ones in the files (plain torch.distributed.checkpoint),
+    the same for both prunes, the slices of SRC that prune_plan.json names; logits equal ours; iteration as
+    recorded.
   * HF: `convert mcore-to-hf` of SRC gives transformers logits equal to Megatron-LM's; `convert hf-to-mcore
     --format megatron-lm` of that export is loaded by Megatron-LM with SRC's exact tensors and the same logits;
     `minitron eval` gives the same LM loss on SRC, on that import and on a minitron-format import.
   * distill: teacher = student = SRC gives KD loss 0 at the first step (both roles read the same weights), and
     the LM loss and gradient norm of `train.load=SRC`'s first step; its save (train.save_format=megatron-lm,
     with LM loss so the optimizer state is not zero) is resumed by Megatron-LM with its optimizer state and
-    scheduler, at the saved iteration.
+    scheduler, at the saved iteration; its rng_state is what Megatron-LM's load requests and restores.
   * bf16 + --use-distributed-optimizer (the usual pretrain_gpt.py setting): our reading and HF export.
 Megatron-LM loads run fp32 with the non-distributed optimizer: megatron-core 0.16.1 without Apex/TE cannot load
 a distributed-optimizer checkpoint (DistributedOptimizer.state_dict asserts on an empty torch Adam state).
-Each Megatron-LM launch costs ~10 s of imports per rank; the file takes about 2.5 minutes on 2 idle cores.
+Each Megatron-LM launch costs ~10 s of imports per rank; the file uses about 180 CPU-seconds (2 min 20 s wall
+measured on 2 lightly shared cores).
 """
 import json
 import os
