@@ -40,8 +40,10 @@ TRACKER = layout.TRACKER_FILE
 
 
 def strip_ours(directory):
-    """A directory as Megatron-LM writes it: without our minitron.yaml and COMMIT."""
-    for name in (layout.METADATA_FILE, layout.COMMIT_FILE):
+    """A directory as Megatron-LM writes it: without our minitron.yaml, COMMIT and MANIFEST.json."""
+    from megatron_minitron.checkpoint.integrity import MANIFEST_FILE
+
+    for name in (layout.METADATA_FILE, layout.COMMIT_FILE, MANIFEST_FILE):
         os.remove(os.path.join(directory, name))
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import torchrun
+from procs import torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

@@ -4,7 +4,7 @@ import os
 import numpy as np
 
 from megatron_minitron.data import write_indexed_dataset
-from conftest import torchrun
+from procs import torchrun
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -2,7 +2,7 @@
 TP1 x DP4, TP2 x DP2 and through `minitron eval` at TP2 x PP2 (see eval_layouts_worker.py)."""
 import os
 
-from conftest import torchrun
+from procs import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "eval_layouts_worker.py")
 

@@ -2,7 +2,7 @@
 interpreter epilogues, with and without sequence parallelism) vs float64 full-vocabulary references. One launch."""
 import os
 
-from conftest import torchrun
+from procs import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "kd_linear_tp_worker.py")
 

@@ -2,7 +2,7 @@
 hidden-state losses vs float64 full-vocabulary / full-sequence references. One launch for all checks."""
 import os
 
-from conftest import torchrun
+from procs import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "kd_tp_worker.py")
 

@@ -2,7 +2,7 @@
 TP1PP1, TP2PP1, TP1PP2 and TP2PP2 (see prune_layouts_worker.py)."""
 import os
 
-from conftest import torchrun
+from procs import torchrun
 
 WORKER = os.path.join(os.path.dirname(__file__), "prune_layouts_worker.py")
 

@@ -1,6 +1,6 @@
 import os
 
-from conftest import torchrun
+from procs import torchrun
 
 HERE = os.path.dirname(__file__)
 

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import harness  # noqa: E402
 
-from conftest import torchrun  # noqa: E402
+from procs import torchrun  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
