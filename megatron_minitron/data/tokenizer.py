@@ -337,12 +337,13 @@ def record_fingerprint(record) -> Optional[str]:
 
 def same_tokenizer(a, b) -> Optional[bool]:
     """Whether two tokenizer records name the same tokenizer, judged by what they are (vocabulary
-    fingerprint, and the EOD id when both record one), never by where they are. None when it cannot be
-    told (a record without fingerprint whose files are gone)."""
+    fingerprint and size), never by where they are. The EOD id is not part of it: it is the token a dataset
+    ends documents with (``preprocess --eod-token``), a property of the data, not of the tokenizer. None when
+    it cannot be told (a record without fingerprint whose files are gone)."""
     if not a or not b:
         return None
     if isinstance(a, dict) and isinstance(b, dict):
-        for key in ("vocab_size", "eod"):
+        for key in ("vocab_size",):
             if a.get(key) is not None and b.get(key) is not None and int(a[key]) != int(b[key]):
                 return False
     fa, fb = record_fingerprint(a), record_fingerprint(b)

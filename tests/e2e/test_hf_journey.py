@@ -291,9 +291,6 @@ def test_exported_model_and_tokenizer_load_in_transformers_and_match(journey):
         assert item["loglikelihoods"] == pytest.approx(reference, abs=1e-3), row
 
 
-@pytest.mark.xfail(strict=True, reason="distill refuses data whose document separator (preprocess --eod-token) is "
-                   "not the tokenizer's EOS although the vocabulary fingerprints are equal: data/tokenizer.py "
-                   "same_tokenizer compares 'eod' (see /work/notes/journey_bugs.md #1)")
 def test_distill_takes_data_ending_documents_with_another_separator(tmp_path_factory, tmp_path):
     """SmolLM2-style: the data's documents end with <|endoftext|>, the tokenizer's EOS is another token.
     The same tokenizer (same vocabulary) wrote the data, so the distillation must run."""

@@ -144,7 +144,9 @@ def test_fingerprint_follows_the_vocabulary_not_the_path(stdlib_text, tmp_path):
     assert same_tokenizer({"type": "sentencepiece", "path": model}, {"path": str(copy)}) is True
     assert same_tokenizer(a.describe(), {"type": "sentencepiece", "path": other}) is False
     assert same_tokenizer(a.describe(), {"path": str(tmp_path / "gone.model")}) is None
-    assert same_tokenizer({**a.describe(), "fingerprint": None, "path": "gone"}, {**a.describe(), "eod": 0}) is False
+    assert same_tokenizer({**a.describe(), "fingerprint": None, "path": "gone"},
+                          {**a.describe(), "vocab_size": a.vocab_size + 1}) is False
+    assert same_tokenizer(a.describe(), {**a.describe(), "eod": a.eod + 1}) is True  # another separator, same one
     # one changed piece is another vocabulary
     pieces = a.pieces()
     assert vocabulary_fingerprint(pieces[:-1] + ["x" + pieces[-1]]) != a.fingerprint
