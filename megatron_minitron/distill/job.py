@@ -104,5 +104,11 @@ def run(cfg: DistillConfig):
                   "distill": to_dict(cfg.distill)}
     trainer = Trainer(cfg, objective=KDObjective(cfg.distill, teacher_arch, cfg.distill.teacher),
                       provenance=provenance).setup()
+    if trainer.rt.is_rank0 and cfg.train.save:  # the resolved run config beside metrics.jsonl, as train does
+        import os
+
+        from ..config import dump_yaml
+        os.makedirs(cfg.train.save, exist_ok=True)
+        dump_yaml(cfg, os.path.join(cfg.train.save, "config.yaml"))
     state = trainer.run()
     return trainer, state

@@ -169,6 +169,14 @@ def family_for_arch(arch: ModelArch) -> str:
     return "llama"
 
 
+def _transformers_major() -> int:
+    try:
+        from importlib.metadata import version
+        return int(version("transformers").split(".")[0])
+    except Exception:  # not installed: the export itself does not need it
+        return 0
+
+
 def check_arch_exportable(arch: ModelArch, family: str) -> None:
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
@@ -193,6 +201,13 @@ def check_arch_exportable(arch: ModelArch, family: str) -> None:
         problems.append("mistral has no linear biases")
     if arch.rope_scaling and family not in ("llama",):
         problems.append(f"{family} has no llama3 rope scaling")
+    heads = arch.num_attention_heads
+    if arch.hidden_size % heads and _transformers_major() >= 5:
+        lower, upper = arch.hidden_size // heads * heads, (arch.hidden_size // heads + 1) * heads
+        problems.append(f"hidden_size={arch.hidden_size} is not a multiple of num_attention_heads={heads}: "
+                        f"transformers {_transformers_major()}.x refuses such a config (validate_architecture) "
+                        f"even with head_dim given; prune to a hidden size divisible by {heads}, e.g. "
+                        f"{lower} or {upper}")
     if problems:
         raise ValueError(f"cannot export this model as {family}: " + "; ".join(problems))
 

@@ -1,5 +1,6 @@
 """config.json <-> ModelArch for each family, checked against transformers' own config objects."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -113,3 +114,21 @@ def test_export_rejects_arch_the_family_cannot_hold():
     arch, _ = arch_from_hf_config(_hf_config("nemotron").to_dict())
     with pytest.raises(ValueError, match="cannot export this model as llama"):
         hf_config_from_arch(arch, "llama")
+
+
+def test_export_names_hidden_sizes_transformers_accepts():
+    """A width-pruned hidden size that is not a multiple of the head count (head_dim explicit) is refused by
+    transformers 5's config validation; export says so before writing, naming sizes that work."""
+    import transformers
+
+    arch, _ = arch_from_hf_config(_hf_config("llama").to_dict())
+    heads = arch.num_attention_heads
+    odd = dataclasses.replace(arch, hidden_size=heads * 5 + 1, kv_channels=arch.head_dim)
+    if int(transformers.__version__.split(".")[0]) < 5:
+        hf_config_from_arch(odd, "llama")  # older transformers take it
+        return
+    with pytest.raises(ValueError, match=rf"not a multiple of num_attention_heads={heads}.*e\.g\. {heads * 5} or "
+                                         rf"{heads * 6}"):
+        hf_config_from_arch(odd, "llama")
+    cfg = hf_config_from_arch(dataclasses.replace(odd, hidden_size=heads * 5), "llama")
+    transformers.LlamaConfig(**cfg)  # the suggested size is one transformers accepts
