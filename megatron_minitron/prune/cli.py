@@ -345,6 +345,12 @@ def run(args) -> int:
                                            "--in-place checkpoint")
     else:
         output_lock = lock_output_on_rank0(job.save, False, "--save directory")
+    where = f"in place ({job.rewrite.final})" if job.rewrite is not None else f"-> {job.save}"
+    source = "--scores file" if job.scores is not None else (
+        f"{args.num_samples} calibration samples x {job.seq_length} tokens from {args.data}")
+    rank0_print(f"[prune] {args.load}: {job.arch.num_parameters():,} parameters, {job.arch.num_layers} layers, "
+                f"hidden {job.arch.hidden_size}, ffn {job.arch.ffn_hidden_size}, {job.arch.num_attention_heads} "
+                f"heads / {job.arch.query_groups} groups; TP{rt.tp} PP{rt.pp}; importance from {source}; {where}")
     for note in job.notes:
         rank0_print(f"[prune] {note}")
     if job.rewrite is not None:

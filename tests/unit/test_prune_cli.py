@@ -23,7 +23,7 @@ def parse(argv):
     return parser.parse_args(["prune", *argv])
 
 
-def test_prune_cli_end_to_end(tmp_path):
+def test_prune_cli_end_to_end(tmp_path, capsys):
     init_distributed(1, 1)
     set_seed(2)
     model = build_gpt(ARCH, Parallel())
@@ -36,6 +36,11 @@ def test_prune_cli_end_to_end(tmp_path):
     common = ["--load", src, "--scores", scores_path, "--target", *targets]
     assert prune_cli.run(parse([*common, "--save", str(tmp_path / "out"), "--data", str(tmp_path / "calib"),
                                 "--num-samples", "8", "--micro-batch-size", "2"])) == 0
+    started = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"[prune] {src}:")]
+    assert started == [f"[prune] {src}: {ARCH.num_parameters():,} parameters, {ARCH.num_layers} layers, hidden "
+                       f"{ARCH.hidden_size}, ffn {ARCH.ffn_hidden_size}, {ARCH.num_attention_heads} heads / "
+                       f"{ARCH.query_groups} groups; TP1 PP1; importance from 8 calibration samples x "
+                       f"{ARCH.seq_length} tokens from {tmp_path / 'calib'}; -> {tmp_path / 'out'}"], started
     out_arch = checkpoint.read_arch(str(tmp_path / "out"))
     assert (out_arch.num_layers, out_arch.hidden_size, out_arch.ffn_hidden_size,
             out_arch.num_attention_heads) == (1, 24, 32, 2)
