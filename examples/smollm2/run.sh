@@ -4,8 +4,8 @@
 # (width; and depth) -> distill from the unpruned teacher -> baselines -> export -> `minitron eval` and
 # lm-evaluation-harness. See examples/smollm2/README.md for what it measured.
 #
-#   bash examples/smollm2/run.sh                  # everything under runs/smollm2 (about 45 min, 2 CPU cores)
-#   OUT=/tmp/s STEPS=20 bash examples/smollm2/run.sh   # a quick smoke run
+#   bash examples/smollm2/run.sh                  # everything under runs/smollm2 (times: README.md)
+#   OUT=/tmp/smoke STEPS=3 CALIB=8 EVAL_SAMPLES=4 bash examples/smollm2/run.sh   # every step, quickly
 #
 # Run it from the repository root in an environment where megatron-minitron is installed
 # (`pip install torch==2.13.0 && pip install -e ".[hf]"`). It installs the three packages it needs on top:
