@@ -23,6 +23,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 transformers = pytest.importorskip("transformers")
@@ -233,6 +234,8 @@ def test_prune_distill_and_baseline_keep_the_pruned_architecture_and_the_window(
         assert len([r for r in records if loss_key in r]) == ITERS
         # trained on windows of WINDOW tokens (the user's model.seq_length), not on the checkpoint's 64
         assert window_lengths(journey[run + "_cache"]) == {WINDOW}, run
+        with open(os.path.join(journey[run], "config.yaml")) as f:  # and the run's resolved config says so
+            assert yaml.safe_load(f)["model"]["seq_length"] == WINDOW, run
     lm = [r["lm_loss"] for r in read_metrics(journey["lm"]) if "lm_loss" in r]
     assert sum(lm[-3:]) / 3 < sum(lm[:3]) / 3 - 0.1, lm  # the baseline learns the text
 
@@ -302,6 +305,6 @@ def test_distill_takes_data_ending_documents_with_another_separator(tmp_path_fac
     overrides = [a for a in journey["data_args"] if not a.startswith(("data.train_data", "data.valid_data",
                                                                         "train.train_iters", "train.eval"))]
     minitron("distill", f"distill.teacher={journey['teacher']}", f"distill.student={journey['pruned']}",
-             f"data.train_data=[{prefix}_train]", f"data.valid_data=[{prefix}_valid]", "train.train_iters=1", "train.eval_interval=0",
-             f"train.save={tmp_path / 'kd'}", *overrides)
+             f"data.train_data=[{prefix}_train]", f"data.valid_data=[{prefix}_valid]", "train.train_iters=1",
+             "train.eval_interval=0", f"train.save={tmp_path / 'kd'}", *overrides)
     assert checkpoint.read_arch(str(tmp_path / "kd")) == checkpoint.read_arch(journey["pruned"])
