@@ -133,7 +133,8 @@ def main(argv=None) -> int:
                          f"{fmt(t.get('max_loglik_diff'), 6)} |")
     if times:
         lines += ["", "| step | wall time (s) |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in times.items()]
-        lines.append(f"| sum of the steps (more than the wall time when steps ran side by side) | {sum(times.values())} |")
+        lines.append("| sum of the steps (more than the wall time when steps ran side by side) | "
+                     f"{sum(times.values())} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
