@@ -174,6 +174,8 @@ def _vocab_from_args(args) -> tuple:
     tp = int(_get(args, "tensor_model_parallel_size", default=1))
     divisible_by = int(_get(args, "make_vocab_size_divisible_by", default=128))
     vocab = _get(args, "vocab_size")
+    if vocab is not None and str(_get(args, "tokenizer_type", default="")) == "NullTokenizer":
+        vocab = int(vocab) + 1  # Megatron-LM's NullTokenizer appends its EOD as id vocab_size: one more entry
 
     def pads_to(v: int, d: int) -> bool:
         return ((v + d * tp - 1) // (d * tp)) * (d * tp) == padded
@@ -313,6 +315,8 @@ def args_from_arch(arch: ModelArch, parallel=None, **extra) -> argparse.Namespac
         "params_dtype": torch.float32, "fp16_lm_cross_entropy": False,
     })
     values.update(extra)
+    if values.get("tokenizer_type") == "NullTokenizer" and "vocab_size" not in extra:
+        values["vocab_size"] = arch.vocab_size - 1  # its tokenizer adds the EOD as id vocab_size (see _vocab_from_args)
     return argparse.Namespace(**values)
 
 
