@@ -23,6 +23,11 @@ ROOT_LOCK_NAME = ".minitron.lock"
 _HELD: dict = {}
 
 
+def is_lock_file(name: str) -> bool:
+    """Whether a directory entry is one of these lock files (left behind by design; never a checkpoint)."""
+    return name == ROOT_LOCK_NAME or name.endswith(".lock")
+
+
 def lock_path_for(target: str, is_root: bool) -> str:
     target = os.path.abspath(target.rstrip(os.sep) or target)
     return os.path.join(target, ROOT_LOCK_NAME) if is_root else target + ".lock"

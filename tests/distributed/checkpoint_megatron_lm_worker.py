@@ -39,6 +39,13 @@ ARCH = ModelArch(num_layers=3, hidden_size=32, ffn_hidden_size=48, num_attention
 TRACKER = layout.TRACKER_FILE
 
 
+def entries(path):
+    """A directory's entries without our lock files (they stay behind by design, see checkpoint/lock.py)."""
+    from megatron_minitron.checkpoint.lock import is_lock_file
+
+    return sorted(name for name in os.listdir(path) if not is_lock_file(name))
+
+
 def strip_ours(directory):
     """A directory as Megatron-LM writes it: without our minitron.yaml, COMMIT and MANIFEST.json."""
     from megatron_minitron.checkpoint.integrity import MANIFEST_FILE
@@ -107,7 +114,7 @@ def check_save_crashes(work):
         assert same(weights(model), torch.load(os.path.join(refs, f"{iteration}_{seed}.pt"))), iteration
 
     def dirs():
-        return sorted(os.listdir(root))
+        return entries(root)
 
     assert in_child(lambda: save(1, 11)) == 0
     survivor = (1, 11)
@@ -155,7 +162,7 @@ def check_prune_in_place_crashes(work):
                          layers={"bi": torch.rand(3, generator=g).double()}, num_samples=4).save(scores)
         ref = os.path.join(work, "mlm_ref")
         assert prune_cli.run(parse(["--load", src, "--save", ref, "--scores", scores, "--target", *TARGETS])) == 0
-        assert sorted(os.listdir(ref)) == ["latest_checkpointed_iteration.txt", "release"], os.listdir(ref)
+        assert entries(ref) == ["latest_checkpointed_iteration.txt", "release"], os.listdir(ref)
 
     assert in_child(make_source) == 0, "building the Megatron-LM source failed"
     # crash point -> (what the root then loads, what a later run must do)
@@ -192,7 +199,7 @@ def check_prune_in_place_crashes(work):
             assert arch == new_arch and same(state, new), point
             with open(os.path.join(root, TRACKER)) as f:
                 assert f.read() == "release", point
-            left = sorted(os.listdir(root))
+            left = entries(root)
             # a crash between moving the tracker and deleting the source leaves the source iteration behind
             want = ["iter_0000100", TRACKER, "release"] if point == "prune_before_delete" else [TRACKER, "release"]
             assert left == want, f"{point}: left {left}"
@@ -265,7 +272,7 @@ def reshard(work):
         # TE names for the fused norms, as Megatron-LM's default (TE) spec writes them
         assert any(k.endswith("self_attention.linear_qkv.layer_norm_weight") for k in keys), sorted(keys)[:20]
         assert any(k.endswith("mlp.linear_fc1.layer_norm_weight") for k in keys)
-        assert sorted(os.listdir(release_root)) == [TRACKER, "release"]
+        assert entries(release_root) == [TRACKER, "release"]
         with open(os.path.join(release_root, TRACKER)) as f:
             assert f.read() == "release"
         rel = torch.load(os.path.join(release, "common.pt"), weights_only=False)
