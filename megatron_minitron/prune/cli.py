@@ -343,7 +343,7 @@ def run(args) -> int:
     if job.rewrite is not None:  # one writer per output: a second prune into the same place fails at once
         output_lock = lock_output_on_rank0(job.rewrite.root or job.rewrite.final, job.rewrite.root is not None,
                                            "--in-place checkpoint")
-    else:
+    elif job.save:  # --scores-only writes no checkpoint
         output_lock = lock_output_on_rank0(job.save, False, "--save directory")
     where = f"in place ({job.rewrite.final})" if job.rewrite is not None else f"-> {job.save}"
     source = "--scores file" if job.scores is not None else (

@@ -116,8 +116,9 @@ def run_search(cfg: SearchConfig, after_candidate: Optional[Callable[[dict], Non
     s.validate()
     if cfg.train.eval_iters < 1:
         raise ValueError("the search ranks candidates by validation loss: set train.eval_iters >= 1")
-    from ..config import given_fields
-    ignored = sorted(given_fields(cfg.model))
+    from ..config import ModelArch, given_fields
+    defaults = ModelArch()  # a dumped config repeats the defaults: harmless, only other values are dropped
+    ignored = sorted(n for n in given_fields(cfg.model) if getattr(cfg.model, n) != getattr(defaults, n))
     if ignored:  # never silently dropped (job_arch.py): candidates take architecture and length from s.load
         raise ValueError(f"the search does not use the model section ({', '.join('model.' + n for n in ignored)}"
                          f" given): every candidate's architecture is pruned from search.load and runs at its "
