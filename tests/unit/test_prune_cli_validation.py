@@ -12,6 +12,7 @@ import torch
 
 from megatron_minitron import checkpoint
 from megatron_minitron.checkpoint import layout
+from megatron_minitron.checkpoint.lock import is_lock_file
 from megatron_minitron.config import ModelArch, Parallel
 from megatron_minitron.data import write_indexed_dataset
 from megatron_minitron.model.builder import build_gpt
@@ -186,7 +187,7 @@ def test_in_place_exact_directory_and_root(src, tmp_path):
     assert meta["tokenizer"]["path"] == src["ckpt"] and meta["provenance"]["in_place"]
     assert meta["provenance"]["source_architecture"]["hidden_size"] == 32
     assert os.path.exists(os.path.join(exact, "tokenizer.json"))
-    assert sorted(os.listdir(tmp_path)) == ["exact"]  # no staged, aside or trash copy left
+    assert sorted(n for n in os.listdir(tmp_path) if not is_lock_file(n)) == ["exact"]  # no staged/aside/trash copy
 
     root = str(tmp_path / "root")
     checkpoint.save_checkpoint(root, 5, [src["model"]], arch=ARCH, save_rng=False)
@@ -197,7 +198,7 @@ def test_in_place_exact_directory_and_root(src, tmp_path):
     _assert_holds(root, plan.target, expected)
     assert checkpoint.read_metadata(root)["iteration"] == 9
     assert checkpoint.read_arch(os.path.join(root, "iter_0000005")) == ARCH  # older iterations untouched
-    assert sorted(os.listdir(root)) == ["iter_0000005", "iter_0000009", "latest"]
+    assert sorted(n for n in os.listdir(root) if not is_lock_file(n)) == ["iter_0000005", "iter_0000009", "latest"]
 
 
 def _fake_ckpt(path, label):
