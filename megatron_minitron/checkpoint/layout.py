@@ -26,6 +26,8 @@ import shutil
 from dataclasses import dataclass
 from typing import Optional
 
+from ..runtime.files import fsync_path, write_file_durably  # noqa: F401 (re-exported: layout's users)
+
 ITER_PREFIX = "iter_"
 STAGING_PREFIX = ".tmp."
 ASIDE_PREFIX = ".old."
@@ -156,31 +158,12 @@ def _aside_candidates(path: str) -> list:
 
 
 # ------------------------------------------------------------------------------------------ durability
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_tree(directory: str) -> None:
     """fsync every file and directory below ``directory`` (inclusive), children first."""
     for dirpath, _, filenames in os.walk(directory, topdown=False):
         for name in filenames:
             fsync_path(os.path.join(dirpath, name))
         fsync_path(dirpath)
-
-
-def write_file_durably(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file + fsync + os.replace: readers see old or new."""
-    tmp = path + ".writing"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def remove_tree(path: str) -> None:
