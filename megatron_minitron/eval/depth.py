@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..prune.depth import DepthContext, register_depth_metric, skip_layers
+from ..runtime.forward import skip_layers
 from .runner import loglikelihoods
 from .scoring import score_item, task_requests
 from .tasks import load_task
@@ -28,12 +28,14 @@ def task_accuracy(model_chunks, items, requests, spans, batch_size: int, seq_len
     return sum(scores) / len(scores)
 
 
-def register_accuracy_metric(task_path: str, num_fewshot: int = 0, limit: Optional[int] = None,
-                             name: str = "accuracy", tokenizer=None, tokenizer_type: str = "auto",
-                             data: Optional[str] = None, load: Optional[str] = None, batch_size: int = 8,
-                             seq_length: Optional[int] = None, seed: int = 1234, measure: str = "acc"):
-    """Register the depth metric ``name`` = accuracy drop on the task file ``task_path`` when the scored
-    layers are skipped (see the module docstring). Returns the metric function.
+def accuracy_depth_metric(task_path: str, num_fewshot: int = 0, limit: Optional[int] = None,
+                          name: str = "accuracy", tokenizer=None, tokenizer_type: str = "auto",
+                          data: Optional[str] = None, load: Optional[str] = None, batch_size: int = 8,
+                          seq_length: Optional[int] = None, seed: int = 1234, measure: str = "acc"):
+    """The depth metric "accuracy drop on the task file ``task_path`` when the scored layers are skipped"
+    (see the module docstring), as ``fn(ctx, layers) -> float`` for pruning: pass it to the prune job
+    (``depth_metrics={name: fn}``) or ``prune.register_depth_metric(name, fn)``. ``ctx`` is the prune
+    job's DepthContext (``model_chunks``, ``cache``); nothing here imports the pruning code.
 
     The tokenizer: ``tokenizer`` (a Tokenizer or a path), else the sidecar of the dataset prefix ``data``,
     else the tokenizer recorded in the checkpoint ``load`` (the same rules as ``minitron eval``). The task
@@ -43,6 +45,8 @@ def register_accuracy_metric(task_path: str, num_fewshot: int = 0, limit: Option
 
     if measure not in MEASURES:
         raise ValueError(f"measure={measure!r}: choose one of {MEASURES}")
+    if name == "bi":
+        raise ValueError("'bi' is computed in the calibration pass itself; pick another metric name")
     task = load_task(task_path)
     metadata = None
     if load is not None and tokenizer is None:
@@ -53,7 +57,7 @@ def register_accuracy_metric(task_path: str, num_fewshot: int = 0, limit: Option
     items = task.items[:len(spans)]
     cache_key = ("eval.accuracy", name)
 
-    def accuracy_drop(ctx: DepthContext, layers: tuple) -> float:
+    def accuracy_drop(ctx, layers: tuple) -> float:
         if cache_key not in ctx.cache:
             ctx.cache[cache_key] = task_accuracy(ctx.model_chunks, items, requests, spans, batch_size,
                                                  seq_length, measure)
@@ -62,5 +66,4 @@ def register_accuracy_metric(task_path: str, num_fewshot: int = 0, limit: Option
                                     measure)
         return ctx.cache[cache_key] - skipped
 
-    register_depth_metric(name, accuracy_drop)
     return accuracy_drop

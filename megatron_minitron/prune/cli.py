@@ -187,13 +187,15 @@ def _register_depth_task(args, settings, notes: list, seq_length: int) -> None:
     if not os.path.isfile(args.depth_task):
         raise FileNotFoundError(f"--depth-task {args.depth_task} not found (a local jsonl task file)")
     try:
-        from ..eval.depth import register_accuracy_metric
+        from ..eval.depth import accuracy_depth_metric
     except ImportError as e:
         raise ValueError(f"--depth-task needs megatron_minitron.eval.depth (downstream accuracy), which is "
                          f"not available here ({e}); use --depth-metrics bi or lm_loss instead") from None
     # the tokenizer comes from the calibration data's sidecar or the checkpoint's record (eval's rules)
-    register_accuracy_metric(args.depth_task, num_fewshot=args.depth_task_shots, limit=args.depth_task_limit,
-                             data=args.data, load=args.load, seq_length=seq_length)
+    from .depth import register_depth_metric
+    register_depth_metric("accuracy", accuracy_depth_metric(
+        args.depth_task, num_fewshot=args.depth_task_shots, limit=args.depth_task_limit, data=args.data,
+        load=args.load, seq_length=seq_length))
     if "accuracy" not in settings.depth_metrics:
         settings.depth_metrics.append("accuracy")
         notes.append(f"depth metric 'accuracy' on {args.depth_task} added")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from megatron_minitron.config import ModelArch, Parallel
-from megatron_minitron.eval import MCItem, Task, evaluate_task, register_accuracy_metric
+from megatron_minitron.eval import MCItem, Task, evaluate_task, accuracy_depth_metric
 from megatron_minitron.model.builder import build_gpt
-from megatron_minitron.prune.depth import DEPTH_METRICS, DepthContext, removal_scores
+from megatron_minitron.prune.depth import DEPTH_METRICS, DepthContext, register_depth_metric, removal_scores
 from megatron_minitron.prune.plan import top_k
 from megatron_minitron.runtime.distributed import init_distributed, set_seed
 
@@ -49,7 +49,8 @@ def test_accuracy_metric_ranks_layers(tmp_path):
         for item, r in zip(task.items, full["items"]):
             f.write(json.dumps({"context": item.context, "choices": item.choices, "answer": r["pred"]}) + "\n")
 
-    fn = register_accuracy_metric(str(path), name="test_accuracy", tokenizer=ByteTokenizer())
+    fn = accuracy_depth_metric(str(path), name="test_accuracy", tokenizer=ByteTokenizer())
+    register_depth_metric("test_accuracy", fn)
     assert DEPTH_METRICS["test_accuracy"] is fn
     ctx = DepthContext([model], batches=[])
     scores = removal_scores(ctx, "test_accuracy", ARCH.num_layers, [1, 2])
@@ -71,12 +72,12 @@ def test_accuracy_metric_ranks_layers(tmp_path):
 
 def test_registration_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        register_accuracy_metric(str(tmp_path / "missing.jsonl"), tokenizer=ByteTokenizer())
+        accuracy_depth_metric(str(tmp_path / "missing.jsonl"), tokenizer=ByteTokenizer())
     path = tmp_path / "t.jsonl"
     path.write_text('{"context": "c", "choices": ["a", "b"], "answer": 0}\n')
     with pytest.raises(ValueError, match="need a tokenizer"):
-        register_accuracy_metric(str(path))
+        accuracy_depth_metric(str(path))
     with pytest.raises(ValueError, match="measure"):
-        register_accuracy_metric(str(path), tokenizer=ByteTokenizer(), measure="f1")
+        accuracy_depth_metric(str(path), tokenizer=ByteTokenizer(), measure="f1")
     with pytest.raises(ValueError, match="'bi' is computed"):
-        register_accuracy_metric(str(path), tokenizer=ByteTokenizer(), name="bi")
+        accuracy_depth_metric(str(path), tokenizer=ByteTokenizer(), name="bi")
