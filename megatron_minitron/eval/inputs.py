@@ -5,8 +5,7 @@ import os
 from typing import Optional
 
 from ..data.tokenizer import guess_tokenizer_type
-
-SPLIT_NAMES = ("train", "valid", "test")
+from .config import SPLIT_NAMES
 
 
 def resolve_eval_tokenizer(tokenizer=None, tokenizer_type: str = "auto", data: Optional[str] = None,

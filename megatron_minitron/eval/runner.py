@@ -8,78 +8,39 @@ losses without gathering full-vocabulary logits.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from ..runtime.collectives import sum_to_all_ranks
+from ..runtime.forward import eval_mode, forward_only, model_device, unwrap_model
 from .scoring import Request, aggregate, pad_batch, plan_batches, score_item, task_requests
 from .tasks import Task
 
+__all__ = ["eval_batches", "eval_mode", "evaluate_task", "lm_loss", "loglikelihoods", "model_seq_length",
+           "token_nll"]  # eval_mode: runtime.forward's, importable from here as before
 
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
 
-
-def _parallel():
-    """(dp rank, dp size, is last stage, pp size) or the single-process answer."""
+def _data_parallel():
+    """(dp rank, dp size, is last pipeline stage) or the single-process answer."""
     if not dist.is_initialized():
-        return 0, 1, True, 1
+        return 0, 1, True
     from megatron.core import parallel_state as ps
     return (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
-            ps.is_pipeline_last_stage(ignore_virtual=True), ps.get_pipeline_model_parallel_world_size())
-
-
-def _reduce_to_all(values: torch.Tensor) -> torch.Tensor:
-    """Sum over DP on the last stage, then the last stage's sum to every stage."""
-    if not dist.is_initialized():
-        return values
-    from megatron.core import parallel_state as ps
-    _, dp, last, pp = _parallel()
-    if last and dp > 1:
-        dist.all_reduce(values, group=ps.get_data_parallel_group())
-    if pp > 1:
-        dist.broadcast(values, src=ps.get_pipeline_model_parallel_last_rank(),
-                       group=ps.get_pipeline_model_parallel_group())
-    return values
-
-
-@contextlib.contextmanager
-def eval_mode(model_chunks):
-    modes = [_unwrap(c).training for c in model_chunks]
-    for c in model_chunks:
-        _unwrap(c).eval()
-    try:
-        yield
-    finally:
-        for c, mode in zip(model_chunks, modes):
-            _unwrap(c).train(mode)
+            ps.is_pipeline_last_stage(ignore_virtual=True))
 
 
 def model_seq_length(model_chunks) -> int:
-    return int(_unwrap(model_chunks[0]).max_sequence_length)
+    return int(unwrap_model(model_chunks[0]).max_sequence_length)
 
 
 @torch.no_grad()
 def token_nll(model_chunks, batch: dict) -> Optional[torch.Tensor]:
     """-log p(labels) per position [b, s] (float32) on the last pipeline stage, None on the others.
     Collective over the TP x PP group of this rank."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    device = next(_unwrap(model_chunks[0]).parameters()).device
-    tokens = batch["tokens"].to(device)
-    b, s = tokens.shape
-
-    def forward_step(data_iterator, model):
-        next(data_iterator)
-        out = model(tokens, batch["position_ids"].to(device), None, labels=batch["labels"].to(device))
-        return out, lambda o: (o.sum() * 0, {"nll": o.detach()})
-
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([None]), model=list(model_chunks),
-        num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
-    if not _parallel()[2]:
+    reports = forward_only(model_chunks, batch, lambda nll: {"nll": nll.detach()})
+    if not _data_parallel()[2]:
         return None
     return reports[0]["nll"].float()
 
@@ -89,8 +50,8 @@ def loglikelihoods(model_chunks, requests: Sequence[Request], batch_size: int = 
     """Summed log-likelihood of each request's continuation given its context, float64 [N], the same on
     every rank. Requests are left-truncated to ``seq_length`` (default: the model's)."""
     seq_length = model_seq_length(model_chunks) if seq_length is None else seq_length
-    dp_rank, dp, last, _ = _parallel()
-    device = next(_unwrap(model_chunks[0]).parameters()).device
+    dp_rank, dp, last = _data_parallel()
+    device = model_device(model_chunks)
     out = torch.zeros(len(requests), dtype=torch.float64, device=device)
     with eval_mode(model_chunks):
         for j, indices in enumerate(plan_batches(requests, batch_size, seq_length)):
@@ -101,7 +62,7 @@ def loglikelihoods(model_chunks, requests: Sequence[Request], batch_size: int = 
             if last:
                 sums = (nll.double() * batch["score_mask"].to(nll.device).double()).sum(dim=1)
                 out[torch.tensor(indices, device=device)] = -sums.to(device)
-    return _reduce_to_all(out).cpu()
+    return sum_to_all_ranks(out).cpu()
 
 
 def evaluate_task(model_chunks, task: Task, tokenizer, num_fewshot: int = 0, limit: Optional[int] = None,
@@ -130,8 +91,8 @@ def lm_loss(model_chunks, batches: Sequence[dict]) -> dict:
 
     if not batches:
         raise ValueError("no evaluation batches: the dataset gave no samples at this sequence length")
-    dp_rank, dp, last, _ = _parallel()
-    device = next(_unwrap(model_chunks[0]).parameters()).device
+    dp_rank, dp, last = _data_parallel()
+    device = model_device(model_chunks)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     with eval_mode(model_chunks):
         for j, batch in enumerate(batches):
@@ -141,7 +102,7 @@ def lm_loss(model_chunks, batches: Sequence[dict]) -> dict:
             if last:
                 mask = batch["loss_mask"].to(nll.device).double()
                 totals += torch.stack([(nll.double() * mask).sum(), mask.sum()]).to(device)
-    totals = _reduce_to_all(totals).cpu()
+    totals = sum_to_all_ranks(totals).cpu()
     loss = float(totals[0] / totals[1].clamp(min=1))
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(totals[1]),
             "num_samples": sum(int(b["tokens"].shape[0]) for b in batches)}
