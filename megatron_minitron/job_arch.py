@@ -106,7 +106,7 @@ def resolve_from_checkpoint(configured: ModelArch, path: Optional[str], role: st
         return resolve_job_arch(configured, given_fields(configured), None)
     from . import checkpoint
 
-    source = checkpoint.arch_from_metadata(checkpoint.read_metadata(path))
+    source = checkpoint.describe_checkpoint(path).arch
     return resolve_job_arch(configured, given_fields(configured), source, f"the {role} {path}")
 
 

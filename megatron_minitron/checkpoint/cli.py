@@ -19,11 +19,11 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from . import integrity
     from .layout import resolve_checkpoint_dir
-    from .metadata import read_metadata
+    from .description import describe_directory
 
     started = time.time()
     directory = resolve_checkpoint_dir(args.checkpoint)
-    read_metadata(directory)  # the description parses (our metadata or Megatron-LM's common.pt)
+    describe_directory(directory)  # the description parses (our metadata or Megatron-LM's common.pt)
     manifest = integrity.read_manifest(directory)
     if manifest is None:
         problems = integrity.check_storage_references(directory)

@@ -13,11 +13,13 @@ import torch.distributed as dist
 
 from ..config import ModelArch
 from . import integrity
+from ..runtime.forward import unwrap_model
+from .description import CheckpointInfo, describe_directory
 from .layout import resolve_checkpoint_dir
-from .metadata import MEGATRON_LM_FORMAT, check_arch, checkpoint_format, read_directory_metadata
+from .metadata import MEGATRON_LM_FORMAT, check_arch
 from .state import (DEFAULT_OPTIMIZER_SHARDING, PER_PARAMETER, RNG_KEY, collect_rng_state, current_layout,
                     load_optimizer_state, model_keys, model_sharded_state, optimizer_sharded_state,
-                    resolve_optimizer_sharding, restore_rng_state, rng_sharded_object, same_layout, unwrap)
+                    resolve_optimizer_sharding, restore_rng_state, rng_sharded_object, same_layout)
 
 
 def _rank0_note(text: str) -> None:
@@ -25,17 +27,17 @@ def _rank0_note(text: str) -> None:
         print(f"[checkpoint] {text}", flush=True)
 
 
-def _prepare(path: str, model_chunks: list, arch: Optional[ModelArch]) -> tuple:
+def _prepare(path: str, model_chunks: list, arch: Optional[ModelArch]) -> CheckpointInfo:
     if not model_chunks:
         raise ValueError("model_chunks is empty; pass this rank's list of model chunks")
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised; call runtime.init_distributed() first")
     directory = resolve_checkpoint_dir(path)
     integrity.verify_on_load(directory)  # a damaged or missing file is named before anything reads it
-    metadata = read_directory_metadata(directory)
+    info = describe_directory(directory)
     if arch is not None:
-        check_arch(arch, metadata)
-    return directory, metadata
+        check_arch(arch, info)
+    return info
 
 
 def _dist_load(state: dict, directory: str, validate_access_integrity: bool) -> dict:
@@ -66,7 +68,7 @@ def _reason(error: Exception) -> str:
 
 def _load_model(loaded: dict, model_chunks: list) -> None:
     for key, chunk in zip(model_keys(len(model_chunks)), model_chunks):
-        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
 
 
 def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=None,
@@ -78,16 +80,16 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
     restored when given (ValueError if the checkpoint has none). RNG states are restored only when TP and PP
     match the saved layout. Returns the saved ``extra`` dict plus ``iteration``.
     """
-    directory, metadata = _prepare(path, model_chunks, arch)
-    contents = metadata["contents"]
+    info = _prepare(path, model_chunks, arch)
+    directory, contents, saved = info.directory, info.contents, info.layout
     for name, wanted in (("optimizer", optimizer), ("scheduler", scheduler)):
-        if wanted is not None and not contents.get(name):
+        if wanted is not None and not getattr(contents, name):
             raise ValueError(f"{directory} holds no {name} state (it was saved without one, e.g. by prune or "
                              f"an HF import); load it with load_weights() (train.load) to start a new run from "
                              f"its weights, or pass {name}=None")
-    layout_matches = same_layout(metadata["parallel"], current_layout(model_chunks))
-    sharding = contents.get("optimizer_sharding")
-    megatron_lm = checkpoint_format(metadata) == MEGATRON_LM_FORMAT
+    layout_matches = same_layout(saved.as_record(), current_layout(model_chunks))
+    sharding = contents.optimizer_sharding
+    megatron_lm = info.format == MEGATRON_LM_FORMAT
     if optimizer is not None and sharding not in (PER_PARAMETER, "fully_reshardable", "dp_reshardable"):
         raise ValueError(f"{directory} holds optimizer state sharded as {sharding!r}, which megatron-core "
                          f"0.16.1 cannot load (only fully_reshardable, dp_reshardable or a non-distributed "
@@ -101,18 +103,16 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
                              f"a DistributedOptimizer; set parallel.use_distributed_optimizer as when it was "
                              f"saved, or load weights only (load_weights)")
         if sharding == "dp_reshardable" and not layout_matches:
-            p = metadata["parallel"]
             raise ValueError(f"{directory} holds optimizer state saved as dp_reshardable at TP"
-                             f"{p.get('tensor_model_parallel_size')} PP{p.get('pipeline_model_parallel_size')},"
+                             f"{saved.tensor_model_parallel_size} PP{saved.pipeline_model_parallel_size},"
                              f" which only loads at that TP x PP. Load at that layout, or load weights only "
                              f"(load_weights), or re-save it there with optimizer_sharding='fully_reshardable'")
     restore_rng = False
-    if load_rng and contents.get("rng"):
+    if load_rng and contents.rng:
         restore_rng = layout_matches
         if not restore_rng:
-            p = metadata["parallel"]
-            _rank0_note(f"RNG states not restored: saved at TP{p.get('tensor_model_parallel_size')} "
-                        f"PP{p.get('pipeline_model_parallel_size')}, loading at another layout")
+            _rank0_note(f"RNG states not restored: saved at TP{saved.tensor_model_parallel_size} "
+                        f"PP{saved.pipeline_model_parallel_size}, loading at another layout")
 
     state = model_sharded_state(model_chunks)
     if optimizer is not None:
@@ -157,10 +157,11 @@ def load_weights(path: str, model_chunks: list, arch: Optional[ModelArch] = None
                  validate_access_integrity: bool = True) -> dict:
     """Weights only (no optimizer state, scheduler, RNG or iteration): initialise from a teacher or a
     pretrained / pruned checkpoint, at any layout. Pass the already-built ``optimizer`` so that its fp32
-    main copies of bf16 weights are refreshed from the loaded weights. Returns the checkpoint's metadata."""
-    directory, metadata = _prepare(path, model_chunks, arch)
-    loaded = _dist_load(model_sharded_state(model_chunks), directory, validate_access_integrity)
+    main copies of bf16 weights are refreshed from the loaded weights. Returns the checkpoint's metadata
+    record (``read_metadata``'s dict; ``describe_checkpoint`` gives the same typed)."""
+    info = _prepare(path, model_chunks, arch)
+    loaded = _dist_load(model_sharded_state(model_chunks), info.directory, validate_access_integrity)
     _load_model(loaded, model_chunks)
     if optimizer is not None:
         optimizer.reload_model_params()
-    return metadata
+    return info.metadata

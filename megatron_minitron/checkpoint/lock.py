@@ -100,20 +100,21 @@ def _read(fd: int) -> str:
 
 def lock_output_on_rank0(target: str, is_root: bool, what: str) -> Optional[OutputLock]:
     """Rank 0 takes the lock; every rank returns, or raises the holder's message, together. Keep the returned
-    object alive for as long as the job writes (the lock is released when it is collected or the process ends)."""
-    import torch.distributed as dist
+    object alive for as long as the job writes (the lock is released when it is collected or the process ends).
+    Only rank 0 holds a lock object (other ranks get None): a lock is a file descriptor of this process, so
+    only the outcome is shared."""
+    from ..runtime.collectives import run_on_rank0
 
-    distributed = dist.is_available() and dist.is_initialized()
-    lock, error = None, None
-    if not distributed or dist.get_rank() == 0:
+    held = []  # rank 0's lock, kept here: it never leaves this process
+
+    def take():
         try:
-            lock = OutputLock(target, is_root, what).acquire()
-        except ValueError as e:
-            error = str(e)
-    if distributed:
-        outcome = [error]
-        dist.broadcast_object_list(outcome, src=0)
-        error = outcome[0]
-    if error is not None:
-        raise ValueError(error)
-    return lock
+            held.append(OutputLock(target, is_root, what).acquire())
+        except ValueError as e:  # another job writes there: every rank raises its message as it is
+            return str(e)
+        return None
+
+    refusal = run_on_rank0(take, f"locking {what} {target}", error=OSError)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return held[0] if held else None

@@ -14,7 +14,8 @@ from typing import Any, Optional
 import yaml
 
 from ..config import ModelArch, from_dict, to_dict
-from .layout import METADATA_FILE, is_committed, resolve_checkpoint_dir
+from ..runtime.files import write_yaml_durably
+from .layout import METADATA_FILE
 
 FORMAT_NAME = "megatron-minitron-checkpoint"
 MEGATRON_LM_FORMAT = "megatron-lm"  # the "format" of a checkpoint in Megatron-LM's layout (see megatron_lm.py)
@@ -62,11 +63,7 @@ def build_metadata(arch: ModelArch, iteration: int, parallel: dict, contents: di
 
 
 def write_metadata(directory: str, metadata: dict) -> None:
-    path = os.path.join(directory, METADATA_FILE)
-    with open(path, "w") as f:
-        yaml.safe_dump(plain(metadata), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
+    write_yaml_durably(os.path.join(directory, METADATA_FILE), plain(metadata))
 
 
 def read_metadata_file(directory: str) -> dict:
@@ -95,24 +92,6 @@ def read_metadata_file(directory: str) -> dict:
     return data
 
 
-def read_directory_metadata(directory: str) -> dict:
-    """The metadata of a resolved checkpoint directory, plus ``checkpoint_dir``: its minitron.yaml (ours, in
-    either layout), else what a Megatron-LM-written directory's common.pt says (same dict shape)."""
-    if os.path.isfile(os.path.join(directory, METADATA_FILE)) or is_committed(directory):
-        data = read_metadata_file(directory)  # ours (a COMMIT without minitron.yaml: that file was lost)
-    else:
-        from .megatron_lm import metadata_from_directory
-        data = metadata_from_directory(directory)
-    data["checkpoint_dir"] = directory
-    return data
-
-
-def read_metadata(path: str) -> dict:
-    """The metadata of the checkpoint ``path`` means (a ROOT follows ``latest`` or Megatron-LM's tracker),
-    plus ``checkpoint_dir``. ``format`` is "megatron-lm" for a checkpoint in Megatron-LM's layout."""
-    return read_directory_metadata(resolve_checkpoint_dir(path))
-
-
 def checkpoint_format(metadata: dict) -> str:
     """"megatron-lm" or "minitron": the layout of the checkpoint ``metadata`` describes (what a save that
     keeps the input's format, e.g. `prune --in-place`, writes)."""
@@ -127,14 +106,17 @@ def arch_from_metadata(metadata: dict) -> ModelArch:
         raise ValueError(f"checkpoint architecture cannot be read by this version: {e}") from None
 
 
-def read_arch(path: str) -> ModelArch:
-    """The ModelArch a checkpoint holds, e.g. to build a model before loading it."""
-    return arch_from_metadata(read_metadata(path))
+def _saved_arch(described) -> tuple:
+    """(architecture, directory) of a CheckpointInfo (description.py) or of a metadata record."""
+    if isinstance(described, dict):
+        return arch_from_metadata(described), described.get("checkpoint_dir", "the checkpoint")
+    return described.arch, described.directory
 
 
-def arch_differences(arch: ModelArch, metadata: dict, ignore=RUNTIME_ONLY_FIELDS) -> list:
-    """[(field, value in checkpoint, value given)] for every ModelArch field that differs."""
-    saved = to_dict(arch_from_metadata(metadata))
+def arch_differences(arch: ModelArch, described, ignore=RUNTIME_ONLY_FIELDS) -> list:
+    """[(field, value in checkpoint, value given)] for every ModelArch field that differs. ``described``:
+    the checkpoint's CheckpointInfo (describe_checkpoint) or metadata record (read_metadata)."""
+    saved = to_dict(_saved_arch(described)[0])
     given = to_dict(arch)
     ignored = set(ignore)
     if arch.position_embedding == "learned_absolute":
@@ -143,11 +125,11 @@ def arch_differences(arch: ModelArch, metadata: dict, ignore=RUNTIME_ONLY_FIELDS
             if name not in ignored and saved[name] != given[name]]
 
 
-def check_arch(arch: ModelArch, metadata: dict, ignore=RUNTIME_ONLY_FIELDS) -> None:
+def check_arch(arch: ModelArch, described, ignore=RUNTIME_ONLY_FIELDS) -> None:
     """Raise ValueError listing every field where ``arch`` and the checkpoint's architecture differ."""
-    diffs = arch_differences(arch, metadata, ignore)
+    diffs = arch_differences(arch, described, ignore)
     if diffs:
-        where = metadata.get("checkpoint_dir", "the checkpoint")
+        where = _saved_arch(described)[1] or "the checkpoint"
         lines = "\n".join(f"  {name}: checkpoint {saved!r}, given {given!r}" for name, saved, given in diffs)
         raise ValueError(f"architecture mismatch between {where} and the model being loaded "
                          f"({len(diffs)} field(s)):\n{lines}\nBuild the model from the checkpoint's "

@@ -3,7 +3,7 @@
 Sequence (see docs/checkpoints.md): rank 0 prepares the staging directory -> barrier -> every rank writes
 its shards (dist_checkpointing.save, which ends in a barrier) -> rank 0 writes minitron.yaml, fsyncs,
 writes COMMIT, renames staging to the final name -> writes `latest` -> purges old iterations -> rank 0's
-outcome is broadcast so that every rank returns or raises together.
+outcome is broadcast so that every rank returns or raises together (runtime.collectives.run_on_rank0).
 
 ``format="megatron-lm"`` writes the same way in Megatron-LM's layout (megatron_lm.py): the sharded state
 under Megatron-LM's keys plus ``args`` / ``checkpoint_version`` in common.pt, and its tracker file
@@ -22,6 +22,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from ..config import ModelArch, Parallel
+from ..runtime.collectives import run_on_rank0
 from . import integrity, layout, space
 from .metadata import MEGATRON_LM_FORMAT, SAVE_FORMATS, build_metadata, write_metadata
 from .state import (DEFAULT_OPTIMIZER_SHARDING, RNG_KEY, collect_rng_state, current_layout,
@@ -154,8 +155,8 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
     sharding = resolve_optimizer_sharding(optimizer, optimizer_sharding) if optimizer is not None else None
     needed = space.estimate_checkpoint_bytes(model_chunks, optimizer is not None)
     _on_rank0(lambda: space.check_free_space(os.path.dirname(paths.staging), needed),
-              f"checking free space for {paths.final}; nothing was changed")
-    _on_rank0(lambda: layout.prepare_staging(paths), f"preparing {paths.staging}; nothing was changed")
+              f"checking free space for {paths.final} (nothing was changed)")
+    _on_rank0(lambda: layout.prepare_staging(paths), f"preparing {paths.staging} (nothing was changed)")
 
     megatron_lm = format == MEGATRON_LM_FORMAT
     state = model_sharded_state(model_chunks)
@@ -213,15 +214,15 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
         stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         layout.commit_staged(paths, f"iteration {iteration}\n{stamp}\n")
 
-    _on_rank0(commit, f"committing {paths.final}; the previous checkpoint is untouched")
+    _on_rank0(commit, f"committing {paths.final} (the previous checkpoint is untouched)")
     if paths.root is not None:
         def point_and_purge():
             layout.crash_point("before_latest")
             layout.write_pointer(paths)
             layout.crash_point("before_purge")
             layout.purge(paths.root, keep_last)
-        _on_rank0(point_and_purge, f"updating {paths.root}/{paths.pointer} or purging old checkpoints; "
-                                   f"{paths.final} is committed")
+        _on_rank0(point_and_purge, f"updating {paths.root}/{paths.pointer} or purging old checkpoints "
+                                   f"({paths.final} is committed)")
     return paths.final
 
 
@@ -273,18 +274,9 @@ def _discard_staging(paths: layout.SavePaths, error: Exception) -> None:
 
 
 def _on_rank0(step, what: str) -> None:
-    """Run a filesystem step on rank 0 only; every rank then returns, or raises, together (a rank that
+    """A filesystem step on rank 0 only; every rank then returns, or raises OSError, together (a rank that
     raised alone would leave the others waiting in the next collective)."""
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            step()
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-    outcome = [error]
-    dist.broadcast_object_list(outcome, src=0)
-    if outcome[0] is not None:
-        raise OSError(f"checkpoint save failed on rank 0 while {what}: {outcome[0]}")
+    run_on_rank0(step, what, error=OSError, prefix="checkpoint save: ")
 
 
 def _use_in_process_results_queue() -> None:

@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..runtime.forward import unwrap_model
+
 # How megatron-core's DistributedOptimizer lays out its state in the checkpoint (0.16.1 names):
 #   fully_reshardable  each state tensor (fp32 param, exp_avg, exp_avg_sq) stored like its parameter, so it
 #                      reshards across TP, PP and DP; costs an all-gather over DP at save time.
@@ -30,15 +32,8 @@ def model_keys(num_chunks: int) -> list:
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
-def unwrap(chunk):
-    """The GPTModel inside DDP / Float16Module wrappers (their parameters are the same objects)."""
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
-
-
 def model_sharded_state(model_chunks) -> dict:
-    chunks = [unwrap(c) for c in model_chunks]
+    chunks = [unwrap_model(c) for c in model_chunks]
     return {key: chunk.sharded_state_dict() for key, chunk in zip(model_keys(len(chunks)), chunks)}
 
 
@@ -129,7 +124,7 @@ def current_layout(model_chunks) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    layers = [len(getattr(getattr(unwrap(c), "decoder", None), "layers", [])) for c in model_chunks]
+    layers = [len(getattr(getattr(unwrap_model(c), "decoder", None), "layers", [])) for c in model_chunks]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (ps.get_pipeline_model_parallel_rank(), layers))
     per_stage = dict(gathered)
@@ -152,7 +147,7 @@ def same_layout(saved: dict, now: dict) -> bool:
 
 
 def params_dtype(model_chunks) -> Optional[str]:
-    config = getattr(unwrap(model_chunks[0]), "config", None)
+    config = getattr(unwrap_model(model_chunks[0]), "config", None)
     dtype = getattr(config, "params_dtype", None)
     return str(dtype).replace("torch.", "") if dtype is not None else None
 

@@ -135,31 +135,28 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
     The tokenizer (``tokenizer_path``, else the checkpoint's) is always written in a form AutoTokenizer
     loads (a sentencepiece model is converted), and its bos/eos/pad ids go into config.json and
     generation_config.json."""
-    from ..checkpoint import arch_from_metadata, load_weights, read_metadata
+    from ..checkpoint import describe_checkpoint, load_weights
     from ..config import Parallel
     from ..model.builder import build_gpt
     from . import io as hf_io
     from .convert import export_hf_weights
     from .families import check_arch_exportable, family_for_arch, hf_config_from_arch
 
-    metadata = read_metadata(ckpt)
-    arch = arch_from_metadata(metadata)
-    provenance = metadata.get("provenance") or {}
-    family = family or provenance.get("family") or family_for_arch(arch)
+    info = describe_checkpoint(ckpt)
+    arch = info.arch
+    family = family or info.hf_family or family_for_arch(arch)
     check_arch_exportable(arch, family)
     parallel = Parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     parallel.validate(arch)
-    stored = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        str((metadata.get("contents") or {}).get("params_dtype", "float32")).replace("torch.", ""),
-        torch.float32)
+    stored = info.torch_dtype(default=torch.float32)
     out_dtype = stored if dtype == "auto" else DTYPES[dtype]
 
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and any(f.endswith(".safetensors") for f in os.listdir(out_dir)):
         raise ValueError(f"{out_dir} already holds safetensors files; choose an empty or new directory")
 
-    directory = metadata["checkpoint_dir"]
-    tokenizer, note = _export_tokenizer_source(metadata, directory, tokenizer_path)  # errors before any work
+    directory = info.directory
+    tokenizer, note = _export_tokenizer_source(info, tokenizer_path)  # errors before any work
     runtime, dist = _init(tp, pp)
     _say(runtime, f"{directory}: {arch.num_layers} layers, hidden {arch.hidden_size} -> {family} at "
                   f"{out_dir} ({_DTYPE_NAMES[out_dtype]})")
@@ -172,7 +169,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
     if runtime.is_rank0:
         from .tokenizer_export import export_tokenizer, fill_token_ids, special_token_ids
 
-        config = hf_config_from_arch(arch, family, base=provenance.get("hf_config"),
+        config = hf_config_from_arch(arch, family, base=info.hf_config,
                                      dtype=_DTYPE_NAMES[out_dtype])
         if tokenizer is not None:
             copied = export_tokenizer(tokenizer, out_dir, arch.seq_length)
@@ -192,20 +189,20 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
     return out_dir
 
 
-def _export_tokenizer_source(metadata: dict, directory: str, given):
-    """(tokenizer to export or None, note to print). A given or sentencepiece tokenizer that fails is an
-    error; an HF one the installed transformers cannot read is copied file by file instead."""
+def _export_tokenizer_source(info, given):
+    """(tokenizer to export or None, note to print) for the checkpoint ``info`` (its CheckpointInfo). A given
+    or sentencepiece tokenizer that fails is an error; an HF one the installed transformers cannot read is
+    copied file by file instead."""
     from .tokenizer_export import checkpoint_tokenizer
 
     if given:
-        return checkpoint_tokenizer(metadata, directory, given), None
+        return checkpoint_tokenizer(info, given), None
     try:
-        return checkpoint_tokenizer(metadata, directory), None
+        return checkpoint_tokenizer(info), None
     except (FileNotFoundError, ImportError):
         raise
     except Exception as e:  # noqa: BLE001  transformers raises anything on tokenizer files it cannot read
-        record = metadata.get("tokenizer")
-        if isinstance(record, dict) and record.get("type") == "sentencepiece":
+        if info.tokenizer is not None and info.tokenizer.get("type") == "sentencepiece":
             raise
         return None, (f"note: the checkpoint's tokenizer could not be read ({type(e).__name__}: {e}); its "
                       f"files are copied as they are and config.json keeps its token ids")

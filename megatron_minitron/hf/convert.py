@@ -16,14 +16,9 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelArch
+from ..runtime.forward import unwrap_model
 from . import io as hf_io
 from .mapping import VOCAB, hf_tensors, megatron_shard, param_specs, shard_dim, to_global_name
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _parallel_ranks():
@@ -37,14 +32,14 @@ def _parallel_ranks():
 
 def stage_layout(model) -> tuple:
     """(global layer indices of this stage, has embedding, has final norm / output)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     layers = [layer.layer_number - 1 for layer in model.decoder.layers]
     return layers, bool(model.pre_process), bool(model.post_process)
 
 
 def _stage_params(model, arch: ModelArch) -> list:
     """[(spec, local parameter)] for this stage, in model order."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     global_layers, first, last = stage_layout(model)
     specs = {s.mcore_name: s for s in param_specs(arch, global_layers, first, last)}
     params = {name: t for name, t in model.state_dict(keep_vars=True).items()

@@ -247,17 +247,15 @@ def export_sentencepiece(tokenizer, out_dir: str, model_max_length: Optional[int
     return ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"]
 
 
-def checkpoint_tokenizer(metadata: dict, checkpoint_dir: str, given: Optional[str] = None):
-    """The tokenizer of a checkpoint: ``given`` (a path), else the one its metadata records, else
-    tokenizer files inside the checkpoint directory; None when there is none."""
+def checkpoint_tokenizer(info, given: Optional[str] = None):
+    """The tokenizer of a checkpoint (``info``: its checkpoint.CheckpointInfo): ``given`` (a path), else the
+    one it records, else tokenizer files inside the checkpoint directory; None when there is none."""
     from ..data.tokenizer import (build_tokenizer, guess_tokenizer_type, tokenizer_from_record,
                                   with_recorded_convention)
 
-    record = metadata.get("tokenizer")
+    record, checkpoint_dir = info.tokenizer, info.directory
     if given:
         return with_recorded_convention(build_tokenizer(guess_tokenizer_type(given), given), record)
-    if isinstance(record, str):
-        record = {"path": record}
     if isinstance(record, dict) and record.get("path") and os.path.exists(record["path"]):
         return tokenizer_from_record(record, f"the checkpoint {checkpoint_dir}")
     for name, kind in (("tokenizer.json", "huggingface"), ("tokenizer.model", "sentencepiece")):
