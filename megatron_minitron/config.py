@@ -63,23 +63,11 @@ class ModelArch:
         return ((self.vocab_size + multiple - 1) // multiple) * multiple
 
     def num_parameters(self, tp: int = 1, include_embeddings: bool = True) -> int:
-        """Exact parameter count of the megatron GPTModel this builds (independent of TP sharding)."""
-        h, f, d = self.hidden_size, self.ffn_hidden_size, self.head_dim
-        q, g = self.num_attention_heads, self.query_groups
-        bias = self.add_bias_linear
-        norm = h * (2 if self.normalization == "LayerNorm" else 1)
-        qkv = h * d * (q + 2 * g) + (d * (q + 2 * g) if (bias or self.add_qkv_bias) else 0)
-        proj = q * d * h + (h if bias else 0)
-        fc1_out = 2 * f if self.activation == "swiglu" else f
-        mlp = h * fc1_out + (fc1_out if bias else 0) + f * h + (h if bias else 0)
-        per_layer = 2 * norm + qkv + proj + mlp
-        total = self.num_layers * per_layer + norm  # + final norm
-        if include_embeddings:
-            v = self.padded_vocab_size(tp)
-            total += v * h * (1 if self.tie_embeddings else 2)
-            if self.position_embedding == "learned_absolute":
-                total += self.seq_length * h
-        return total
+        """Exact parameter count of the megatron GPTModel this builds (independent of TP sharding; ``tp`` only
+        pads the vocab). Summed over ``model/params.py``'s tensor table, the one list of what the model holds."""
+        from .model.params import model_parameters  # function-local: model/ imports config, not the reverse
+
+        return model_parameters(self, tp, include_embeddings)
 
     def validate(self) -> None:
         positive = ["num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",

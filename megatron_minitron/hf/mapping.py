@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import ModelArch
+from ..model import params
 
 # kinds of megatron parameters
 QKV, GLU_FC1, COLUMN, VOCAB, ROW, REPLICATED = "qkv", "glu_fc1", "column", "vocab", "row", "replicated"
@@ -40,55 +41,65 @@ class ParamSpec:
     hf_names: tuple
 
 
-def _layer_specs(arch: ModelArch, i: int) -> list:
-    p = _HF_LAYER.format(i=i)
-    m = f"decoder.layers.{i}."
-    norm_b = arch.normalization == "LayerNorm"
-    glu = arch.activation == "swiglu"
-    specs = [
-        ParamSpec(m + "input_layernorm.weight", REPLICATED, (p + "input_layernorm.weight",)),
-        ParamSpec(m + "self_attention.linear_qkv.weight", QKV,
-                  tuple(p + f"self_attn.{x}_proj.weight" for x in "qkv")),
-        ParamSpec(m + "self_attention.linear_proj.weight", ROW, (p + "self_attn.o_proj.weight",)),
-        ParamSpec(m + "pre_mlp_layernorm.weight", REPLICATED, (p + "post_attention_layernorm.weight",)),
-        ParamSpec(m + "mlp.linear_fc1.weight", GLU_FC1 if glu else COLUMN,
-                  (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight") if glu else (p + "mlp.up_proj.weight",)),
-        ParamSpec(m + "mlp.linear_fc2.weight", ROW, (p + "mlp.down_proj.weight",)),
-    ]
-    if norm_b:
-        specs += [ParamSpec(m + "input_layernorm.bias", REPLICATED, (p + "input_layernorm.bias",)),
-                  ParamSpec(m + "pre_mlp_layernorm.bias", REPLICATED, (p + "post_attention_layernorm.bias",))]
-    if arch.add_bias_linear or arch.add_qkv_bias:
-        specs.append(ParamSpec(m + "self_attention.linear_qkv.bias", QKV,
-                               tuple(p + f"self_attn.{x}_proj.bias" for x in "qkv")))
-    if arch.add_bias_linear:
-        specs += [
-            ParamSpec(m + "self_attention.linear_proj.bias", REPLICATED, (p + "self_attn.o_proj.bias",)),
-            ParamSpec(m + "mlp.linear_fc1.bias", GLU_FC1 if glu else COLUMN,
-                      (p + "mlp.gate_proj.bias", p + "mlp.up_proj.bias") if glu else (p + "mlp.up_proj.bias",)),
-            ParamSpec(m + "mlp.linear_fc2.bias", REPLICATED, (p + "mlp.down_proj.bias",)),
-        ]
-    return specs
+# megatron tensor (model/params.py's name) -> its HF tensors; per-layer names relative to the layer prefixes.
+# Which megatron tensors exist, and their axes, come from model/params.py. A tensor missing here (learned
+# position embeddings) has no counterpart in the supported families: hf/families.py refuses such archs and
+# convert.py names the parameter.
+_HF_NAMES = {
+    "embedding.word_embeddings.weight": ("model.embed_tokens.weight",),
+    "input_layernorm.weight": ("input_layernorm.weight",),
+    "input_layernorm.bias": ("input_layernorm.bias",),
+    "self_attention.linear_qkv.weight": tuple(f"self_attn.{x}_proj.weight" for x in "qkv"),
+    "self_attention.linear_qkv.bias": tuple(f"self_attn.{x}_proj.bias" for x in "qkv"),
+    "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
+    "self_attention.linear_proj.bias": ("self_attn.o_proj.bias",),
+    "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
+    "pre_mlp_layernorm.bias": ("post_attention_layernorm.bias",),
+    "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
+    "mlp.linear_fc2.bias": ("mlp.down_proj.bias",),
+    "decoder.final_layernorm.weight": ("model.norm.weight",),
+    "decoder.final_layernorm.bias": ("model.norm.bias",),
+    "output_layer.weight": ("lm_head.weight",),
+}
+
+
+def _hf_names(tensor: params.Tensor, arch: ModelArch) -> Optional[tuple]:
+    if tensor.name in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
+        kind = tensor.name.rsplit(".", 1)[1]
+        parts = ("gate", "up") if arch.activation == "swiglu" else ("up",)  # SwiGLU: rows [gate; up]
+        return tuple(f"mlp.{x}_proj.{kind}" for x in parts)
+    if tensor.name == "output_layer.weight" and arch.tie_embeddings:
+        return ("model.embed_tokens.weight",)  # the copy a last stage (not the first) keeps of the embedding
+    return _HF_NAMES.get(tensor.name)
+
+
+def _kind(tensor: params.Tensor, arch: ModelArch) -> str:
+    """How TP splits the tensor, and so how its shards are cut from the HF tensors."""
+    axis = tensor.tp_axis_name
+    if axis is None:
+        return REPLICATED
+    if axis == "qkv":
+        return QKV
+    if axis == "vocab":
+        return VOCAB
+    if tensor.tp_axis == 1:
+        return ROW
+    assert axis == "fc1", tensor
+    return GLU_FC1 if arch.activation == "swiglu" else COLUMN
 
 
 def param_specs(arch: ModelArch, layers: Optional[range] = None, first_stage: bool = True,
                 last_stage: bool = True) -> list:
     """Specs of the megatron parameters of a pipeline stage (default: the whole model)."""
-    layers = range(arch.num_layers) if layers is None else layers
     specs = []
-    if first_stage:
-        specs.append(ParamSpec("embedding.word_embeddings.weight", VOCAB, ("model.embed_tokens.weight",)))
-    for i in layers:
-        specs += _layer_specs(arch, i)
-    if last_stage:
-        specs.append(ParamSpec("decoder.final_layernorm.weight", REPLICATED, ("model.norm.weight",)))
-        if arch.normalization == "LayerNorm":
-            specs.append(ParamSpec("decoder.final_layernorm.bias", REPLICATED, ("model.norm.bias",)))
-        # tied: megatron's last stage holds a copy of the embedding only when it is not the first stage
-        if not arch.tie_embeddings:
-            specs.append(ParamSpec("output_layer.weight", VOCAB, ("lm_head.weight",)))
-        elif not first_stage:
-            specs.append(ParamSpec("output_layer.weight", VOCAB, ("model.embed_tokens.weight",)))
+    for name, tensor in params.stage_tensors(arch, layers, first_stage, last_stage):
+        hf_names = _hf_names(tensor, arch)
+        if hf_names is None:
+            continue
+        if tensor.place == params.LAYER:
+            i = int(_LAYER_RE.match(name).group(1))
+            hf_names = tuple(_HF_LAYER.format(i=i) + n for n in hf_names)
+        specs.append(ParamSpec(name, _kind(tensor, arch), hf_names))
     return specs
 
 
@@ -157,6 +168,12 @@ def split_qkv(qkv: torch.Tensor, arch: ModelArch, groups: Optional[int] = None):
     return q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)
 
 
+def _row_parallel_inputs(spec: ParamSpec, arch: ModelArch) -> int:
+    """Length of the input axis (the one TP splits) of a row-parallel linear: heads * d or ffn."""
+    tensor = params.find(_LAYER_RE.match(spec.mcore_name).group(2), per_layer=True)
+    return params.axis_size(arch, tensor.axes[tensor.tp_axis])
+
+
 def megatron_shard(spec: ParamSpec, read, arch: ModelArch, tp_rank: int = 0, tp_size: int = 1
                    ) -> torch.Tensor:
     """This TP rank's shard of the megatron parameter ``spec``, read from HF tensors via ``read``."""
@@ -176,7 +193,7 @@ def megatron_shard(spec: ParamSpec, read, arch: ModelArch, tp_rank: int = 0, tp_
     if spec.kind == COLUMN:
         return read(spec.hf_names[0], rows=_split(arch.ffn_hidden_size, tp_size, tp_rank, "ffn_hidden_size"))
     if spec.kind == ROW:
-        n = arch.num_attention_heads * arch.head_dim if "linear_proj" in spec.mcore_name else arch.ffn_hidden_size
+        n = _row_parallel_inputs(spec, arch)
         return read(spec.hf_names[0], cols=_split(n, tp_size, tp_rank, "input dim of " + spec.mcore_name))
     if spec.kind == VOCAB:
         padded = arch.padded_vocab_size(tp_size)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import ModelArch
+from ..model import params
 
 GIB = 1024 ** 3
 KD_CHUNK_ELEMENTS = 1 << 24  # distill/vocab_parallel.DEFAULT_CHUNK_ELEMENTS: fp32 values per KD chunk
@@ -97,17 +98,7 @@ class Estimate:
 
 def layer_parameters(arch: ModelArch, tp: int) -> int:
     """Parameters of one transformer layer on one TP rank (linear weights split, norms replicated)."""
-    h, f, d = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
-    q, g = arch.num_attention_heads, arch.query_groups
-    norm = h * (2 if arch.normalization == "LayerNorm" else 1)
-    fc1_out = 2 * f if arch.activation == "swiglu" else f
-    split = h * d * (q + 2 * g) + q * d * h + h * fc1_out + f * h
-    if arch.add_bias_linear or arch.add_qkv_bias:
-        split += d * (q + 2 * g)
-    if arch.add_bias_linear:
-        split += fc1_out
-    replicated = 2 * norm + (2 * h if arch.add_bias_linear else 0)  # row-parallel biases are replicated
-    return split // tp + replicated
+    return params.layer_parameters_per_rank(arch, tp)
 
 
 def layers_on_stage(num_layers: int, pp: int, stage: int) -> int:
@@ -115,20 +106,10 @@ def layers_on_stage(num_layers: int, pp: int, stage: int) -> int:
 
 
 def stage_parameters(arch: ModelArch, tp: int, pp: int, stage: int) -> int:
-    """Parameters held by one rank of pipeline stage ``stage``."""
-    h = arch.hidden_size
-    vocab_rows = arch.padded_vocab_size(tp) // tp
+    """Parameters held by one rank of pipeline stage ``stage`` (a tied embedding's copy on a last stage that is
+    not the first counts: megatron keeps one there)."""
     n = layers_on_stage(arch.num_layers, pp, stage) * layer_parameters(arch, tp)
-    first, last = stage == 0, stage == pp - 1
-    if first:
-        n += vocab_rows * h
-        if arch.position_embedding == "learned_absolute":
-            n += arch.seq_length * h
-    if last:
-        n += h * (2 if arch.normalization == "LayerNorm" else 1)  # final norm
-        if not arch.tie_embeddings or not first:  # untied, or the tied copy the last stage keeps
-            n += vocab_rows * h
-    return n
+    return n + params.outer_parameters_per_rank(arch, tp, first_stage=stage == 0, last_stage=stage == pp - 1)
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -222,9 +203,8 @@ def estimate_stage(job: Job, layout: Layout, stage: int, overhead_bytes: int = 0
             # the MLP's fc1 and activation outputs), plus (PP > 1) its hidden state riding in every
             # in-flight p2p buffer next to the student's
             teacher = job.teacher
-            fc1_out = 2 * teacher.ffn_hidden_size if teacher.activation == "swiglu" else teacher.ffn_hidden_size
-            parts["teacher_activations"] = (job.teacher_bytes * tokens * (fc1_out + teacher.ffn_hidden_size)
-                                            // tp)
+            fc1_out, act_out = params.axis_size(teacher, "fc1"), params.axis_size(teacher, "ffn")
+            parts["teacher_activations"] = job.teacher_bytes * tokens * (fc1_out + act_out) // tp
             if pp > 1:
                 in_flight = min(pp - stage, m)
                 parts["teacher_activations"] += in_flight * act_bytes * tokens * teacher.hidden_size // t_sp
