@@ -11,8 +11,9 @@ from .scoring import (Request, aggregate, build_context, encode_pair, fewshot_in
 from .tasks import MCItem, READERS, Task, bundled_task_dir, detect_format, load_task
 
 __all__ = [
-    "EvalConfig", "EvalInputs", "MCItem", "READERS", "Request", "Task", "aggregate", "build_context",
-    "bundled_task_dir", "detect_format", "encode_pair", "eval_batches", "eval_dataset", "evaluate_task", "fewshot_indices", "item_requests",
-    "lm_loss", "load_task", "loglikelihoods", "pad_batch", "plan_batches", "accuracy_depth_metric",
-    "resolve_eval_tokenizer", "run_eval", "score_item", "task_accuracy", "task_requests", "token_nll",
+    "EvalConfig", "EvalInputs", "MCItem", "READERS", "Request", "Task", "accuracy_depth_metric", "aggregate",
+    "build_context", "bundled_task_dir", "detect_format", "encode_pair", "eval_batches", "eval_dataset",
+    "evaluate_task", "fewshot_indices", "item_requests", "lm_loss", "load_task", "loglikelihoods", "pad_batch",
+    "plan_batches", "resolve_eval_tokenizer", "run_eval", "score_item", "task_accuracy", "task_requests",
+    "token_nll",
 ]
