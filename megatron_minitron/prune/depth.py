@@ -9,12 +9,14 @@ full model, over the cached calibration batches.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+
+# one home for layer skipping and the forward-only schedule call (runtime/forward.py); re-exported here, the
+# names pruning code and its users have always imported from megatron_minitron.prune
+from ..runtime.forward import forward_only, skip_layers, transformer_layers  # noqa: F401
 
 DepthMetric = Callable[["DepthContext", tuple], float]
 DEPTH_METRICS: Dict[str, DepthMetric] = {}
@@ -25,38 +27,6 @@ def register_depth_metric(name: str, fn: DepthMetric) -> None:
     if name == "bi":
         raise ValueError("'bi' is computed in the calibration pass itself; pick another metric name")
     DEPTH_METRICS[name] = fn
-
-
-def transformer_layers(model_chunks) -> list:
-    """(global 0-based layer id, layer module) of this rank's stage."""
-    out = []
-    for chunk in model_chunks:
-        chunk = getattr(chunk, "module", chunk)
-        for layer in chunk.decoder.layers:
-            out.append((layer.layer_number - 1, layer))
-    return out
-
-
-def _identity_layer(*args, **kwargs):
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    # a new tensor: a stage whose layers are all skipped must not hand its input buffer on unchanged
-    return hidden.clone(), kwargs.get("context")
-
-
-@contextlib.contextmanager
-def skip_layers(model_chunks, layer_ids: Iterable[int]):
-    """Within the block, the layers with these global 0-based ids act as the identity."""
-    ids = set(int(i) for i in layer_ids)
-    patched = []
-    try:
-        for lid, layer in transformer_layers(model_chunks):
-            if lid in ids:
-                layer.forward = _identity_layer  # instance attribute shadows the class method
-                patched.append(layer)
-        yield
-    finally:
-        for layer in patched:
-            del layer.forward
 
 
 def batch_fields(batch) -> dict:
@@ -79,54 +49,34 @@ def run_forward(model_chunks, batches: Sequence, with_loss: bool = False,
     Returns, with ``with_loss``, the masked token-mean LM loss over all batches and all DP ranks as a 0-d
     float64 tensor on every rank; else None.
     """
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from ..runtime.collectives import sum_to_all_ranks
+    from ..runtime.forward import model_device
 
-    device = next(model_chunks[0].parameters()).device
+    device = model_device(model_chunks)
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-
-    def forward_step(data_iterator, model):
-        b = next(data_iterator)
-        tokens = b["tokens"].to(device)
-        bsz, s = tokens.shape
-        positions = b.get("position_ids")
-        positions = (torch.arange(s, device=device).expand(bsz, s) if positions is None
-                     else positions.to(device))
-        labels = b["labels"].to(device) if with_loss else None
-        out = model(tokens, positions, None, labels=labels)
-        mask = b.get("loss_mask")
-        mask = torch.ones(bsz, s, device=device) if mask is None else mask.to(device)
-
-        def loss_func(output):
-            if not with_loss:
-                return output.sum() * 0, {}
-            loss = (output.double() * mask).sum()
-            return output.sum() * 0, {"loss": torch.stack([loss, mask.double().sum()])}
-
-        return out, loss_func
-
-    schedule = get_forward_backward_func()
     for raw in batches:
         b = batch_fields(raw)
         if with_loss and "labels" not in b:
             raise ValueError("the lm_loss depth metric needs 'labels' in the calibration batches")
         bsz, s = b["tokens"].shape
-        reports = schedule(forward_step_func=forward_step, data_iterator=iter([b]), model=list(model_chunks),
-                           num_microbatches=1, seq_length=s, micro_batch_size=bsz, forward_only=True)
-        for report in reports or []:
+        mask = b.get("loss_mask")
+        mask = torch.ones(bsz, s, device=device) if mask is None else mask.to(device)
+
+        def collect(output, mask=mask):
+            if not with_loss:
+                return {}
+            return {"loss": torch.stack([(output.double() * mask).sum(), mask.double().sum()])}
+
+        inputs = {"tokens": b["tokens"], "position_ids": b.get("position_ids"),
+                  "labels": b["labels"] if with_loss else None}
+        for report in forward_only(model_chunks, inputs, collect):
             if "loss" in report:
                 totals += report["loss"].to(totals)
         if after_batch is not None:
             after_batch()
     if not with_loss:
         return None
-    if dist.is_initialized():
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-    return totals[0] / totals[1].clamp(min=1)
+    return sum_to_all_ranks(totals)[0] / totals[1].clamp(min=1)
 
 
 @dataclass
@@ -154,12 +104,24 @@ def lm_loss_increase(ctx: DepthContext, layers: tuple) -> float:
 DEPTH_METRICS["lm_loss"] = lm_loss_increase
 
 
-def removal_scores(ctx: DepthContext, metric: str, num_layers: int, block_sizes: List[int]) -> Dict[int, torch.Tensor]:
-    """{k: [L - k + 1]} scores of every contiguous block of k layers under ``metric``."""
-    if metric not in DEPTH_METRICS:
-        raise ValueError(f"unknown depth metric {metric!r}; known: bi, {', '.join(sorted(DEPTH_METRICS))} "
-                         "(register others with register_depth_metric)")
-    fn = DEPTH_METRICS[metric]
+def known_depth_metrics(extra: Optional[Mapping[str, DepthMetric]] = None) -> Dict[str, DepthMetric]:
+    """The registered removal metrics plus ``extra`` (a job's own, e.g. downstream accuracy; they win)."""
+    return {**DEPTH_METRICS, **(extra or {})}
+
+
+def unknown_depth_metric_message(metric: str, known: Iterable[str]) -> str:
+    return (f"unknown depth metric {metric!r}; known: bi, {', '.join(sorted(known))} (register others with "
+            "register_depth_metric, or pass them to the prune job as depth_metrics)")
+
+
+def removal_scores(ctx: DepthContext, metric: str, num_layers: int, block_sizes: List[int],
+                   metrics: Optional[Mapping[str, DepthMetric]] = None) -> Dict[int, torch.Tensor]:
+    """{k: [L - k + 1]} scores of every contiguous block of k layers under ``metric`` (looked up in
+    ``metrics``, then among the registered ones)."""
+    known = known_depth_metrics(metrics)
+    if metric not in known:
+        raise ValueError(unknown_depth_metric_message(metric, known))
+    fn = known[metric]
     out = {}
     for k in block_sizes:
         out[k] = torch.tensor([fn(ctx, tuple(range(i, i + k))) for i in range(num_layers - k + 1)],

@@ -16,14 +16,16 @@ r * local + j), layers gathered over PP by global layer number, so every rank en
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from .aggregate import RunningAggregate
-from .depth import DEPTH_METRICS, DepthContext, removal_scores, run_forward, transformer_layers
+from ..runtime.forward import model_device, transformer_layers, unwrap_model
+from .depth import DepthContext, DepthMetric, known_depth_metrics, removal_scores, run_forward, \
+    unknown_depth_metric_message
 from .scores import ImportanceScores, ImportanceSettings, group_scores
 
 
@@ -53,7 +55,7 @@ class _Probes:
         self.hiddens: Dict[int, torch.Tensor] = {}  # h_j of the current batch, j = global boundary index
         self.bi_sizes = settings.all_block_sizes() if "bi" in settings.depth_metrics else []
         # on the model's device: NCCL reduces only CUDA tensors, and no .item() sync per block per batch
-        self.device = next(model.parameters()).device
+        self.device = model_device([model])
         self.bi_sums = {k: torch.zeros(num_layers - k + 1, dtype=torch.float64, device=self.device)
                         for k in self.bi_sizes}
         self.tokens = 0.0
@@ -188,17 +190,18 @@ def _per_layer(aggs: Dict[int, RunningAggregate], num_layers: int, batch: str, p
 
 
 @torch.no_grad()
-def estimate_importance(model_chunks, batches: Iterable, settings: Optional[ImportanceSettings] = None
-                        ) -> ImportanceScores:
+def estimate_importance(model_chunks, batches: Iterable, settings: Optional[ImportanceSettings] = None,
+                        depth_metrics: Optional[Mapping[str, DepthMetric]] = None) -> ImportanceScores:
     """Run the calibration batches forward (only) and return the full, identical-on-every-rank scores.
 
     ``model_chunks``: [this rank's GPTModel stage] (one chunk; virtual pipelining is not supported).
     ``batches``: this DP rank's calibration batches, dicts with ``tokens`` [b, s] (and ``position_ids``;
     ``labels`` and ``loss_mask`` for the lm_loss metric) or token tensors; all batches the same shape. Every
-    DP rank must give the same number of batches.
+    DP rank must give the same number of batches. ``depth_metrics``: removal metrics of this call (name ->
+    fn) besides the registered ones (``register_depth_metric``), for ``settings.depth_metrics`` to name.
     """
     settings = settings or ImportanceSettings()
-    chunks = [getattr(m, "module", m) for m in model_chunks]
+    chunks = [unwrap_model(m) for m in model_chunks]
     if len(chunks) != 1:
         raise ValueError("estimate_importance supports one model chunk per rank (no virtual pipeline)")
     model = chunks[0]
@@ -206,19 +209,20 @@ def estimate_importance(model_chunks, batches: Iterable, settings: Optional[Impo
     cfg = model.config
     L = cfg.num_layers
     settings.validate(L)
+    metrics = known_depth_metrics(depth_metrics)
     for m in settings.depth_metrics:
-        if m != "bi":
-            if m not in DEPTH_METRICS:
-                raise ValueError(f"unknown depth metric {m!r}; known: bi, {', '.join(sorted(DEPTH_METRICS))}")
+        if m != "bi" and m not in metrics:
+            raise ValueError(unknown_depth_metric_message(m, metrics))
     was_training = model.training
     model.eval()
     try:
-        return _estimate(model, chunks, batches, settings, L)
+        return _estimate(model, chunks, batches, settings, L, metrics)
     finally:
         model.train(was_training)
 
 
-def _estimate(model, chunks, batches, settings: ImportanceSettings, L: int) -> ImportanceScores:
+def _estimate(model, chunks, batches, settings: ImportanceSettings, L: int,
+              metrics: Mapping[str, DepthMetric]) -> ImportanceScores:
     ps = _groups()
     probes = _Probes(model, settings, L)
     # which PP stage owns each global layer (same on every rank)
@@ -275,7 +279,7 @@ def _estimate(model, chunks, batches, settings: ImportanceSettings, L: int) -> I
     if removal:
         ctx = DepthContext(chunks, cached)
         for metric in removal:
-            blocks[metric] = removal_scores(ctx, metric, L, settings.all_block_sizes())
+            blocks[metric] = removal_scores(ctx, metric, L, settings.all_block_sizes(), metrics)
     for metric, by_size in blocks.items():
         layers[metric] = by_size.pop(1)
     blocks = {m: b for m, b in blocks.items() if b}

@@ -50,17 +50,8 @@ class PrunePlan:
 
     def target_pipeline_split(self, source_layers_per_stage: List[int]) -> List[int]:
         """Layers per stage of the pruned model when every stage keeps its own kept layers (no layer moves
-        between stages while trimming)."""
-        split, start = [], 0
-        kept = set(self.kept_layers)
-        for n in source_layers_per_stage:
-            split.append(sum(1 for i in range(start, start + n) if i in kept))
-            start += n
-        if 0 in split and len(split) > 1:
-            raise ValueError(f"pruning leaves a pipeline stage without layers (layers per stage {split}); "
-                             "prune at a smaller pipeline_model_parallel_size (e.g. 1) and reload the "
-                             "result at any layout")
-        return split
+        between stages while trimming); see ``pipeline_split_after_pruning``."""
+        return pipeline_split_after_pruning(self.kept_layers, source_layers_per_stage)
 
     def to_dict(self) -> dict:
         return {"source": dataclasses.asdict(self.source), "target": dataclasses.asdict(self.target),
@@ -75,6 +66,21 @@ class PrunePlan:
         return cls(source=ModelArch(**d["source"]), target=ModelArch(**d["target"]),
                    kept_layers=d["kept_layers"], hidden=d["hidden"], neurons=d["neurons"],
                    groups=d["groups"], heads=d["heads"], head_merge=d.get("head_merge", []))
+
+
+def pipeline_split_after_pruning(kept_layers: List[int], source_layers_per_stage: List[int]) -> List[int]:
+    """Layers per pipeline stage of the pruned model when each stage keeps its own kept layers (trimming
+    moves no layer between stages). Raises ValueError when a stage would be left without layers."""
+    split, start = [], 0
+    kept = set(int(i) for i in kept_layers)
+    for n in source_layers_per_stage:
+        split.append(sum(1 for i in range(start, start + n) if i in kept))
+        start += n
+    if 0 in split and len(split) > 1:
+        raise ValueError(f"pruning leaves a pipeline stage without layers (layers per stage {split}); "
+                         "prune at a smaller pipeline_model_parallel_size (e.g. 1) and reload the "
+                         "result at any layout")
+    return split
 
 
 def top_k(scores: torch.Tensor, k: int) -> List[int]:

@@ -33,9 +33,9 @@ import os
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from ..checkpoint import layout
+from ..runtime.collectives import all_ranks_agree, run_on_rank0
 
 CRASH_POINTS = ("prune_after_write", "prune_after_aside", "prune_before_pointer", "prune_before_delete")
 
@@ -102,26 +102,9 @@ def swap_in(paths: layout.SavePaths) -> None:
 
 
 def on_rank0(step: Callable[[], None], what: str) -> None:
-    """Run a filesystem step on rank 0; every rank returns, or raises, together."""
-    error = None
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        try:
-            step()
-        except Exception as e:  # reported on every rank below
-            error = f"{type(e).__name__}: {e}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        outcome = [error]
-        dist.broadcast_object_list(outcome, src=0)
-        error = outcome[0]
-    if error is not None:
-        raise OSError(f"prune: {what} failed on rank 0: {error}")
-
-
-def _all_ranks_ok(ok: bool, device) -> bool:
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    """Run a filesystem step on rank 0; every rank returns, or raises OSError("prune: {what} failed on rank
+    0: ..."), together (runtime.collectives.run_on_rank0 with prune's message prefix)."""
+    run_on_rank0(step, what, error=OSError, prefix="prune: ")
 
 
 def verify_checkpoint(directory: str, model, arch, parallel, dtype, device) -> None:
@@ -139,7 +122,7 @@ def verify_checkpoint(directory: str, model, arch, parallel, dtype, device) -> N
             if key not in want or not torch.equal(value, want[key]):
                 bad = key
                 break
-    if not _all_ranks_ok(bad is None, device):
+    if not all_ranks_agree(bad is None, device):
         raise OSError(f"the pruned checkpoint written to {directory} does not read back equal to the pruned "
                       f"model (first difference on this rank: {bad}); the source checkpoint was not touched")
 

@@ -111,9 +111,7 @@ class ImportanceScores:
                 tensors[f"blocks/{m}/{k}"] = t
         payload = {"header": json.dumps(header, sort_keys=True),
                    "tensors": {k: v.detach().cpu().contiguous() for k, v in tensors.items()}}
-        tmp = f"{path}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        save_torch_durably(payload, path)
 
     @classmethod
     def load(cls, path: str) -> "ImportanceScores":
@@ -136,6 +134,25 @@ class ImportanceScores:
         return cls(settings=ImportanceSettings(**header["settings"]), heads=t["heads"], groups=t["groups"],
                    neurons=t["neurons"], hidden=t["hidden"], layers=layers, blocks=blocks,
                    num_samples=int(header["num_samples"]))
+
+
+def save_torch_durably(obj, path: str) -> None:
+    """``torch.save`` made atomic and durable as ``runtime.files.write_file_durably`` is for text: a
+    temporary file, fsync, rename, fsync of the directory (a crash leaves the old file or the new one)."""
+    from ..runtime.files import fsync_path
+
+    tmp = f"{path}.writing-{os.getpid()}"  # per process: two writers never share a temporary file
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 def group_scores(heads: torch.Tensor, num_query_groups: int) -> torch.Tensor:

@@ -93,13 +93,12 @@ def format_summary(summary: dict) -> str:
 
 
 def write_summary(directory: str, summary: dict) -> str:
-    """Write ``directory/prune_summary.yaml`` (through a temporary file); returns its path."""
+    """Write ``directory/prune_summary.yaml`` atomically and durably; returns its path."""
     from ..checkpoint.metadata import plain
+    from ..runtime.files import write_yaml_durably
 
     path = os.path.join(directory, SUMMARY_FILE)
-    with open(path + ".writing", "w") as f:
-        yaml.safe_dump(plain(summary), f, sort_keys=False)
-    os.replace(path + ".writing", path)
+    write_yaml_durably(path, plain(summary))
     return path
 
 
