@@ -8,7 +8,7 @@ the local spec's norm keys onto TE's fused ``layer_norm_weight`` names.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +121,12 @@ def layer_spec(arch: ModelArch, attention_backend: str = "auto", use_te: bool = 
 
 def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.float32,
               attention_backend: str = "auto", use_te: bool = False, recompute: bool = False,
-              device: Optional[torch.device] = None, fp8: Optional[dict] = None):
-    """This rank's stage of the GPT. Call after ``runtime.init_distributed``."""
+              device: Optional[torch.device] = None, fp8: Optional[dict] = None,
+              layer_spec_transform: Optional[Callable] = None):
+    """This rank's stage of the GPT. Call after ``runtime.init_distributed``.
+
+    ``layer_spec_transform(spec, config) -> spec``: builds every transformer layer from another spec derived
+    from the usual one (the FP8 teacher's swaps in its own submodule classes, ``distill.fp8_teacher``)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
@@ -133,6 +137,8 @@ def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.fl
     use_te = use_te and attention_backend != "unfused"
     spec = layer_spec(arch, attention_backend, use_te)  # fails clearly first when TE is asked for but absent
     config = transformer_config(arch, parallel, dtype, recompute, use_te, fp8)
+    if layer_spec_transform is not None:
+        spec = layer_spec_transform(spec, config)
     if not use_te:  # our Norm for the final norm too (megatron's torch norm rejects SP, zero-centred)
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
                                           layer_norm=Norm)

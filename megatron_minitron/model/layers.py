@@ -36,8 +36,6 @@ class SDPAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        # None: return megatron's [s, b, h*d]; else called on SDPA's [b, heads, s, d] output instead
-        self.output_transform = None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -57,9 +55,12 @@ class SDPAttention(MegatronModule):
                 out = self._sdpa(q, k, v, mask, causal, dropout)
         else:
             out = self._sdpa(q, k, v, mask, causal, dropout)
-        if self.output_transform is not None:  # e.g. the FP8 teacher's fused transpose + quantize
-            return self.output_transform(out)
-        s, b = query.shape[0], query.shape[1]
+        return self._merge_heads(out)
+
+    def _merge_heads(self, out):
+        """SDPA's [b, heads, s, d] -> megatron's [s, b, heads * d]. A subclass may return another form of
+        the same rows (the FP8 teacher's attention fuses this transpose with quantizing them)."""
+        b, _, s, _ = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
 
     def _sdpa(self, q, k, v, mask, causal, dropout):
