@@ -25,16 +25,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..model import params
 from .plan import PrunePlan
 
 _LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)\.(.+)$")
-_HIDDEN_VECTORS = ("input_layernorm.weight", "input_layernorm.bias", "pre_mlp_layernorm.weight",
-                   "pre_mlp_layernorm.bias", "self_attention.linear_qkv.layer_norm_weight",
-                   "self_attention.linear_qkv.layer_norm_bias", "mlp.linear_fc1.layer_norm_weight",
-                   "mlp.linear_fc1.layer_norm_bias", "self_attention.linear_proj.bias", "mlp.linear_fc2.bias")
-_GLOBAL_HIDDEN_COLUMNS = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight",
-                          "output_layer.weight")
-_GLOBAL_HIDDEN_VECTORS = ("decoder.final_layernorm.weight", "decoder.final_layernorm.bias")
+# tensors megatron can hold that model/params.py does not list (no supported arch has them): pruning leaves
+# them as they are (the output layer has no bias; q/k layernorms span one head's d channels)
 _UNTOUCHED = ("output_layer.bias", "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
               "self_attention.q_layernorm.bias", "self_attention.k_layernorm.bias")
 
@@ -87,74 +83,87 @@ def _gated(plan: PrunePlan) -> bool:
     return plan.source.activation == "swiglu"
 
 
+def _kept_along(axis: str, plan: PrunePlan, layer: int, tp_rank: int, tp: int) -> List[int]:
+    """Local indices, in this TP rank's shard, that the plan keeps along a head- or ffn-pruned axis."""
+    if axis == "qkv":
+        return _qkv_rows(plan, layer, tp_rank, tp)
+    if axis == "attn":
+        return _proj_columns(plan, layer, tp_rank, tp)
+    local_ffn = plan.source.ffn_hidden_size // tp
+    kept = _in_shard(plan.neurons[layer], local_ffn, tp_rank)
+    if axis == "fc1" and _gated(plan):
+        kept = kept + [local_ffn + j for j in kept]  # the shard is [gate rows; up rows]
+    assert axis in ("fc1", "ffn"), axis
+    return kept
+
+
+def _trim_tensor(key: str, value: torch.Tensor, tensor: params.Tensor, plan: PrunePlan, layer: Optional[int],
+                 hidden: torch.Tensor, tp_rank: int, tp: int) -> Tuple[torch.Tensor, Optional[int]]:
+    """This rank's piece of one tensor: the kept heads / neurons along its TP-split axis (then the dim the
+    pieces are concatenated along, returned second), and the kept hidden channels along every hidden axis."""
+    if value.dim() != len(tensor.axes):
+        raise ValueError(f"state key {key!r} has shape {tuple(value.shape)}, but a GPT built by model/builder.py "
+                         f"holds axes {tensor.axes} there; was the checkpoint written by another model?")
+    sharded = None
+    for dim, axis in enumerate(tensor.axes):
+        if params.AXES[axis].pruned_by in (params.HEADS, params.FFN):
+            assert layer is not None and dim == tensor.tp_axis, (key, tensor)
+            if axis == "attn":  # merged heads' columns are summed before the pruned ones go
+                value = _merge_heads(value, plan, layer, tp_rank, tp)
+            kept = _kept_along(axis, plan, layer, tp_rank, tp)
+            value = value.index_select(dim, torch.tensor(kept, dtype=torch.long, device=value.device))
+            sharded = dim
+    for dim, axis in enumerate(tensor.axes):
+        if params.AXES[axis].pruned_by == params.HIDDEN:
+            value = value.index_select(dim, hidden.to(value.device))
+    return value, sharded
+
+
 def select_local(state: Dict[str, Optional[torch.Tensor]], plan: PrunePlan, layer_ids: List[int],
                  tp_rank: int = 0, tp: int = 1) -> Tuple[Dict, Dict[str, int]]:
     """Step 1 for one source TP rank. Returns (tensors keyed by *target* name, {target name: sharded dim})
     where the tensors of keys in the second dict are this rank's pieces along that dim (for SwiGLU fc1 the
-    piece is [gate rows; up rows], split again in ``assemble``)."""
+    piece is [gate rows; up rows], split again in ``assemble``). Which axes a tensor has, and so what is cut,
+    comes from ``model/params.py``."""
     hidden = torch.tensor(plan.hidden, dtype=torch.long)
     kept = set(plan.kept_layers)
     kept_pos = {lid: i for i, lid in enumerate(lid for lid in layer_ids if lid in kept)}
     out, sharded = {}, {}
     for key, value in state.items():
         m = _LAYER.match(key)
-        if m is None:
-            name = key
-            if value is None or key.endswith("_extra_state") or key in _UNTOUCHED:
-                out[name] = value
-            elif key in _GLOBAL_HIDDEN_COLUMNS:
-                out[name] = value.index_select(1, hidden.to(value.device))
-            elif key in _GLOBAL_HIDDEN_VECTORS:
-                out[name] = value.index_select(0, hidden.to(value.device))
-            else:
-                raise ValueError(f"don't know how to prune state key {key!r}; only GPT models built by "
-                                 "model/builder.py (dense, local or TE spec) are supported")
-            continue
-        prefix, local, rest = m.group(1), int(m.group(2)), m.group(3)
-        if local >= len(layer_ids):
-            raise ValueError(f"state key {key!r}: layer {local} but layer_ids has {len(layer_ids)} entries")
-        layer = layer_ids[local]
-        if layer not in kept_pos:
-            continue
-        name = f"{prefix}{kept_pos[layer]}.{rest}"
+        layer, name, rest = None, key, key
+        if m is not None:
+            prefix, local, rest = m.group(1), int(m.group(2)), m.group(3)
+            if local >= len(layer_ids):
+                raise ValueError(f"state key {key!r}: layer {local} but layer_ids has {len(layer_ids)} entries")
+            layer = layer_ids[local]
+            if layer not in kept_pos:
+                continue
+            name = f"{prefix}{kept_pos[layer]}.{rest}"
         if value is None or rest.endswith("_extra_state") or rest in _UNTOUCHED:
             out[name] = value
             continue
-        h = hidden.to(value.device)
-        idx = lambda rows: torch.tensor(rows, dtype=torch.long, device=value.device)  # noqa: E731
-        if rest in _HIDDEN_VECTORS:
-            out[name] = value.index_select(0, h)
-        elif rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
-            piece = value.index_select(0, idx(_qkv_rows(plan, layer, tp_rank, tp)))
-            out[name] = piece.index_select(1, h) if piece.dim() == 2 else piece
-            sharded[name] = 0
-        elif rest == "self_attention.linear_proj.weight":
-            merged = _merge_heads(value, plan, layer, tp_rank, tp)
-            out[name] = merged.index_select(1, idx(_proj_columns(plan, layer, tp_rank, tp))).index_select(0, h)
-            sharded[name] = 1
-        elif rest in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
-            local_ffn = plan.source.ffn_hidden_size // tp
-            rows = _in_shard(plan.neurons[layer], local_ffn, tp_rank)
-            if _gated(plan):
-                rows = rows + [local_ffn + j for j in rows]
-            piece = value.index_select(0, idx(rows))
-            out[name] = piece.index_select(1, h) if piece.dim() == 2 else piece
-            sharded[name] = 0
-        elif rest == "mlp.linear_fc2.weight":
-            local_ffn = plan.source.ffn_hidden_size // tp
-            cols = _in_shard(plan.neurons[layer], local_ffn, tp_rank)
-            out[name] = value.index_select(1, idx(cols)).index_select(0, h)
-            sharded[name] = 1
-        else:
+        tensor = params.find(rest, per_layer=m is not None)
+        if tensor is None:
             raise ValueError(f"don't know how to prune state key {key!r}; only GPT models built by "
                              "model/builder.py (dense, local or TE spec) are supported")
+        out[name], dim = _trim_tensor(key, value, tensor, plan, layer, hidden, tp_rank, tp)
+        if dim is not None:
+            sharded[name] = dim
     return out, sharded
+
+
+def _gated_rows(name: str, plan: PrunePlan) -> bool:
+    """Whether target tensor ``name`` is split along SwiGLU's [gate; up] rows."""
+    m = _LAYER.match(name)
+    tensor = params.find(m.group(3), per_layer=True) if m else None
+    return tensor is not None and tensor.tp_axis_name == "fc1" and _gated(plan)
 
 
 def assemble(name: str, pieces: List[torch.Tensor], dim: int, plan: PrunePlan, tp_rank: int, tp: int
              ) -> torch.Tensor:
     """Step 2: the target TP rank's shard from the pieces of every source TP rank (in rank order)."""
-    if name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")) and _gated(plan):
+    if _gated_rows(name, plan):
         gates = [p[:p.shape[0] // 2] for p in pieces]
         ups = [p[p.shape[0] // 2:] for p in pieces]
         return torch.cat([_slice(torch.cat(gates, 0), 0, tp_rank, tp), _slice(torch.cat(ups, 0), 0, tp_rank, tp)])
