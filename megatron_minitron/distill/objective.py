@@ -49,13 +49,17 @@ class KDObjective:
 
         precision = self.cfg.teacher_precision
         dtype = trainer.dtype if precision in ("auto", "fp8") else resolve_dtype(precision)
-        teacher = build_gpt(self.teacher_arch, trainer.cfg.parallel, dtype,
-                            attention_backend=trainer.cfg.train.attention_backend,
-                            use_te=trainer.cfg.train.transformer_engine, device=trainer.rt.device)
+        build = dict(attention_backend=trainer.cfg.train.attention_backend,
+                     use_te=trainer.cfg.train.transformer_engine, device=trainer.rt.device)
+        if precision == "fp8":  # built from the FP8 layer spec; its weights are quantized once loaded
+            from .fp8_teacher import FP8Options, build_fp8_teacher, quantize_weights
+            teacher = build_fp8_teacher(self.teacher_arch, trainer.cfg.parallel, dtype,
+                                        options=FP8Options(fast_accum=self.cfg.teacher_fp8_fast_accum), **build)
+        else:
+            teacher = build_gpt(self.teacher_arch, trainer.cfg.parallel, dtype, **build)
         checkpoint.load_weights(self.teacher_path, [teacher], arch=self.teacher_arch)
         if precision == "fp8":
-            from .fp8_teacher import quantize_teacher
-            quantize_teacher(teacher, fast_accum=self.cfg.teacher_fp8_fast_accum)
+            quantize_weights(teacher)
         self.model = DistillationModel(student, teacher, self.cfg.intermediate_pairs,
                                        trainer.cfg.parallel.sequence_parallel,
                                        fused_output=uses_fused_output_layer(self.cfg))
