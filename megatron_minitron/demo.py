@@ -6,8 +6,8 @@
     -> compare: teacher | pruned, before distillation | pruned + KD | same size, random init + KD | pruned + LM loss
 
 It ends with a table of validation LM loss / perplexity and a PNG of the validation curves. Each step is
-one of the project's own commands (``preprocess``, ``train``, ``prune``, ``distill``) called in-process, so
-the demo doubles as an end-to-end check. It runs on a CPU in minutes (``--size tiny``) and at a larger
+one of the project's own jobs (preprocess, ``Trainer``, ``prune.run``, ``distill.job.run``) called in-process,
+so the demo doubles as an end-to-end check. It runs on a CPU in minutes (``--size tiny``) and at a larger
 size on a GPU (``--size small``, the default there).
 """
 from __future__ import annotations
@@ -49,13 +49,13 @@ def run(args) -> int:
     import torch
 
     from . import checkpoint
-    from .cli import run_subcommand
     from .config import Data, ModelArch, Parallel, Train, TrainConfig
     from .data import build_stdlib_corpus, preprocess
     from .distill.config import Distill, DistillConfig
     from .distill.job import run as distill_run
     from .model.builder import build_gpt
-    from .prune import cli as prune_cli
+    from .prune import Calibration, ImportanceSettings, PruneConfig, PruneTargets
+    from .prune import run as prune
     from .runtime.distributed import init_distributed, rank0_print, set_seed
     from .train.loop import Trainer
 
@@ -107,10 +107,10 @@ def run(args) -> int:
     target = preset["target"]
     step(f"prune: importance on 64 calibration samples, then {target}")
     pruned_dir = os.path.join(out, "pruned")
-    run_subcommand(prune_cli.register, ["prune", "--load", teacher_dir, "--save", pruned_dir, "--data", prefix + "_train",
-                              "--scores", os.path.join(out, "importance.pt"), "--num-samples", "64",
-                              "--micro-batch-size", "4", "--depth-metrics", "bi,lm_loss",
-                              "--target", *[f"{k}={v}" for k, v in target.items()]])
+    prune(PruneConfig(load=teacher_dir, save=pruned_dir, scores=os.path.join(out, "importance.pt"),
+                      calibration=Calibration(data=prefix + "_train", num_samples=64, micro_batch_size=4),
+                      importance=ImportanceSettings(depth_metrics=["bi", "lm_loss"]),
+                      targets=PruneTargets(**target)))
     student_arch = checkpoint.read_arch(pruned_dir)
     kd = dict(distill=Distill(teacher=teacher_dir, student=pruned_dir))
 
@@ -190,7 +190,7 @@ def _report(out, results, curves, seconds, teacher_arch, student_arch, iteration
     summary = {"val_lm_loss": results, "parameters": params, "iterations": iterations, "curves": curves,
                "seconds": seconds, "settings": settings,
                "architecture": {"teacher": to_dict(teacher_arch), "student": to_dict(student_arch)}}
-    from .checkpoint.layout import write_file_durably
+    from .runtime.files import write_file_durably
     write_file_durably(os.path.join(out, "results.json"), json.dumps(summary, indent=1) + "\n")
     write_file_durably(os.path.join(out, "results.md"), table + "\n")
     plot = _plot(out, curves)

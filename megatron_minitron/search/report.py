@@ -6,6 +6,8 @@ import os
 
 import yaml
 
+from ..runtime.files import write_file_durably
+
 RANKING_FILE = "ranking.md"
 BEST_FILE = "best_prune.yaml"
 
@@ -48,14 +50,7 @@ def write_report(output: str, ranked: list, score_by: str, steps: int, source: s
     """Rank 0 only: print the table and write ranking.md and best_prune.yaml."""
     table = ranking_table(ranked, score_by)
     print(f"\nsearch: {len(ranked)} candidate(s), {steps} distillation steps each\n\n{table}\n", flush=True)
-    _write_text(os.path.join(output, RANKING_FILE), table + "\n")
+    write_file_durably(os.path.join(output, RANKING_FILE), table + "\n")
     best_path = os.path.join(output, BEST_FILE)
-    _write_text(best_path, best_prune_yaml(ranked, score_by, source, scores))
+    write_file_durably(best_path, best_prune_yaml(ranked, score_by, source, scores))
     print(f"best: {ranked[0]['name']} -> {best_path}", flush=True)
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 from ..config import to_dict
 from ..distill.config import DistillConfig
+from ..runtime.files import write_json_durably
 from .report import rank_results, write_report
 from .space import SearchSpace, candidate_name, enumerate_candidates, parameter_count, prune_targets
 
@@ -99,7 +100,7 @@ def _check_or_record_settings(output: str, settings: dict, is_rank0: bool) -> No
     if is_rank0:
         os.makedirs(os.path.join(output, "results"), exist_ok=True)
         if not os.path.exists(path):
-            _write_json_atomically(path, settings)
+            write_json_durably(path, settings, indent=1)
     barrier()
 
 
@@ -108,8 +109,8 @@ def run_search(cfg: SearchConfig, after_candidate: Optional[Callable[[dict], Non
     signal or train.exit_interval; its checkpoint is saved: rerun to resume). ``after_candidate(result)`` is
     called as each candidate finishes in this run."""
     from .. import checkpoint
-    from ..cli import run_subcommand
-    from ..prune import cli as prune_cli
+    from ..prune import Calibration, PruneConfig, PruneParallel
+    from ..prune import run as prune
     from ..runtime.distributed import barrier, init_distributed, rank0_print
 
     s, par = cfg.search, cfg.parallel
@@ -137,10 +138,10 @@ def run_search(cfg: SearchConfig, after_candidate: Optional[Callable[[dict], Non
     rank0_print(f"search: {len(candidates)} candidate(s) within {s.param_budget:,} +- {s.tolerance:.0%} "
                 f"{s.count} parameters: " + ", ".join(candidate_name(a) for a in candidates))
     if not os.path.exists(scores):
-        run_subcommand(prune_cli.register, ["prune", "--load", s.load, "--data", calib, "--scores", scores,
-                                            "--scores-only", "--num-samples", str(s.calib_samples),
-                                            "--micro-batch-size", str(s.calib_micro_batch_size),
-                                            "--tp", str(tp), "--pp", str(pp)])
+        prune(PruneConfig(load=s.load, scores=scores, scores_only=True,
+                          calibration=Calibration(data=calib, num_samples=s.calib_samples,
+                                                  micro_batch_size=s.calib_micro_batch_size),
+                          parallel=PruneParallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)))
     results = []
     for arch in candidates:
         name = candidate_name(arch)
@@ -150,13 +151,13 @@ def run_search(cfg: SearchConfig, after_candidate: Optional[Callable[[dict], Non
                 results.append(json.load(f))
             rank0_print(f"search: {name} already done")
             continue
-        result = _run_candidate(cfg, arch, name, scores, run_subcommand, prune_cli, checkpoint)
+        result = _run_candidate(cfg, arch, name, scores)
         if result is None:
             rank0_print(f"search: stopped during the distillation of {name} (its checkpoint is saved); rerun "
                         "the same command to resume")
             return None
         if rt.is_rank0:
-            _write_json_atomically(done, result)
+            write_json_durably(done, result, indent=1)
         barrier()
         results.append(result)
         if after_candidate is not None:
@@ -168,9 +169,11 @@ def run_search(cfg: SearchConfig, after_candidate: Optional[Callable[[dict], Non
     return ranked
 
 
-def _run_candidate(cfg: SearchConfig, arch, name, scores, run_subcommand, prune_cli,
-                   checkpoint) -> Optional[dict]:
+def _run_candidate(cfg: SearchConfig, arch, name, scores) -> Optional[dict]:
+    from .. import checkpoint
     from ..distill.job import run as run_distillation
+    from ..prune import PruneConfig, PruneParallel, PruneTargets
+    from ..prune import run as prune
     from ..runtime.distributed import rank0_print
 
     s, par = cfg.search, cfg.parallel
@@ -179,10 +182,9 @@ def _run_candidate(cfg: SearchConfig, arch, name, scores, run_subcommand, prune_
     rank0_print(f"search: {name}: {parameter_count(arch):,} parameters")
     if not os.path.exists(os.path.join(pruned, checkpoint.METADATA_FILE)):  # saves are atomic
         pp = _prune_pipeline_size(cfg, arch, scores)
-        run_subcommand(prune_cli.register, [
-            "prune", "--load", s.load, "--save", pruned, "--scores", scores, "--tp",
-            str(par.tensor_model_parallel_size), "--pp", str(pp), "--target",
-            *[f"{k}={v}" for k, v in prune_targets(arch).items()]])
+        prune(PruneConfig(load=s.load, save=pruned, scores=scores, targets=PruneTargets(**prune_targets(arch)),
+                          parallel=PruneParallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
+                                                 pipeline_model_parallel_size=pp)))
 
     def distill_cfg(steps, save):
         return DistillConfig(parallel=cfg.parallel, data=cfg.data,
@@ -231,12 +233,3 @@ def _evaluate(cfg: DistillConfig) -> dict:
     teacher_arch = prepare(cfg)
     trainer = Trainer(cfg, objective=KDObjective(cfg.distill, teacher_arch, cfg.distill.teacher)).setup()
     return trainer.evaluate()
-
-
-def _write_json_atomically(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
