@@ -131,3 +131,19 @@ def test_options_validated():
         FP8Options(activation_granularity="channel")
     with pytest.raises(ValueError, match="weight_granularity"):
         FP8Options(weight_granularity="token")
+
+
+def test_checkpoint_loads_into_the_spec_built_teacher(tmp_path):
+    """distill's path: save the bf16 teacher, build the FP8 one, load the checkpoint (dist-ckpt, sharded
+    state dict), quantize: the logits of the patched teacher on the same weights."""
+    from megatron_minitron import checkpoint
+
+    reference = _reference()
+    directory = checkpoint.save_checkpoint_to(str(tmp_path / "teacher"), [reference], arch=ARCH)
+    model = build_fp8_teacher(ARCH, Parallel(), torch.float32).eval()
+    checkpoint.load_weights(directory, [model], arch=ARCH)
+    quantize_weights(model)
+    patched = build_gpt(ARCH, Parallel()).eval()
+    patched.load_state_dict(reference.state_dict())
+    patch_teacher(patched)
+    assert torch.equal(_logits(model), _logits(patched))
