@@ -2,6 +2,8 @@
 
 One Megatron-LM run (TP2, 2 ranks, a real train step) writes SRC the way `pretrain_gpt.py --ckpt-format
 torch_dist` does; then:
+  * reading: checkpoint.read_metadata / describe_checkpoint of SRC against the args Megatron-LM ran with, and
+    our logits equal Megatron-LM's.
   * prune: `minitron prune --save` at TP1 and `--in-place --tp 2` on a copy (same scores) -> Megatron-LM's
     load_checkpoint (default flags, architecture from the checkpoint's args) loads each at the other TP (both
     in one 2-rank launch); the loaded tensors are the ones in the files (plain torch.distributed.checkpoint),
@@ -173,6 +175,30 @@ def test_our_reading_of_a_megatron_lm_checkpoint(source, corpus):
     assert arch["vocab_size"] == VOCAB  # the sentencepiece model's size, = Megatron-LM's padded_vocab_size
     assert os.path.samefile(meta["tokenizer"]["path"], corpus["tokenizer"])
     assert torch.allclose(our_logits(source["root"]), source["written"]["logits"], atol=ATOL, rtol=0)
+
+
+def test_description_of_a_megatron_lm_checkpoint(source, corpus):
+    """checkpoint.describe_checkpoint of what Megatron-LM wrote, against the args its run used (its dump)."""
+    from megatron_minitron import checkpoint
+
+    args = source["written"]["args"]
+    info = checkpoint.describe_checkpoint(source["root"])
+    assert info.format == "megatron-lm" and info.directory == os.path.join(source["root"], "iter_0000007")
+    assert info.iteration == SOURCE_ITERATION == source["written"]["iteration"]
+    saved = info.layout
+    assert (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size, saved.data_parallel_size,
+            saved.world_size) == (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"],
+                                  args["data_parallel_size"], args["world_size"]) == (2, 1, 1, 2)
+    assert saved.layers_per_stage == ((args["num_layers"],),) and saved.model_chunks == 1
+    assert (info.arch.num_layers, info.arch.hidden_size, info.arch.num_query_groups, info.arch.vocab_size) == (
+        args["num_layers"], args["hidden_size"], args["num_query_groups"], args["padded_vocab_size"])
+    assert info.params_dtype == str(args["params_dtype"]).replace("torch.", "") == "float32"
+    assert info.torch_dtype() is torch.float32
+    # one train step with Adam and a scheduler, RNG saved (Megatron-LM's defaults), in iter_0000007
+    assert info.contents.optimizer and info.contents.scheduler and info.contents.rng and not info.contents.release
+    assert not info.weights_only and info.contents.optimizer_sharding == "per_parameter"
+    assert info.tokenizer["type"] == "sentencepiece" and os.path.samefile(info.tokenizer_path, corpus["tokenizer"])
+    assert info.provenance["written_by"] == "Megatron-LM" and info.megatron_core is None
 
 
 def check_pruned_slices(pruned, src, plan):
