@@ -35,8 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory or YAML with a model section")
     p.add_argument("--teacher-precision", choices=("auto", "bf16", "fp8", "fp32"), default="auto",
                    help="teacher weight storage (auto: distill.teacher_precision, else the student's)")
-    p.add_argument("--kd-loss", choices=("chunked", "naive"), default="chunked",
-                   help="chunked: our KD loss; naive: fp32 log_softmax copies of the full logits")
+    p.add_argument("--kd-loss", choices=("chunked", "naive", "fused_linear"), default="chunked",
+                   help="chunked: our KD loss; naive: fp32 log_softmax copies of the full logits; fused_linear: "
+                        "distill.kd_loss_backend=fused_linear (no [T, V] logits)")
     p.add_argument("--top", type=int, default=8, help="rows of the table (default 8)")
     p.set_defaults(handler=run)
 

@@ -35,6 +35,8 @@ GIB = 1024 ** 3
 KD_CHUNK_ELEMENTS = 1 << 24  # distill/vocab_parallel.DEFAULT_CHUNK_ELEMENTS: fp32 values per KD chunk
 KD_CHUNK_BUFFERS = 3  # fp32 chunk temporaries alive at once in the chunked KD loss (a, b, softmax)
 NAIVE_KD_COPIES = 5  # fp32 [T, V/t] copies of a naive log_softmax + kl_div (measured: +21.5 GB at 4.2 GB each)
+KD_LINEAR_CHUNK_LOGITS = 1 << 27  # distill/kd_linear.DEFAULT_CHUNK_LOGITS: logits per chunk and model, fused KD
+KD_LOSSES = ("chunked", "naive", "fused_linear")  # fused_linear: distill.kd_loss_backend=fused_linear
 JOB_KINDS = ("train", "distill", "prune")
 
 
@@ -67,7 +69,7 @@ class Job:
     param_bytes: int = 2  # bf16
     teacher_bytes: int = 2  # bf16; 1 for an fp8 teacher
     distributed_optimizer: bool = True
-    kd_loss: str = "chunked"  # chunked (ours) | naive ([T, V/t] fp32 copies)
+    kd_loss: str = "chunked"  # chunked (ours) | naive ([T, V/t] fp32 copies) | fused_linear (no [T, V] logits)
     lm_loss: bool = False  # distillation: backpropagate the CE term too (it is always reported)
 
     def validate(self) -> None:
@@ -76,8 +78,8 @@ class Job:
         if self.kind == "distill" and self.teacher is None:
             raise ValueError("a distillation plan needs the teacher architecture: give --teacher (a checkpoint "
                              "or a YAML with a model section)")
-        if self.kd_loss not in ("chunked", "naive"):
-            raise ValueError(f"kd_loss={self.kd_loss!r}: chunked or naive")
+        if self.kd_loss not in KD_LOSSES:
+            raise ValueError(f"kd_loss={self.kd_loss!r}: one of {KD_LOSSES}")
 
 
 @dataclass
@@ -156,6 +158,8 @@ def logits_and_loss_bytes(job: Job, layout: Layout, act_bytes: int = 2) -> dict:
         parts["logits"] = act_bytes * logits + 2 * 4 * logits
     elif job.kind == "prune":
         parts["logits"] = act_bytes * logits + 4 * logits  # forward only (lm_loss depth metric)
+    elif job.kd_loss == "fused_linear":
+        parts.update(fused_linear_kd_bytes(job, layout, act_bytes))
     else:
         parts["logits"] = act_bytes * logits + job.teacher_bytes * logits  # both saved by the KD loss
         parts["logits"] += act_bytes * logits  # the student-logit gradient
@@ -167,6 +171,33 @@ def logits_and_loss_bytes(job: Job, layout: Layout, act_bytes: int = 2) -> dict:
             chunk_tokens = max(1, min(tokens, KD_CHUNK_ELEMENTS // max(1, vocab_local)))
             parts["kd_loss_buffers"] = KD_CHUNK_BUFFERS * 4 * chunk_tokens * vocab_local + 3 * 4 * tokens
     return parts
+
+
+def fused_linear_chunk_tokens(vocab_local: int, tokens: int) -> int:
+    """Rows of the fused KD loss's logits buffers (``distill/kd_linear.linear_kd_loss``'s default chunk)."""
+    chunk = max(1, KD_LINEAR_CHUNK_LOGITS // max(1, vocab_local))
+    if chunk >= 128:
+        chunk -= chunk % 64
+    return min(chunk, tokens)
+
+
+def fused_linear_kd_bytes(job: Job, layout: Layout, act_bytes: int = 2) -> dict:
+    """Distillation with the KD (and LM) loss fused with both output layers (``distill/kd_linear.py``): neither
+    model's [T, V/t] logits exist. What the loss holds at its peak (its forward, where the gradients are made):
+    one [chunk, V/t] logits buffer per model; d loss / d h_s [T, h] and d loss / d W_s [V/t, h] (model dtype,
+    kept until backward); the teacher's final hidden state [T, h_t] (and with SP the gathered student one,
+    else it is the final-norm output already counted); per-token fp32 kd, lm and weights, int64 labels."""
+    tokens = layout.micro_batch_size * job.seq_length
+    vocab_local = job.model.padded_vocab_size(layout.tp) // layout.tp
+    h, h_t = job.model.hidden_size, job.teacher.hidden_size
+    # an fp8 teacher stores fp8 weights but its GEMMs write bf16 outputs
+    teacher_act = job.teacher_bytes if job.teacher_bytes > 1 else act_bytes
+    chunk = fused_linear_chunk_tokens(vocab_local, tokens)
+    buffers = act_bytes * tokens * h + act_bytes * vocab_local * h + teacher_act * tokens * h_t
+    if layout.sequence_parallel:
+        buffers += act_bytes * tokens * h
+    buffers += (3 * 4 + 8) * tokens
+    return {"logits": chunk * vocab_local * (act_bytes + teacher_act), "kd_loss_buffers": buffers}
 
 
 # ------------------------------------------------------------------------------------------ the estimate

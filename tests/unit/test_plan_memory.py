@@ -111,6 +111,53 @@ def test_distill_estimate_and_kd_buffers():
         estimate(Job("distill", student, 4, 4), Layout())
 
 
+def test_fused_linear_kd_keeps_no_logits():
+    student, teacher = tiny(), tiny(hidden_size=16, ffn_hidden_size=32, num_layers=4)
+    job = Job("distill", student, 4, 4, teacher=teacher, kd_loss="fused_linear")
+    parts = logits_and_loss_bytes(job, Layout(micro_batch_size=2))
+    tokens, v, h, h_t = 8, 128, 8, 16
+    assert parts["logits"] == tokens * v * (2 + 2)  # one chunk (the whole micro-batch) per model, bf16
+    # d/dh_s [T, h], d/dW_s [V, h], the teacher's final hidden [T, h_t]; fp32 kd, lm, weights + int64 labels
+    assert parts["kd_loss_buffers"] == 2 * tokens * h + 2 * v * h + 2 * tokens * h_t + (12 + 8) * tokens
+    sp = logits_and_loss_bytes(job, Layout(tp=2, micro_batch_size=2, sequence_parallel=True))
+    v2 = student.padded_vocab_size(2) // 2
+    assert sp["logits"] == tokens * v2 * 4
+    assert sp["kd_loss_buffers"] == 2 * tokens * h * 2 + 2 * v2 * h + 2 * tokens * h_t + 20 * tokens
+    # at a real vocabulary the fused loss needs a small fraction of the chunked one's logits memory
+    big = ModelArch(num_layers=1, hidden_size=64, ffn_hidden_size=64, num_attention_heads=1, vocab_size=131072,
+                    seq_length=8192)
+    fused = logits_and_loss_bytes(Job("distill", big, 8192, 1, teacher=big, kd_loss="fused_linear"), Layout())
+    chunked = logits_and_loss_bytes(Job("distill", big, 8192, 1, teacher=big), Layout())
+    assert fused["logits"] == 1024 * 131072 * 4  # 2^27 logits per model and chunk: 1024 tokens
+    assert 10 * (fused["logits"] + fused["kd_loss_buffers"]) < chunked["logits"] + chunked["kd_loss_buffers"]
+
+
+@pytest.mark.parametrize("vocab", [3000, (1 << 20) + 7, (1 << 20) - 5])
+def test_fused_linear_chunk_is_the_one_kd_linear_uses(vocab, monkeypatch):
+    import inspect
+
+    import torch
+
+    from megatron_minitron.distill import kd_linear
+    from megatron_minitron.plan.memory import KD_LINEAR_CHUNK_LOGITS, fused_linear_chunk_tokens
+
+    assert KD_LINEAR_CHUNK_LOGITS == kd_linear.DEFAULT_CHUNK_LOGITS
+    seen = []
+    real = kd_linear.FusedLinearKD.apply
+    chunk_at = list(inspect.signature(kd_linear.FusedLinearKD.forward).parameters).index("chunk") - 1  # - ctx
+
+    def spy(*args):
+        seen.append(args[chunk_at])
+        return real(*args)
+
+    monkeypatch.setattr(kd_linear.FusedLinearKD, "apply", spy)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, 2, generator=g, dtype=torch.bfloat16)
+    hidden = torch.randn(3, 2, generator=g, dtype=torch.bfloat16)
+    kd_linear.linear_kd_loss(hidden, weight, hidden, weight, group=None, backend="torch")
+    assert seen == [fused_linear_chunk_tokens(vocab, tokens=1 << 40)]
+
+
 def test_prune_estimate_has_no_optimizer():
     est = estimate_stage(Job("prune", tiny(), 4, 1), Layout(), 0)
     assert "optimizer" not in est.parts and est.parts["pruned_copy"] == est.parts["weights"]
