@@ -16,16 +16,19 @@ Then each linear together with the kernel that produces its input, as in the tea
   bf16         torch's producer (F.rms_norm / permute+reshape / silu*up) + F.linear
   fp8 unfused  the same bf16 producer + a separate per-token quantization pass + _scaled_mm
   fp8 fused    kernels.fp8_fused (the producer writes e4m3 + per-token scales) + _scaled_mm
-and the whole transformer layer (megatron's TransformerLayer, local spec, SDPA) forward: bf16 vs
-distill.fp8_teacher.quantize_teacher with and without fusion.
+and the whole transformer layer (megatron's TransformerLayer, local spec, SDPA) forward: bf16 vs the FP8
+teacher built from its layer spec (distill.fp8_teacher.build_fp8_teacher) with and without fusion, and vs
+the previous construction of the fused teacher (module instances patched, tests/fp8_patched_teacher.py),
+timed alternately with the spec-built one: the spec must measure no slower.
 
-H100:    python benchmarks/bench_fp8.py [--tokens 8192] [--fast-accum]
+H100:    python benchmarks/bench_fp8.py [--tokens 8192] [--fast-accum] [--parts linears,producers,layer]
 CPU run: python benchmarks/bench_fp8.py --smoke      (tiny shapes, reference path; checks the script runs)
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 
 import torch
@@ -34,6 +37,9 @@ import torch.nn.functional as F
 from common import timed_median_ms
 from megatron_minitron.kernels.fp8 import fp8_gemm, fp8_linear, quantize_fp8, quantize_weight
 from megatron_minitron.kernels.fp8_fused import attention_output_quantize, norm_quantize, swiglu_quantize
+
+
+PARTS = ("linears", "producers", "layer")
 
 
 def llama_linears(hidden, ffn, heads, groups, head_dim):
@@ -53,7 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--fast-accum", action="store_true", help="use_fast_accum=True in _scaled_mm")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: check that everything runs")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated, from {PARTS}: the linears alone, producer + linear, the whole layer")
     args = p.parse_args(argv)
+    args.parts = args.parts.split(",")
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        p.error(f"--parts: unknown {unknown}; choose from {PARTS}")
     if args.smoke:
         args.tokens, args.hidden, args.ffn, args.heads, args.groups, args.head_dim = 32, 64, 128, 4, 2, 16
         args.iters, args.warmup = 2, 1
@@ -69,6 +81,16 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
     date = datetime.date.today().isoformat()
     gen = torch.Generator(device=device).manual_seed(0)
+    if "linears" in args.parts:
+        linears_alone(args, device, backend, date, device_name, gen)
+    if "producers" in args.parts:
+        producer_and_linear(args, device, backend, date, device_name, gen)
+    if "layer" in args.parts:
+        whole_layer(args, device, date, device_name)
+
+
+def linears_alone(args, device, backend, date, device_name, gen):
+    """Each linear alone: bf16 vs FP8 per tensor vs FP8 row-wise (with and without quantizing its input)."""
     print("| date | device | linear | M x K -> N | variant | total ms | gemm ms | TFLOP/s (total) | rel. error |")
     print("|---|---|---|---|---|---|---|---|---|")
     totals = {}
@@ -112,8 +134,6 @@ def main(argv=None):
         print(f"| {date} | {device_name} | layer sum | - | {variant} | {total:.3f} | {gemm:.3f} | - | - |")
     print(f"\nlinears alone, layer sum: bf16 / fp8 rowwise = {totals['bf16'][0] / totals['fp8 rowwise'][0]:.2f}x "
           f"with a separate quantization pass, {totals['bf16'][0] / totals['fp8 rowwise'][1]:.2f}x GEMM only\n")
-    producer_and_linear(args, device, backend, date, device_name, gen)
-    whole_layer(args, device, date, device_name)
 
 
 def producer_and_linear(args, device, backend, date, device_name, gen):
@@ -188,11 +208,33 @@ def producer_and_linear(args, device, backend, date, device_name, gen):
           f"bf16 / fp8 unfused = {sums['bf16'] / sums['fp8 unfused']:.2f}x\n")
 
 
+def _patched_teacher_builder():
+    """The previous construction of the FP8 teacher (patched module instances), kept in tests/ as the
+    reference; None when tests/ is not beside this script."""
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if not os.path.isfile(os.path.join(tests, "fp8_patched_teacher.py")):
+        return None
+    sys.path.insert(0, tests)
+    from fp8_patched_teacher import patch_teacher
+    return patch_teacher
+
+
+def alternating_median_ms(fns: dict, iters: int, warmup: int, rounds: int = 3) -> dict:
+    """Each fn timed ``rounds`` times, interleaved (A B A B ...), so drift (clocks, temperature) hits all alike;
+    the median of each fn's round medians."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timed_median_ms(fn, iters, warmup))
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def whole_layer(args, device, date, device_name):
     """megatron's TransformerLayer forward (no grad), bf16 vs the FP8 teacher's, via a 1-layer GPTModel's
-    decoder (embedding and output layer excluded)."""
+    decoder (embedding and output layer excluded). The FP8 teachers are built from their layer spec
+    (build_fp8_teacher), as distill builds them; the fused one also the previous way (patched instances)."""
     from megatron_minitron.config import ModelArch, Parallel
-    from megatron_minitron.distill.fp8_teacher import quantize_teacher
+    from megatron_minitron.distill.fp8_teacher import FP8Options, build_fp8_teacher, quantize_weights
     from megatron_minitron.model.builder import build_gpt
     from megatron_minitron.runtime.distributed import init_distributed
 
@@ -209,6 +251,13 @@ def whole_layer(args, device, date, device_name):
     def forward(model):
         return model.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
 
+    def spec_built(fuse, fast):
+        model = build_fp8_teacher(arch, Parallel(), dtype, device=device, options=FP8Options(fast_accum=fast),
+                                  fuse=fuse).eval()
+        model.load_state_dict(reference.state_dict())
+        quantize_weights(model)
+        return model
+
     print("| date | device | Llama layer forward, tokens | variant | ms | speed-up | rel. error |\n"
           "|---|---|---|---|---|---|---|")
     with torch.no_grad():
@@ -217,16 +266,34 @@ def whole_layer(args, device, date, device_name):
         rows = [("bf16", base, 0.0)]
         for variant, fuse, fast in (("fp8 unfused", False, False), ("fp8 fused", True, False),
                                     ("fp8 fused, fast accum", True, device.type == "cuda")):
-            model = build_gpt(arch, Parallel(), dtype, device=device).eval()
-            model.load_state_dict(reference.state_dict())
-            quantize_teacher(model, fuse=fuse, fast_accum=fast)
+            model = spec_built(fuse, fast)
             rel = ((forward(model).float() - y_ref).norm() / y_ref.norm()).item()
             rows.append((variant, timed_median_ms(lambda: forward(model), args.iters, args.warmup), rel))
             del model
+        patch_teacher = _patched_teacher_builder()
+        comparison = None
+        if patch_teacher is not None:  # the same fused teacher built the previous way, timed alternately
+            spec = spec_built(True, False)
+            patched = build_gpt(arch, Parallel(), dtype, device=device).eval()
+            patched.load_state_dict(reference.state_dict())
+            patch_teacher(patched)
+            same = torch.equal(forward(spec), forward(patched))
+            comparison = alternating_median_ms({"spec": lambda: forward(spec), "patched": lambda: forward(patched)},
+                                               args.iters, args.warmup)
+            rel = ((forward(patched).float() - y_ref).norm() / y_ref.norm()).item()
+            rows.append(("fp8 fused, patched instances (previous)", comparison["patched"], rel))
+            rows.append(("fp8 fused, spec-built, timed alternately", comparison["spec"], rel))
+            del spec, patched
     for variant, ms, rel in rows:
         print(f"| {date} | {device_name} | {args.tokens} | {variant} | {ms:.3f} | {base / ms:.2f}x | {rel:.2e} |")
     print(f"\nwhole layer: bf16 / fp8 fused = {base / rows[2][1]:.2f}x, {base / rows[3][1]:.2f}x with fast "
-          f"accumulation (goal >= 1.35x)")
+          f"accumulation (goal >= 1.35x; 1.39x / 1.50x recorded on H100 for the patched construction)")
+    if comparison is None:
+        print("previous construction not found (tests/fp8_patched_teacher.py): spec vs patched not compared")
+    else:
+        ratio = comparison["spec"] / comparison["patched"]
+        print(f"spec-built / patched fused teacher time = {ratio:.3f} (<= 1 + timing noise: no slower); "
+              f"outputs {'identical' if same else 'DIFFER'}")
 
 
 if __name__ == "__main__":
