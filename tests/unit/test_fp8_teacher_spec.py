@@ -147,3 +147,28 @@ def test_checkpoint_loads_into_the_spec_built_teacher(tmp_path):
     patched.load_state_dict(reference.state_dict())
     patch_teacher(patched)
     assert torch.equal(_logits(model), _logits(patched))
+
+
+def _documented_example() -> str:
+    import os
+    import re
+
+    doc = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "distillation.md")
+    section = open(doc).read().split("## FP8 teacher", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_documented_example_runs(tmp_path):
+    """docs/distillation.md's FP8-teacher example, as written, on a saved tiny checkpoint: the bf16 patched
+    teacher's logits on the same weights."""
+    from megatron_minitron import checkpoint
+
+    reference = _reference()
+    teacher_dir = checkpoint.save_checkpoint_to(str(tmp_path / "teacher"), [reference], arch=ARCH)
+    names = {"teacher_dir": teacher_dir, "tokens": TOKENS, "position_ids": POSITIONS}
+    exec(compile(_documented_example(), "docs/distillation.md", "exec"), names)
+    patched = build_gpt(ARCH, Parallel(), torch.bfloat16).eval()
+    checkpoint.load_weights(teacher_dir, [patched], arch=ARCH)
+    patch_teacher(patched)
+    assert names["logits"].dtype == torch.bfloat16
+    assert torch.equal(names["logits"], _logits(patched))
