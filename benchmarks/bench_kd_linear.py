@@ -5,7 +5,7 @@ both [V, H] output weights, and returns mean over tokens of KL(p_teacher || p_st
 the student hidden states and output weight:
   gemms         the three logit GEMMs alone, no loss: student forward, teacher forward, student dgrad +
                 wgrad (the floor any output-layer KD pays; it stores both [T, V] logits)
-  unfused       F.linear logits (autograd) + the Triton KD loss (kernels/kd_loss_triton.py): today's path
+  unfused       F.linear logits (autograd) + the Triton KD loss (distill/kl_triton.py): today's path
   fused         distill/kd_linear.py, Triton tile epilogue (never stores [T, V] logits)
   fused_torch   the same tiled algorithm with the torch epilogue (fp32 chunk temporaries)
   fused_lm      fused, plus the student's LM (cross-entropy) loss on the same tiles (labels, weight 1)

@@ -1,5 +1,6 @@
 """Test helpers shared by worker scripts: synthetic data, full logits at any layout, raw dist-ckpt save/load
-(megatron's own API, independent of our checkpoint module), and a plain-torch reference optimizer step."""
+(megatron's own API, independent of our checkpoint module), a plain-torch reference optimizer step, and
+multi-rank comparisons that name the failing rank."""
 import os
 
 import torch
@@ -21,6 +22,22 @@ class SyntheticTokens:
     def __getitem__(self, i):
         return {"tokens": self.text[i, :-1].clone(), "labels": self.text[i, 1:].clone(),
                 "loss_mask": self.mask[i].clone(), "position_ids": torch.arange(self.seq_length)}
+
+
+def check_close(name, actual, expected, rtol, atol):
+    """assert_close in float64, the message naming this rank and the quantity."""
+    try:
+        torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+    except AssertionError as exc:
+        raise AssertionError(f"rank {dist.get_rank()}: {name}: {exc}") from None
+
+
+def check_same_on_all_ranks(name, tensor, group):
+    """``tensor`` is bitwise identical on every rank of ``group`` (collective)."""
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, tensor.contiguous(), group=group)
+    for other in gathered[1:]:
+        assert torch.equal(gathered[0], other), f"{name}: per-token loss differs across TP ranks"
 
 
 @torch.no_grad()

@@ -5,9 +5,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..config import TrainConfig
-
-LOGIT_LOSSES = ("forward_kl", "reverse_kl", "mse", "cosine")
-HIDDEN_LOSSES = ("mse", "cosine")
+from .kinds import HIDDEN_LOSSES, KD_LOSS_BACKENDS, KL_LOSSES, LOGIT_LOSSES
 
 
 @dataclass
@@ -53,10 +51,10 @@ class Distill:
             raise ValueError(f"distill.teacher_precision={self.teacher_precision!r}: auto, bf16, fp32 or fp8")
         if self.teacher_fp8_fast_accum and self.teacher_precision != "fp8":
             raise ValueError("distill.teacher_fp8_fast_accum=true only applies to distill.teacher_precision=fp8")
-        if self.kd_loss_backend not in ("auto", "triton", "torch", "fused_linear"):
-            raise ValueError(f"distill.kd_loss_backend={self.kd_loss_backend!r}: auto, triton, torch or fused_linear")
-        if self.kd_loss_backend in ("triton", "fused_linear") and self.logit_loss not in ("forward_kl", "reverse_kl"):
-            raise ValueError(f"distill.kd_loss_backend={self.kd_loss_backend} implements forward_kl and reverse_kl, "
+        if self.kd_loss_backend not in KD_LOSS_BACKENDS:
+            raise ValueError(f"distill.kd_loss_backend={self.kd_loss_backend!r}: one of {KD_LOSS_BACKENDS}")
+        if self.kd_loss_backend in ("triton", "fused_linear") and self.logit_loss not in KL_LOSSES:
+            raise ValueError(f"distill.kd_loss_backend={self.kd_loss_backend} implements {' and '.join(KL_LOSSES)}, "
                              f"not {self.logit_loss!r}: use kd_loss_backend=auto")
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-HIDDEN_LOSS_KINDS = ("mse", "cosine")
+from .kinds import HIDDEN_LOSSES
 _NORM_EPS = 1e-12
 
 
@@ -30,8 +30,8 @@ def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
     projection: nn.Linear(h_student, h_teacher) (None when the widths match); it is trained with the student.
     kind: "mse" = mean over channels of (W h_s + c - h_t)^2; "cosine" = 1 - cos(W h_s + c, h_t).
     """
-    if kind not in HIDDEN_LOSS_KINDS:
-        raise ValueError(f"kind must be one of {HIDDEN_LOSS_KINDS}, got {kind!r}")
+    if kind not in HIDDEN_LOSSES:
+        raise ValueError(f"kind must be one of {HIDDEN_LOSSES}, got {kind!r}")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
                          f"{tuple(teacher_hidden.shape)} must cover the same tokens (equal leading dims)")

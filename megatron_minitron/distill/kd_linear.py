@@ -24,7 +24,7 @@ which is why the token chunk keeps its whole local vocabulary row in one bounded
 
 Backends (the tile epilogue, steps 2 and 4): ``"torch"`` (fp32 per chunk, this module; what runs
 without Triton and the reference of the tiled algorithm), ``"triton"``
-(``kernels/kd_linear_triton.py``: one program per row, fp32 in registers, no fp32 [chunk, V] tensor),
+(``distill/kd_linear_triton.py``: one program per row, fp32 in registers, no fp32 [chunk, V] tensor),
 ``"auto"`` = Triton on CUDA tensors when triton imports. The GEMMs are torch (cuBLAS) in both: they
 are ~90% of the time at Llama shapes and a hand-written Triton GEMM with this epilogue would need
 tuning on the target GPU to match cuBLAS.
@@ -44,11 +44,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .kinds import KL_LOSSES
 from .kl_torch import kl_from_global_stats, kl_grad_chunk, local_partial_stats
+from .losses import pick_kl_backend
 from .vocab_parallel import TP_GROUP, GroupArg, combine_partial_softmax_stats, fp32_copy, resolve_group, safe_shift
 
-KINDS = ("forward_kl", "reverse_kl")
-BACKENDS = ("auto", "torch", "triton")
 # Logits elements per chunk and model: 2 x 2^27 bf16 = 512 MiB of logits buffers at any T.
 DEFAULT_CHUNK_LOGITS = 1 << 27
 
@@ -203,23 +203,16 @@ class FusedLinearKD(torch.autograd.Function):
 
 
 def _pick_epilogue(backend: str, device: torch.device):
-    from .losses import triton_available
-
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_available()):
-        if not triton_available():
-            raise ValueError("backend='triton' but triton cannot be imported; `pip install triton` or use "
-                             "backend='torch'")
-        from ..kernels.kd_linear_triton import TritonTileEpilogue
+    if pick_kl_backend(backend, device) == "triton":
+        from .kd_linear_triton import TritonTileEpilogue
 
         return TritonTileEpilogue
     return TorchTileEpilogue
 
 
 def _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, kind, temperature):
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS} for the fused output-layer loss, got {kind!r} "
+    if kind not in KL_LOSSES:
+        raise ValueError(f"kind must be one of {KL_LOSSES} for the fused output-layer loss, got {kind!r} "
                          f"(MSE / cosine need the logits: use distill.losses.logit_kd_loss)")
     if not (temperature > 0):
         raise ValueError(f"temperature must be > 0, got {temperature}")

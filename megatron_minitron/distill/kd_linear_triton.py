@@ -11,14 +11,20 @@ kernels replace what torch would do between them with fp32 [chunk, V/TP] tempora
   over the student logits *in place* (each program reads a block before writing the same block), in the
   logits' dtype, ready for the dgrad / wgrad GEMMs. Rows of zero scale (masked) get exact zeros.
 
+The KL part of both kernels is ``kl_triton``'s per-block device functions (``online_sum_exp_block``,
+``online_kl_block``, ``kl_grad_block``), the same as the logits-path kernels run.
 A zero-probability term counts 0 (never 0 * inf or (-inf) - (-inf)), as in ``kl_torch.weighted_by_probability``.
-On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set before import), as the tests do.
+On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set before triton is first imported), as the
+tests do.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .kd_linear import stats_rows
+from .kl_triton import check_interpretable, kl_grad_block, online_kl_block, online_sum_exp_block
 
 DEFAULT_BLOCK = 2048
 DEFAULT_NUM_WARPS = 8
@@ -45,30 +51,9 @@ def _stats_kernel(student_ptr, teacher_ptr, labels_ptr, max_ptr, sums_ptr, n_row
         z = tl.load(student_row + cols, mask=valid, other=neg_inf).to(tl.float32)
         a = z * inv_tau
         b = tl.load(teacher_row + cols, mask=valid, other=neg_inf).to(tl.float32) * inv_tau
-        new_m_s = tl.maximum(m_s, tl.max(a, axis=0))
-        new_m_t = tl.maximum(m_t, tl.max(b, axis=0))
-        # shift 0 while everything seen is -inf, so exp() never sees (-inf) - (-inf)
-        shift_s = tl.where(new_m_s == neg_inf, 0.0, new_m_s)
-        shift_t = tl.where(new_m_t == neg_inf, 0.0, new_m_t)
-        rescale_s = tl.where(m_s == neg_inf, 0.0, tl.exp(m_s - shift_s))
-        rescale_t = tl.where(m_t == neg_inf, 0.0, tl.exp(m_t - shift_t))
-        exp_s = tl.exp(a - shift_s)
-        exp_t = tl.exp(b - shift_t)
-        a_minus_b = a - b
-        sum_s = sum_s * rescale_s + tl.sum(exp_s, axis=0)
-        sum_t = sum_t * rescale_t + tl.sum(exp_t, axis=0)
-        if REVERSE:
-            cross = cross * rescale_s + tl.sum(tl.where(exp_s > 0.0, exp_s * a_minus_b, 0.0), axis=0)
-        else:
-            cross = cross * rescale_t - tl.sum(tl.where(exp_t > 0.0, exp_t * a_minus_b, 0.0), axis=0)
-        m_s = new_m_s
-        m_t = new_m_t
+        m_s, m_t, sum_s, sum_t, cross = online_kl_block(a, b, m_s, m_t, sum_s, sum_t, cross, REVERSE)
         if LM_SEPARATE:  # the LM softmax is at tau = 1
-            new_m_1 = tl.maximum(m_1, tl.max(z, axis=0))
-            shift_1 = tl.where(new_m_1 == neg_inf, 0.0, new_m_1)
-            rescale_1 = tl.where(m_1 == neg_inf, 0.0, tl.exp(m_1 - shift_1))
-            sum_1 = sum_1 * rescale_1 + tl.sum(tl.exp(z - shift_1), axis=0)
-            m_1 = new_m_1
+            m_1, sum_1, _, _ = online_sum_exp_block(z, m_1, sum_1)
     tl.store(max_ptr + row, m_s)
     tl.store(max_ptr + n_rows + row, m_t)
     tl.store(sums_ptr + row, sum_s)
@@ -112,13 +97,7 @@ def _grad_kernel(student_ptr, teacher_ptr, labels_ptr, grad_ptr, lse_s_ptr, lse_
         z = tl.load(student_row + cols, mask=valid, other=0.0).to(tl.float32)
         a = z * inv_tau
         b = tl.load(teacher_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_tau
-        log_p_s = a - lse_s
-        log_p_t = b - lse_t
-        p_s = tl.exp(log_p_s)
-        if REVERSE:
-            d_kl = tl.where(p_s > 0.0, p_s * (log_p_s - log_p_t - kl), 0.0)
-        else:
-            d_kl = p_s - tl.exp(log_p_t)
+        d_kl, p_s = kl_grad_block(a, b, lse_s, lse_t, kl, REVERSE)
         d = tl.where(kd_scale != 0.0, d_kl * kd_scale, 0.0)
         if LM:
             if LM_SEPARATE:
@@ -128,17 +107,6 @@ def _grad_kernel(student_ptr, teacher_ptr, labels_ptr, grad_ptr, lse_s_ptr, lse_
             d_lm = p_1 - tl.where(cols == label, 1.0, 0.0)
             d += tl.where(lm_scale != 0.0, d_lm * lm_scale, 0.0)
         tl.store(grad_row + cols, d.to(grad_ptr.dtype.element_ty), mask=valid)
-
-
-def _check_runnable(x: torch.Tensor) -> None:
-    if x.device.type == "cuda":
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(_stats_kernel, InterpretedFunction):
-        raise ValueError("the Triton fused-linear KD kernels got CPU tensors but Triton is not in interpreter "
-                         "mode: set TRITON_INTERPRET=1 before importing megatron_minitron.kernels."
-                         "kd_linear_triton, or use backend='torch'")
 
 
 def _block_for(n_cols: int) -> int:
@@ -152,9 +120,7 @@ class TritonTileEpilogue:
 
     @classmethod
     def partial_stats(cls, student, teacher, labels_local, inv_tau, reverse, lm_mode):
-        from ..distill.kd_linear import stats_rows
-
-        _check_runnable(student)
+        check_interpretable(student, _stats_kernel, "fused-linear KD kernels")
         n, v = student.shape
         max_rows, sum_rows = stats_rows(lm_mode)
         local_max = torch.zeros(max_rows, n, dtype=torch.float32, device=student.device)

@@ -8,8 +8,10 @@ path in ``distill.vocab_parallel``) and forms the per-token KL. Backward kernel:
 recomputes p_s and p_t from the inputs and the saved log-sum-exps and writes d loss / d z_s directly in
 the student's dtype. No fp32 ``[tokens, V]`` tensor exists at any point.
 
-The math and notation are those of ``distill.kl_torch``. On CPU tensors the kernels run only under
-``TRITON_INTERPRET=1`` (set before this module is imported); that is how the unit tests run them.
+The math and notation are those of ``distill.kl_torch``. The per-block steps (``online_sum_exp_block``,
+``online_kl_block``, ``kl_grad_block``) are device functions shared with the fused output-layer epilogue
+(``distill/kd_linear_triton.py``). On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set
+before triton is first imported); that is how the unit tests run them.
 """
 from __future__ import annotations
 
@@ -19,10 +21,54 @@ import torch
 import triton
 import triton.language as tl
 
-from ..distill.kl_torch import kl_forward
+from .kl_torch import kl_forward
 
 DEFAULT_BLOCK = 2048
 DEFAULT_NUM_WARPS = 8
+
+
+@triton.jit
+def online_sum_exp_block(x, m, total):
+    """Fold one block ``x`` (-inf past the row end) into a running maximum ``m`` and the sum of exp shifted
+    by it. Returns (new maximum, new sum, exp(x - shift) of the block, the factor the old sum was scaled by)."""
+    neg_inf = float("-inf")
+    new_m = tl.maximum(m, tl.max(x, axis=0))
+    # shift 0 while everything seen is -inf, so exp() never sees (-inf) - (-inf)
+    shift = tl.where(new_m == neg_inf, 0.0, new_m)
+    rescale = tl.where(m == neg_inf, 0.0, tl.exp(m - shift))
+    exp_x = tl.exp(x - shift)
+    return new_m, total * rescale + tl.sum(exp_x, axis=0), exp_x, rescale
+
+
+@triton.jit
+def online_kl_block(a, b, m_s, m_t, sum_s, sum_t, cross, REVERSE: tl.constexpr):
+    """Fold one block of a row, a = z_s / tau and b = z_t / tau (-inf past the row end), into the running
+    maxima m_s / m_t, the sum-exps shifted by them and the KL cross term (forward: sum exp(b - m_t)(b - a),
+    kept negated; reverse: sum exp(a - m_s)(a - b)). Returns the five updated statistics."""
+    m_s, sum_s, exp_s, rescale_s = online_sum_exp_block(a, m_s, sum_s)
+    m_t, sum_t, exp_t, rescale_t = online_sum_exp_block(b, m_t, sum_t)
+    a_minus_b = a - b
+    # a zero-probability term (logit -inf: padded/masked vocabulary, top-k logits, past the row end)
+    # adds 0, never 0 * inf or (-inf) - (-inf) = NaN
+    if REVERSE:
+        cross = cross * rescale_s + tl.sum(tl.where(exp_s > 0.0, exp_s * a_minus_b, 0.0), axis=0)
+    else:
+        cross = cross * rescale_t - tl.sum(tl.where(exp_t > 0.0, exp_t * a_minus_b, 0.0), axis=0)
+    return m_s, m_t, sum_s, sum_t, cross
+
+
+@triton.jit
+def kl_grad_block(a, b, lse_s, lse_t, kl, REVERSE: tl.constexpr):
+    """d KL / d a for one block given the row's full-vocabulary log-sum-exps and KL; also p_s (0 where the
+    student logit is -inf, and then so is the reverse-KL gradient)."""
+    log_p_s = a - lse_s
+    log_p_t = b - lse_t
+    p_s = tl.exp(log_p_s)
+    if REVERSE:
+        d = tl.where(p_s > 0.0, p_s * (log_p_s - log_p_t - kl), 0.0)
+    else:
+        d = p_s - tl.exp(log_p_t)
+    return d, p_s
 
 
 @triton.jit
@@ -43,26 +89,7 @@ def _kl_partial_stats_kernel(student_ptr, teacher_ptr, max_ptr, sums_ptr, n_rows
         valid = cols < n_cols
         a = tl.load(student_row + cols, mask=valid, other=neg_inf).to(tl.float32) * inv_tau
         b = tl.load(teacher_row + cols, mask=valid, other=neg_inf).to(tl.float32) * inv_tau
-        new_m_s = tl.maximum(m_s, tl.max(a, axis=0))
-        new_m_t = tl.maximum(m_t, tl.max(b, axis=0))
-        # shift 0 while everything seen is -inf, so exp() never sees (-inf) - (-inf)
-        shift_s = tl.where(new_m_s == neg_inf, 0.0, new_m_s)
-        shift_t = tl.where(new_m_t == neg_inf, 0.0, new_m_t)
-        rescale_s = tl.where(m_s == neg_inf, 0.0, tl.exp(m_s - shift_s))
-        rescale_t = tl.where(m_t == neg_inf, 0.0, tl.exp(m_t - shift_t))
-        exp_s = tl.exp(a - shift_s)
-        exp_t = tl.exp(b - shift_t)
-        a_minus_b = a - b
-        sum_s = sum_s * rescale_s + tl.sum(exp_s, axis=0)
-        sum_t = sum_t * rescale_t + tl.sum(exp_t, axis=0)
-        # a zero-probability term (logit -inf: padded/masked vocabulary, top-k logits, past the row end)
-        # adds 0, never 0 * inf or (-inf) - (-inf) = NaN
-        if REVERSE:
-            cross = cross * rescale_s + tl.sum(tl.where(exp_s > 0.0, exp_s * a_minus_b, 0.0), axis=0)
-        else:
-            cross = cross * rescale_t - tl.sum(tl.where(exp_t > 0.0, exp_t * a_minus_b, 0.0), axis=0)
-        m_s = new_m_s
-        m_t = new_m_t
+        m_s, m_t, sum_s, sum_t, cross = online_kl_block(a, b, m_s, m_t, sum_s, sum_t, cross, REVERSE)
     tl.store(max_ptr + row, m_s)
     tl.store(max_ptr + n_rows + row, m_t)
     tl.store(sums_ptr + row, sum_s)
@@ -87,32 +114,26 @@ def _kl_grad_kernel(student_ptr, teacher_ptr, grad_ptr, lse_s_ptr, lse_t_ptr, kl
         valid = cols < n_cols
         a = tl.load(student_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_tau
         b = tl.load(teacher_row + cols, mask=valid, other=0.0).to(tl.float32) * inv_tau
-        log_p_s = a - lse_s
-        log_p_t = b - lse_t
-        p_s = tl.exp(log_p_s)
-        if REVERSE:
-            d = tl.where(p_s > 0.0, p_s * (log_p_s - log_p_t - kl), 0.0)
-        else:
-            d = p_s - tl.exp(log_p_t)
+        d, _ = kl_grad_block(a, b, lse_s, lse_t, kl, REVERSE)
         d = tl.where(scale != 0.0, d * scale, 0.0)  # masked rows: exact zeros whatever their logits
         tl.store(grad_row + cols, d.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def _check_runnable(x: torch.Tensor) -> None:
+def check_interpretable(x: torch.Tensor, kernel, what: str) -> None:
+    """A CPU tensor reaches a Triton kernel only under the interpreter: say how to get there, not crash."""
     if x.device.type == "cuda":
         return
     from triton.runtime.interpreter import InterpretedFunction
 
-    if not isinstance(_kl_partial_stats_kernel, InterpretedFunction):
-        raise ValueError("the Triton KD kernel got CPU tensors but Triton is not in interpreter mode: set "
-                         "TRITON_INTERPRET=1 before importing megatron_minitron.kernels.kd_loss_triton, or use "
-                         "backend='torch'")
+    if not isinstance(kernel, InterpretedFunction):
+        raise ValueError(f"the Triton {what} got CPU tensors but Triton is not in interpreter mode: set "
+                         "TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'")
 
 
 def kl_partial_stats(student: torch.Tensor, teacher: torch.Tensor, inv_tau: float, reverse: bool,
                      block: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_NUM_WARPS):
     """Per-shard statistics ([2, N] local maxima, [3, N] shifted sums), same layout as the torch path."""
-    _check_runnable(student)
+    check_interpretable(student, _kl_partial_stats_kernel, "KD kernel")
     n, v = student.shape
     local_max = torch.empty(2, n, dtype=torch.float32, device=student.device)
     local_sums = torch.empty(3, n, dtype=torch.float32, device=student.device)

@@ -10,8 +10,8 @@ collective in the backward (every term of d loss / d z_s[v] is local to v's shar
 statistics). Derivations: ``distill/kl_torch.py``, ``distill/logit_distances.py``, docs/distillation_losses.md.
 
 Backends for the KL losses: ``"torch"`` (chunked autograd Function), ``"triton"`` (fused kernels in
-``kernels/kd_loss_triton.py``), ``"auto"`` = Triton on CUDA tensors when ``triton`` imports, else torch.
-MSE and cosine run on the torch path only.
+``distill/kl_triton.py``), ``"auto"`` = Triton on CUDA tensors when ``triton`` imports, else torch.
+MSE and cosine run on the torch path only. The kinds and backends are named in ``distill/kinds.py``.
 """
 from __future__ import annotations
 
@@ -20,14 +20,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .intermediate import dynamic_alpha, hidden_state_loss  # noqa: F401  (re-exported)
+from .intermediate import dynamic_alpha, hidden_state_loss  # noqa: F401  (re-exported: the public API)
+from .kinds import KL_LOSSES, LOGIT_LOSSES, LOSS_BACKENDS
 from .kl_torch import chunked_kl
 from .logit_distances import chunked_logit_cosine, chunked_logit_mse
-from .vocab_parallel import (TP_GROUP, GroupArg, all_reduce_sum_, flatten_mask, flatten_tokens,  # noqa: F401
-                             resolve_group)
-
-LOGIT_LOSS_KINDS = ("forward_kl", "reverse_kl", "mse", "cosine")
-BACKENDS = ("auto", "torch", "triton")
+from .vocab_parallel import TP_GROUP, GroupArg, all_reduce_sum_, flatten_mask, flatten_tokens, resolve_group
 
 
 def triton_available() -> bool:
@@ -38,21 +35,24 @@ def triton_available() -> bool:
         return False
 
 
-def _pick_backend(backend: str, kind: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    kl = kind in ("forward_kl", "reverse_kl")
-    if backend == "triton":
-        if not kl:
-            raise ValueError(f"the Triton backend implements forward_kl and reverse_kl only, not {kind!r}; "
-                             f"use backend='torch' or 'auto'")
+def pick_kl_backend(backend: str, device: torch.device) -> str:
+    """"triton" or "torch" for a KL loss (``logit_kd_loss`` and the fused output-layer ``linear_kd_loss``)."""
+    if backend not in LOSS_BACKENDS:
+        raise ValueError(f"backend must be one of {LOSS_BACKENDS}, got {backend!r}")
+    if backend == "triton" or (backend == "auto" and device.type == "cuda" and triton_available()):
         if not triton_available():
             raise ValueError("backend='triton' but triton cannot be imported; `pip install triton` or use "
                              "backend='torch'")
         return "triton"
-    if backend == "auto" and kl and device.type == "cuda" and triton_available():
-        return "triton"
     return "torch"
+
+
+def _pick_backend(backend: str, kind: str, device: torch.device) -> str:
+    if backend == "triton" and kind not in KL_LOSSES:
+        raise ValueError(f"the Triton backend implements {' and '.join(KL_LOSSES)} only, not {kind!r}; "
+                         f"use backend='torch' or 'auto'")
+    chosen = pick_kl_backend(backend, device)  # validates the name
+    return chosen if kind in KL_LOSSES else "torch"
 
 
 def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl", *,
@@ -74,8 +74,8 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ki
     chunk_tokens: tokens per fp32 chunk on the torch path (default: 2^24 fp32 elements per chunk).
     Returns: fp32 [...] per-token loss, identical on every rank of ``group``.
     """
-    if kind not in LOGIT_LOSS_KINDS:
-        raise ValueError(f"kind must be one of {LOGIT_LOSS_KINDS}, got {kind!r}")
+    if kind not in LOGIT_LOSSES:
+        raise ValueError(f"kind must be one of {LOGIT_LOSSES}, got {kind!r}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} differ in shape; both must be this rank's "
@@ -90,10 +90,10 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ki
     teacher = flatten_tokens(teacher_logits.detach())
     mask = flatten_mask(loss_mask, leading, student.device)
     chosen = _pick_backend(backend, kind, student.device)
-    if kind in ("forward_kl", "reverse_kl"):
+    if kind in KL_LOSSES:
         reverse = kind == "reverse_kl"
         if chosen == "triton":
-            from ..kernels.kd_loss_triton import triton_kl
+            from .kl_triton import triton_kl
 
             loss = triton_kl(student, teacher, mask, temperature, scale_by_temperature_squared, reverse,
                              process_group, block=triton_block)
@@ -105,26 +105,6 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ki
     else:
         loss = chunked_logit_cosine(student, teacher, mask, process_group, chunk_tokens)
     return loss.reshape(leading)
-
-
-def forward_kl(student_logits, teacher_logits, temperature: float = 1.0, **kwargs) -> torch.Tensor:
-    """KL(p_teacher(tau) || p_student(tau)) per token; keyword arguments as :func:`logit_kd_loss`."""
-    return logit_kd_loss(student_logits, teacher_logits, "forward_kl", temperature=temperature, **kwargs)
-
-
-def reverse_kl(student_logits, teacher_logits, temperature: float = 1.0, **kwargs) -> torch.Tensor:
-    """KL(p_student(tau) || p_teacher(tau)) per token; keyword arguments as :func:`logit_kd_loss`."""
-    return logit_kd_loss(student_logits, teacher_logits, "reverse_kl", temperature=temperature, **kwargs)
-
-
-def logit_mse(student_logits, teacher_logits, **kwargs) -> torch.Tensor:
-    """Mean over the full vocabulary of (z_s - z_t)^2, per token."""
-    return logit_kd_loss(student_logits, teacher_logits, "mse", **kwargs)
-
-
-def logit_cosine(student_logits, teacher_logits, **kwargs) -> torch.Tensor:
-    """1 - cos(z_s, z_t) over the full vocabulary, per token."""
-    return logit_kd_loss(student_logits, teacher_logits, "cosine", **kwargs)
 
 
 def masked_mean(per_token: torch.Tensor, mask: Optional[torch.Tensor] = None,

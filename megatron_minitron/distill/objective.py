@@ -1,4 +1,4 @@
-"""Knowledge distillation as a training-loop objective (see ``train/objective.py`` for the contract).
+"""Knowledge distillation as a training-loop objective (``train.objective.Objective`` is the contract).
 
     L = kd_weight * L_logit  +  lm_loss_weight * L_CLM  +  alpha * L_is
 
@@ -20,7 +20,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from ..train.objective import per_token_report
+from ..train.objective import BaseObjective, per_token_report
 from .config import Distill
 from .intermediate import dynamic_alpha, hidden_state_loss
 from .losses import logit_kd_loss
@@ -31,7 +31,7 @@ def uses_fused_output_layer(distill: Distill) -> bool:
     return distill.kd_loss_backend == "fused_linear"
 
 
-class KDObjective:
+class KDObjective(BaseObjective):
     def __init__(self, distill: Distill, teacher_arch, teacher_path: str):
         self.cfg = distill
         self.teacher_arch = teacher_arch
@@ -68,6 +68,10 @@ class KDObjective:
     def schedule_kwargs(self, pipeline_parallel: bool) -> dict:
         return {"adjust_tensor_shapes_fn": self.model.adjust_tensor_shapes} if pipeline_parallel else {}
 
+    def describe(self, arch) -> str:
+        return (f"distill: student {arch.num_parameters():,} parameters from a teacher of "
+                f"{self.teacher_arch.num_parameters():,}")
+
     # -- megatron forward step
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -76,12 +80,32 @@ class KDObjective:
 
     def loss_func(self, labels, loss_mask, out):
         from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         cfg = self.cfg
         mask = loss_mask.float()
         if "student_final_hidden" in out:
-            return self._fused_loss(labels, mask, out, ps)
+            total, kd, lm, token_mask = self._fused_logit_terms(labels, mask, out)
+        else:
+            total, kd, lm, token_mask = self._logit_terms(labels, mask, out)
+        mask_flat = token_mask.reshape(-1)
+        report = {**per_token_report("kd_loss", kd, token_mask), **per_token_report("lm_loss", lm, token_mask)}
+        if cfg.intermediate_pairs:
+            kd_sum = (kd.reshape(-1) * mask_flat).sum()
+            is_local, is_sum, is_count = self._intermediate(out, mask, ps)
+            alpha = (cfg.intermediate_weight if cfg.intermediate_weight is not None
+                     else dynamic_alpha(kd_sum / mask_flat.sum().clamp(min=1), is_sum / is_count.clamp(min=1)))
+            total = total + alpha * is_local
+            # reported per token and pair, counted like the other terms (tokens) so DP sums stay exact
+            report["is_loss"] = torch.stack([is_sum / len(self.model.pairs), mask_flat.sum()])
+        report["loss"] = torch.stack([total.detach(), mask_flat.sum()])
+        return total, mask_flat.sum().to(torch.int), report
+
+    def _logit_terms(self, labels, mask, out):
+        """kd_weight * L_logit + lm_loss_weight * L_CLM (token sums) from both models' logits, and the
+        per-token KD and LM losses with the mask they are counted with ([b, s], like the logits)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        cfg = self.cfg
         student, teacher = out["student_logits"], out["teacher_logits"]
         kd = logit_kd_loss(student, teacher, cfg.logit_loss, temperature=cfg.temperature,
                            scale_by_temperature_squared=cfg.scale_by_temperature_squared, loss_mask=mask,
@@ -97,19 +121,11 @@ class KDObjective:
                 lm = vocab_parallel_cross_entropy(student.detach().float().clone(), labels)
         if cfg.lm_loss_weight:
             total = total + cfg.lm_loss_weight * (lm.reshape(-1) * mask_flat).sum()
-        report = {**per_token_report("kd_loss", kd, mask), **per_token_report("lm_loss", lm, mask)}
-        if cfg.intermediate_pairs:
-            is_local, is_sum, is_count = self._intermediate(out, mask, ps)
-            alpha = (cfg.intermediate_weight if cfg.intermediate_weight is not None
-                     else dynamic_alpha(kd_sum / mask_flat.sum().clamp(min=1), is_sum / is_count.clamp(min=1)))
-            total = total + alpha * is_local
-            # reported per token and pair, counted like the other terms (tokens) so DP sums stay exact
-            report["is_loss"] = torch.stack([is_sum / len(self.model.pairs), mask_flat.sum()])
-        report["loss"] = torch.stack([total.detach(), mask_flat.sum()])
-        return total, mask_flat.sum().to(torch.int), report
+        return total, kd, lm, mask
 
-    def _fused_loss(self, labels, mask, out, ps):
-        """loss_func for ``fused_output`` models: the same terms and report, token order [s, b] like the states."""
+    def _fused_logit_terms(self, labels, mask, out):
+        """The same terms for ``fused_output`` models, from final hidden states and output weights
+        (``kd_linear``); token order [s, b] like the states."""
         from .kd_linear import linear_kd_loss
 
         cfg = self.cfg
@@ -119,19 +135,7 @@ class KDObjective:
                                scale_by_temperature_squared=cfg.scale_by_temperature_squared, loss_mask=token_mask,
                                labels=labels.t(), kd_weight=cfg.kd_weight, lm_weight=cfg.lm_loss_weight,
                                sequence_parallel=self.model.student.config.sequence_parallel)
-        total = fused.loss
-        mask_flat = token_mask.reshape(-1)
-        report = {**per_token_report("kd_loss", fused.kd, token_mask),
-                  **per_token_report("lm_loss", fused.lm, token_mask)}
-        if cfg.intermediate_pairs:
-            kd_sum = (fused.kd.reshape(-1) * mask_flat).sum()
-            is_local, is_sum, is_count = self._intermediate(out, mask, ps)
-            alpha = (cfg.intermediate_weight if cfg.intermediate_weight is not None
-                     else dynamic_alpha(kd_sum / mask_flat.sum().clamp(min=1), is_sum / is_count.clamp(min=1)))
-            total = total + alpha * is_local
-            report["is_loss"] = torch.stack([is_sum / len(self.model.pairs), mask_flat.sum()])
-        report["loss"] = torch.stack([total.detach(), mask_flat.sum()])
-        return total, mask_flat.sum().to(torch.int), report
+        return fused.loss, fused.kd, fused.lm, token_mask
 
     def _intermediate(self, out, mask, ps):
         """Token sums of hidden-state losses over all pairs: (this rank's sum, to backpropagate; the whole

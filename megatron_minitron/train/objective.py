@@ -6,13 +6,51 @@ per-token mode: gradients are divided by the number of loss tokens in the whole 
 micro-batches and DP ranks), which makes a step independent of how the batch is split. ``report`` maps a
 metric name to ``tensor([sum, count])``; the loop sums those over micro-batches and DP and logs sum/count.
 
+The contract is ``Objective``; ``BaseObjective`` gives the optional hooks their do-nothing defaults.
 Distillation plugs in here with a second, frozen model held by its objective (see ``distill/``).
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable, Protocol, Tuple, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the Trainer uses of an objective (``BaseObjective`` implements the hooks as no-ops)."""
+
+    metric_names: Tuple[str, ...]  # the report keys the loop averages and logs, in this order
+
+    def forward_step(self, data_iterator, model) -> Tuple[torch.Tensor, Callable]:
+        """megatron-core's forward step: (output tensor, loss_func(output) -> (loss sum, tokens, report))."""
+        ...
+
+    def wrap_model(self, trainer, model):
+        """The model chunk to train (before DDP), e.g. the student with a frozen teacher beside it."""
+        ...
+
+    def schedule_kwargs(self, pipeline_parallel: bool) -> dict:
+        """Extra keyword arguments for megatron's forward-backward schedule."""
+        ...
+
+    def describe(self, arch) -> str:
+        """What is trained, for the run's first line (``arch``: the trained model's ModelArch)."""
+        ...
+
+
+class BaseObjective:
+    """The optional hooks of ``Objective`` as no-ops; a subclass supplies metric_names and forward_step."""
+
+    def wrap_model(self, trainer, model):
+        return model
+
+    def schedule_kwargs(self, pipeline_parallel: bool) -> dict:
+        return {}
+
+    def describe(self, arch) -> str:
+        return f"train: {arch.num_parameters():,} parameters"
 
 
 def per_token_report(name: str, per_token: torch.Tensor, loss_mask: torch.Tensor) -> dict:
@@ -20,7 +58,7 @@ def per_token_report(name: str, per_token: torch.Tensor, loss_mask: torch.Tensor
     return {name: torch.stack([(per_token.reshape(-1).float() * mask).sum().detach(), mask.sum()])}
 
 
-class LMObjective:
+class LMObjective(BaseObjective):
     """Next-token cross-entropy (vocab-parallel, computed by megatron's GPTModel)."""
 
     metric_names = ("lm_loss",)

@@ -18,7 +18,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is de
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "unit"))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(TESTS, "unit"))
+sys.path.insert(0, TESTS)
+from helpers import check_close, check_same_on_all_ranks  # noqa: E402
 from linear_kd_reference import make_linear_inputs, reference_linear_kd  # noqa: E402
 from megatron_minitron.distill.kd_linear import linear_kd_loss  # noqa: E402
 from megatron_minitron.distill.losses import triton_available  # noqa: E402
@@ -26,20 +29,6 @@ from megatron_minitron.runtime.distributed import destroy, init_distributed  # n
 
 LOCAL_VOCAB = 37  # odd, not a multiple of the Triton block used below
 SEQ, BATCH, H_S, H_T = 6, 2, 8, 12
-
-
-def check_close(name, actual, expected, rtol, atol):
-    try:
-        torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
-    except AssertionError as exc:
-        raise AssertionError(f"rank {dist.get_rank()}: {name}: {exc}") from None
-
-
-def check_same_on_all_ranks(name, tensor, group):
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, tensor.contiguous(), group=group)
-    for other in gathered[1:]:
-        assert torch.equal(gathered[0], other), f"{name}: per-token loss differs across TP ranks"
 
 
 def run_case(tp_rank, tp_group, index, kind, backend, dtype, tau, with_labels, sequence_parallel):
@@ -137,7 +126,7 @@ def main():
         ("forward_kl", "torch", torch.float32, 1.3, True, True),
     ]
     if triton_available():
-        from megatron_minitron.kernels.kd_linear_triton import TritonTileEpilogue
+        from megatron_minitron.distill.kd_linear_triton import TritonTileEpilogue
 
         TritonTileEpilogue.block = 16
         cases += [("forward_kl", "triton", torch.float32, 1.0, True, False),

@@ -19,7 +19,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is de
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "unit"))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(TESTS, "unit"))
+sys.path.insert(0, TESTS)
+from helpers import check_close, check_same_on_all_ranks  # noqa: E402
 from kd_reference import make_logits, reference_kl_with_neg_inf, reference_loss_and_grad, with_neg_inf  # noqa: E402
 from megatron_minitron.distill.losses import (hidden_state_loss, logit_kd_loss, masked_mean,  # noqa: E402
                                               triton_available)
@@ -27,20 +30,6 @@ from megatron_minitron.runtime.distributed import destroy, init_distributed  # n
 
 LOCAL_VOCAB = 37  # odd, and not a multiple of the Triton block used below
 SEQ, BATCH = 6, 2
-
-
-def check_close(name, actual, expected, rtol, atol):
-    try:
-        torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
-    except AssertionError as exc:
-        raise AssertionError(f"rank {dist.get_rank()}: {name}: {exc}") from None
-
-
-def check_same_on_all_ranks(name, tensor, group):
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, tensor.contiguous(), group=group)
-    for other in gathered[1:]:
-        assert torch.equal(gathered[0], other), f"{name}: per-token loss differs across TP ranks"
 
 
 def logit_checks(tp_rank, tp_group):

@@ -1,45 +1,58 @@
-"""Compile the fused output-layer KD kernels for an sm_90 (H100/H200) target without a GPU: Triton's own
-frontend, optimizer and ptxas, so type or lowering errors that the interpreter never sees fail on CPU.
-Run with TRITON_INTERPRET=0 (the test does). Prints COMPILED <n> or API_UNSUPPORTED <reason>."""
+"""Compile the fused output-layer KD kernels (no argument) or the logits-path KL kernels (argument ``kl``) for
+an sm_90 (H100/H200) target without a GPU: Triton's own frontend, optimizer and ptxas, so type or lowering
+errors that the interpreter never sees fail on CPU. Run with TRITON_INTERPRET=0 (the test does). Prints
+COMPILED <n> or API_UNSUPPORTED <reason>."""
 import inspect
 import sys
 
 import triton
 
 
-def main():
+def _configurations(which: str):
+    """(kernel, constexpr flags, logits dtype) to compile: the configurations with the most code, and the plainest."""
+    if which == "kl":
+        from megatron_minitron.distill import kl_triton as kernels
+
+        for dtype, reverse in (("bf16", True), ("fp32", False)):
+            for fn in (kernels._kl_partial_stats_kernel, kernels._kl_grad_kernel):
+                yield kernels, fn, {"REVERSE": reverse, "BLOCK": kernels.DEFAULT_BLOCK}, dtype
+        return
+    from megatron_minitron.distill import kd_linear_triton as kernels
+
+    # (reverse, lm, lm_separate) x logits dtype
+    for dtype, reverse, lm, separate in (("bf16", True, True, True), ("bf16", False, True, False),
+                                         ("fp32", False, False, False)):
+        for fn in (kernels._stats_kernel, kernels._grad_kernel):
+            yield kernels, fn, {"REVERSE": reverse, "LM": lm, "LM_SEPARATE": separate, "BLOCK": kernels.DEFAULT_BLOCK}, dtype
+
+
+def main(which: str = "kd_linear"):
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
     except ImportError as exc:
         print(f"API_UNSUPPORTED {exc}")
         return
-    from megatron_minitron.kernels import kd_linear_triton as kernels
-
     target = GPUTarget("cuda", 90, 32)
     pointers = {"labels_ptr": "*i64", "max_ptr": "*fp32", "sums_ptr": "*fp32", "lse_s_ptr": "*fp32",
                 "lse_t_ptr": "*fp32", "kl_ptr": "*fp32", "kd_scale_ptr": "*fp32", "lse_1_ptr": "*fp32",
-                "lm_scale_ptr": "*fp32", "inv_tau": "fp32"}
+                "lm_scale_ptr": "*fp32", "row_scale_ptr": "*fp32", "inv_tau": "fp32"}
     count = 0
-    # (reverse, lm, lm_separate) x logits dtype: the configurations with the most code, and the plainest
-    for dtype, reverse, lm, separate in (("bf16", True, True, True), ("bf16", False, True, False),
-                                         ("fp32", False, False, False)):
-        for fn in (kernels._stats_kernel, kernels._grad_kernel):
-            names = list(inspect.signature(fn.fn).parameters)
-            flags = {"REVERSE": reverse, "LM": lm, "LM_SEPARATE": separate, "BLOCK": kernels.DEFAULT_BLOCK}
-            signature = {n: "constexpr" if n in flags else pointers.get(n, f"*{dtype}" if n.endswith("_ptr") else "i32")
-                         for n in names}
-            try:
-                source = ASTSource(fn=fn, signature=signature,
-                                   constexprs={(names.index(n),): v for n, v in flags.items()})
-            except TypeError as exc:
-                print(f"API_UNSUPPORTED {exc}")
-                return
-            compiled = triton.compile(source, target=target, options={"num_warps": kernels.DEFAULT_NUM_WARPS})
-            assert compiled.asm.get("cubin"), f"{fn.fn.__name__}: no cubin"
-            count += 1
+    for kernels, fn, flags, dtype in _configurations(which):
+        names = list(inspect.signature(fn.fn).parameters)
+        signature = {n: "constexpr" if n in flags else pointers.get(n, f"*{dtype}" if n.endswith("_ptr") else "i32")
+                     for n in names}
+        try:
+            source = ASTSource(fn=fn, signature=signature,
+                               constexprs={(names.index(n),): v for n, v in flags.items()})
+        except TypeError as exc:
+            print(f"API_UNSUPPORTED {exc}")
+            return
+        compiled = triton.compile(source, target=target, options={"num_warps": kernels.DEFAULT_NUM_WARPS})
+        assert compiled.asm.get("cubin"), f"{fn.fn.__name__}: no cubin"
+        count += 1
     print(f"COMPILED {count}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(*sys.argv[1:]))

@@ -1,4 +1,4 @@
-"""KD loss fused with the output layer (distill/kd_linear.py, kernels/kd_linear_triton.py) vs a float64
+"""KD loss fused with the output layer (distill/kd_linear.py, distill/kd_linear_triton.py) vs a float64
 reference built from full logits + log_softmax + autograd, and vs the unfused path in bf16."""
 import os
 
@@ -25,7 +25,7 @@ def small_triton_block():
     if not triton_available():
         yield
         return
-    from megatron_minitron.kernels.kd_linear_triton import TritonTileEpilogue
+    from megatron_minitron.distill.kd_linear_triton import TritonTileEpilogue
 
     TritonTileEpilogue.block = 16  # several vocab blocks per row
     yield
@@ -176,7 +176,7 @@ def test_tile_epilogues_count_zero_probability_terms_as_zero(small_triton_block,
 
     epilogue = TorchTileEpilogue
     if backend == "triton":
-        from megatron_minitron.kernels.kd_linear_triton import TritonTileEpilogue as epilogue
+        from megatron_minitron.distill.kd_linear_triton import TritonTileEpilogue as epilogue
     tau, reverse = 1.4, kind == "reverse_kl"
     student, teacher = with_neg_inf(*make_logits((6, VOCAB), seed=11), kind, seed=12)
     upstream = torch.rand(6, generator=torch.Generator().manual_seed(13)) + 0.5

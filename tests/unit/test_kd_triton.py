@@ -11,7 +11,7 @@ from megatron_minitron.distill.losses import logit_kd_loss  # noqa: E402
 
 try:
     import triton  # noqa: F401, E402
-    from megatron_minitron.kernels import kd_loss_triton  # noqa: E402
+    from megatron_minitron.distill import kl_triton  # noqa: E402
 except ImportError as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"triton cannot be imported ({exc}); `pip install --no-deps triton` to run these tests",
                 allow_module_level=True)
@@ -92,9 +92,9 @@ def test_partial_stats_of_two_vocab_halves_rescale_to_the_whole():
     """What the TP combine relies on: per-shard (max, shifted sums) rescaled to the global max add up."""
     student, teacher = (t.to(DEVICE) for t in make_logits((6, 50), seed=7))
     for reverse, owners in ((False, [0, 1, 1]), (True, [0, 1, 0])):
-        halves = [kd_loss_triton.kl_partial_stats(student[:, sl], teacher[:, sl], 0.8, reverse, block=16)
+        halves = [kl_triton.kl_partial_stats(student[:, sl], teacher[:, sl], 0.8, reverse, block=16)
                   for sl in (slice(0, 23), slice(23, 50))]
-        whole_max, whole_sums = kd_loss_triton.kl_partial_stats(student, teacher, 0.8, reverse, block=16)
+        whole_max, whole_sums = kl_triton.kl_partial_stats(student, teacher, 0.8, reverse, block=16)
         global_max = torch.maximum(halves[0][0], halves[1][0])
         combined = sum(sums * torch.exp(local_max - global_max)[owners] for local_max, sums in halves)
         torch.testing.assert_close(global_max, whole_max)
@@ -103,7 +103,7 @@ def test_partial_stats_of_two_vocab_halves_rescale_to_the_whole():
 
 def test_cpu_tensors_need_interpreter(monkeypatch):
     """Outside interpreter mode a CPU call must fail with the fix in the message, not crash in the driver."""
-    monkeypatch.setattr(kd_loss_triton, "_kl_partial_stats_kernel", object())
+    monkeypatch.setattr(kl_triton, "_kl_partial_stats_kernel", object())
     student, teacher = make_logits((2, 8), seed=8)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        kd_loss_triton.kl_partial_stats(student, teacher, 1.0, False)
+        kl_triton.kl_partial_stats(student, teacher, 1.0, False)
