@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from .. import config as cfgmod
 from ..config import TrainConfig
 from ..model.builder import build_gpt, resolve_dtype
+from ..runtime.collectives import sum_to_all_ranks
 from ..runtime.distributed import init_distributed, set_seed
-from .objective import LMObjective
+from ..runtime.forward import unwrap_model
+from .objective import LMObjective, Objective
 from .optim import build_optimizer, build_scheduler, wrap_ddp
 from .progress import Progress, peak_flops, training_flops_per_token
 from .signals import ExitSignalHandler
@@ -35,15 +36,21 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, objective=None, provenance: Optional[dict] = None,
+    def __init__(self, cfg: TrainConfig, objective: Optional[Objective] = None, provenance: Optional[dict] = None,
                  datasets: Optional[tuple] = None):
+        if objective is not None and not isinstance(objective, Objective):
+            raise ValueError(f"{type(objective).__name__} is not a training objective: it needs metric_names, "
+                             f"forward_step, wrap_model, schedule_kwargs and describe (subclass "
+                             f"train.objective.BaseObjective for the optional hooks)")
         self.cfg = cfg
-        self.objective = objective or LMObjective()
+        self.objective: Objective = objective or LMObjective()
         self.provenance = provenance or {}
         self._datasets = datasets  # (train, valid) already built, e.g. by tests or search
         self.state = TrainState()
         self.exit_code = 0
         self.tokenizer_record = None  # what checkpoints name as the tokenizer (kept from the source)
+        self._progress = None  # while run() is going: log0 writes above its progress bar
+        self._save_lock = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "Trainer":
@@ -68,8 +75,7 @@ class Trainer:
         self.arch = self._model_arch()
         model = build_gpt(self.arch, par, self.dtype, attention_backend=t.attention_backend,
                           use_te=t.transformer_engine, recompute=t.recompute, device=self.rt.device, fp8=fp8)
-        if hasattr(self.objective, "wrap_model"):
-            model = self.objective.wrap_model(self, model)  # e.g. co-locate a frozen teacher
+        model = self.objective.wrap_model(self, model)  # e.g. co-locate a frozen teacher
         self.model = [wrap_ddp(model, par)]
         self.optimizer = build_optimizer(self.model, cfg.train, par, self.dtype)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -124,23 +130,19 @@ class Trainer:
         return build_gpt_datasets(d, self.cfg.model.seq_length, train_samples, valid_samples)
 
     def unwrapped(self) -> list:
-        return [getattr(m, "module", m) for m in self.model]
+        return [unwrap_model(m) for m in self.model]
 
     def log0(self, text: str) -> None:
         if not self.rt.is_rank0:
             return
-        progress = getattr(self, "_progress", None)
-        if progress is not None:
-            progress.write(text)  # above the progress bar, never through it
+        if self._progress is not None:
+            self._progress.write(text)  # above the progress bar, never through it
         else:
             print(text, flush=True)
 
     def start_summary(self, tokens_per_iter: int) -> str:
         cfg, st = self.cfg, self.state
-        teacher = getattr(self.objective, "teacher_arch", None)
-        what = (f"distill: student {self.arch.num_parameters():,} parameters from a teacher of "
-                f"{teacher.num_parameters():,}" if teacher is not None else
-                f"train: {self.arch.num_parameters():,} parameters")
+        what = self.objective.describe(self.arch)
         where = cfg.train.save or "nowhere (train.save is not set)"
         return (f"{what}; TP{self.rt.tp} PP{self.rt.pp} DP{self.rt.dp}; {tokens_per_iter:,} tokens per step "
                 f"({cfg.data.global_batch_size} x {cfg.model.seq_length}); iterations {st.iteration} -> "
@@ -183,9 +185,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         d = self.cfg.data
-        extra = {}
-        if hasattr(self.objective, "schedule_kwargs"):  # e.g. widened p2p shapes for a co-located teacher
-            extra = self.objective.schedule_kwargs(self.rt.pp > 1)
+        extra = self.objective.schedule_kwargs(self.rt.pp > 1)  # e.g. widened p2p shapes for a co-located teacher
         reports = get_forward_backward_func()(
             forward_step_func=self.objective.forward_step, data_iterator=data_iterator,
             model=self.model, num_microbatches=self.num_microbatches,
@@ -196,19 +196,13 @@ class Trainer:
     def _reduce_reports(self, reports: list) -> dict:
         """Sum [sum, count] pairs over micro-batches and DP; every rank gets the values (from the last PP
         stage, which is the only one computing them)."""
-        from megatron.core import parallel_state as ps
-
-        names = getattr(self.objective, "metric_names", ())
+        names = self.objective.metric_names
         totals = torch.zeros(len(names), 2, dtype=torch.float64, device=self.rt.device)
         for report in reports or []:
             for i, name in enumerate(names):
                 if name in report:
                     totals[i] += report[name].to(totals)
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        if self.rt.pp > 1:
-            dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
+        sum_to_all_ranks(totals)
         return {name: (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
 
     def train_step(self, data_iterator) -> dict:
@@ -331,10 +325,10 @@ class Trainer:
             self._progress = None
             progress.close()
             signals.restore()
-            if getattr(self, "_save_lock", None) is not None:
+            if self._save_lock is not None:
                 self._save_lock.release()  # the next writer (e.g. a resume in this process) may take it
         return st
 
 
-def train(cfg: TrainConfig, objective=None, provenance: Optional[dict] = None) -> TrainState:
+def train(cfg: TrainConfig, objective: Optional[Objective] = None, provenance: Optional[dict] = None) -> TrainState:
     return Trainer(cfg, objective=objective, provenance=provenance).setup().run()
