@@ -126,6 +126,11 @@ class Tensor:
         return tuple(AXES[a].pruned_by for a in self.axes)
 
     @property
+    def dropped_by(self) -> Optional[str]:
+        """LAYERS for a transformer layer's tensors (depth pruning drops them with their layer), else None."""
+        return LAYERS if self.place == LAYER else None
+
+    @property
     def is_embedding(self) -> bool:
         return any(a in EMBEDDING_AXES for a in self.axes)
 

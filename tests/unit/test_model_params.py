@@ -100,8 +100,9 @@ def test_pruning_axes_and_te_names():
     assert proj.pruned_by == (params.HIDDEN, params.HEADS) and proj.tp_axis == 1
     fc2 = params.find("mlp.linear_fc2.weight", per_layer=True)
     assert fc2.pruned_by == (params.HIDDEN, params.FFN) and fc2.tp_axis == 1
+    assert qkv.dropped_by == fc2.dropped_by == params.LAYERS
     emb = params.find("embedding.word_embeddings.weight", per_layer=False)
-    assert emb.pruned_by == (None, params.HIDDEN) and emb.is_embedding
+    assert emb.pruned_by == (None, params.HIDDEN) and emb.is_embedding and emb.dropped_by is None
     # Transformer Engine fuses the norms into the next linear: same row, other name
     assert params.find("self_attention.linear_qkv.layer_norm_weight", per_layer=True) is \
         params.find("input_layernorm.weight", per_layer=True)
