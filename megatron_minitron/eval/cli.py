@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML file of eval options (keys as the flags, with _ for -); flags override it")
     p.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides such as num_fewshot=5 limit=100 (after --config; flags win)")
+                   help="config overrides such as num_fewshot=5 limit=100, all in one run of words (e.g. "
+                        "right after --config FILE); flags win over them")
     p.add_argument("--load", help="checkpoint directory (or root: follows `latest`); required here or in --config")
     p.add_argument("--tp", type=int, help="tensor-parallel size of this run" + _default("tp"))
     p.add_argument("--pp", type=int, help="pipeline-parallel size of this run" + _default("pp"))
