@@ -96,8 +96,8 @@ class QuantizedRows(torch.Tensor):
 
 def _refuse_gradients():
     if torch.is_grad_enabled():
-        raise RuntimeError("an FP8-quantized teacher linear was called with gradients enabled; the teacher "
-                           "must run under torch.no_grad()")
+        raise RuntimeError("the FP8-quantized teacher was called with gradients enabled; it must run under "
+                           "torch.no_grad()")
 
 
 def _gather_sequence(xq: torch.Tensor, x_scale: torch.Tensor, tp_group):
@@ -116,7 +116,9 @@ class _FP8Matmul:
     def _init_fp8(self, fp8: FP8Options):
         if self.is_expert:
             raise ValueError("the FP8 teacher does not support MoE expert linears; use teacher_precision=bf16")
-        self.fp8 = fp8
+        self.fp8_options = fp8
+        # a plain attribute, not a buffer: Module.bfloat16() (megatron's Float16Module) casts every floating
+        # point tensor it owns, and float8 counts as floating point
         self.fp8_weight: Optional[FP8Weight] = None
 
     def quantize_loaded_weight(self) -> None:
@@ -124,7 +126,7 @@ class _FP8Matmul:
         if self.fp8_weight is not None:
             raise ValueError("this FP8 teacher's weights are already quantized (quantize_weights runs once, "
                              "after the checkpoint is loaded)")
-        self.fp8_weight = quantize_weight(self.weight.detach(), self.fp8.weight_granularity)
+        self.fp8_weight = quantize_weight(self.weight.detach(), self.fp8_options.weight_granularity)
         # the high-precision copy is no longer read: keep the Parameter (megatron's code expects one) but free it
         self.weight.data = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
 
@@ -146,9 +148,9 @@ class _FP8Matmul:
             if gather_sequence:
                 input_ = mappings.gather_from_sequence_parallel_region(
                     input_, tensor_parallel_output_grad=False, group=self.tp_group)
-            xq, x_scale = quantize_fp8(input_.reshape(-1, features), self.fp8.activation_granularity)
+            xq, x_scale = quantize_fp8(input_.reshape(-1, features), self.fp8_options.activation_granularity)
         y = fp8_gemm(xq, x_scale, self.fp8_weight, bias, self.config.params_dtype,
-                     use_fast_accum=self.fp8.fast_accum)
+                     use_fast_accum=self.fp8_options.fast_accum)
         return y.reshape(-1, *input_.shape[1:-1], self.fp8_weight.shape[0])  # the sequence dim grows under SP
 
 
@@ -261,9 +263,9 @@ def _fp8_linear(entry, options: FP8Options):
     target = _FP8_LINEARS.get(_module_class(entry)) if isinstance(_module_class(entry), type) else None
     if target is None:
         return entry, False
-    params = dict(entry.params) if isinstance(entry, ModuleSpec) else {}
-    submodules = entry.submodules if isinstance(entry, ModuleSpec) else None
-    return ModuleSpec(module=target, params={**params, "fp8": options}, submodules=submodules), True
+    if isinstance(entry, ModuleSpec):
+        return dataclasses.replace(entry, module=target, params={**entry.params, "fp8": options}), True
+    return ModuleSpec(module=target, params={"fp8": options}), True
 
 
 def fp8_layer_spec(spec: ModuleSpec, config, options: FP8Options = FP8Options(), fuse: bool = True) -> ModuleSpec:
