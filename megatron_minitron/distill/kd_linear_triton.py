@@ -11,8 +11,8 @@ kernels replace what torch would do between them with fp32 [chunk, V/TP] tempora
   over the student logits *in place* (each program reads a block before writing the same block), in the
   logits' dtype, ready for the dgrad / wgrad GEMMs. Rows of zero scale (masked) get exact zeros.
 
-The KL part of both kernels is ``kl_triton``'s per-block device functions (``online_sum_exp_block``,
-``online_kl_block``, ``kl_grad_block``), the same as the logits-path kernels run.
+The KL part of both kernels is ``kl_triton``'s per-block device functions (``online_kl_block``,
+``kl_grad_block``), the same as the logits-path kernels run.
 A zero-probability term counts 0 (never 0 * inf or (-inf) - (-inf)), as in ``kl_torch.weighted_by_probability``.
 On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set before triton is first imported), as the
 tests do.
@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .kd_linear import stats_rows
-from .kl_triton import check_interpretable, kl_grad_block, online_kl_block, online_sum_exp_block
+from .kl_triton import check_interpretable, kl_grad_block, online_kl_block
 
 DEFAULT_BLOCK = 2048
 DEFAULT_NUM_WARPS = 8
@@ -53,7 +53,11 @@ def _stats_kernel(student_ptr, teacher_ptr, labels_ptr, max_ptr, sums_ptr, n_row
         b = tl.load(teacher_row + cols, mask=valid, other=neg_inf).to(tl.float32) * inv_tau
         m_s, m_t, sum_s, sum_t, cross = online_kl_block(a, b, m_s, m_t, sum_s, sum_t, cross, REVERSE)
         if LM_SEPARATE:  # the LM softmax is at tau = 1
-            m_1, sum_1, _, _ = online_sum_exp_block(z, m_1, sum_1)
+            new_m_1 = tl.maximum(m_1, tl.max(z, axis=0))
+            shift_1 = tl.where(new_m_1 == neg_inf, 0.0, new_m_1)
+            rescale_1 = tl.where(m_1 == neg_inf, 0.0, tl.exp(m_1 - shift_1))
+            sum_1 = sum_1 * rescale_1 + tl.sum(tl.exp(z - shift_1), axis=0)
+            m_1 = new_m_1
     tl.store(max_ptr + row, m_s)
     tl.store(max_ptr + n_rows + row, m_t)
     tl.store(sums_ptr + row, sum_s)

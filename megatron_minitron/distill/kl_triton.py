@@ -8,8 +8,8 @@ path in ``distill.vocab_parallel``) and forms the per-token KL. Backward kernel:
 recomputes p_s and p_t from the inputs and the saved log-sum-exps and writes d loss / d z_s directly in
 the student's dtype. No fp32 ``[tokens, V]`` tensor exists at any point.
 
-The math and notation are those of ``distill.kl_torch``. The per-block steps (``online_sum_exp_block``,
-``online_kl_block``, ``kl_grad_block``) are device functions shared with the fused output-layer epilogue
+The math and notation are those of ``distill.kl_torch``. The per-block steps (``online_kl_block``,
+``kl_grad_block``) are device functions shared with the fused output-layer epilogue
 (``distill/kd_linear_triton.py``). On CPU tensors the kernels run only under ``TRITON_INTERPRET=1`` (set
 before triton is first imported); that is how the unit tests run them.
 """
@@ -28,33 +28,33 @@ DEFAULT_NUM_WARPS = 8
 
 
 @triton.jit
-def online_sum_exp_block(x, m, total):
-    """Fold one block ``x`` (-inf past the row end) into a running maximum ``m`` and the sum of exp shifted
-    by it. Returns (new maximum, new sum, exp(x - shift) of the block, the factor the old sum was scaled by)."""
-    neg_inf = float("-inf")
-    new_m = tl.maximum(m, tl.max(x, axis=0))
-    # shift 0 while everything seen is -inf, so exp() never sees (-inf) - (-inf)
-    shift = tl.where(new_m == neg_inf, 0.0, new_m)
-    rescale = tl.where(m == neg_inf, 0.0, tl.exp(m - shift))
-    exp_x = tl.exp(x - shift)
-    return new_m, total * rescale + tl.sum(exp_x, axis=0), exp_x, rescale
-
-
-@triton.jit
 def online_kl_block(a, b, m_s, m_t, sum_s, sum_t, cross, REVERSE: tl.constexpr):
     """Fold one block of a row, a = z_s / tau and b = z_t / tau (-inf past the row end), into the running
     maxima m_s / m_t, the sum-exps shifted by them and the KL cross term (forward: sum exp(b - m_t)(b - a),
-    kept negated; reverse: sum exp(a - m_s)(a - b)). Returns the five updated statistics."""
-    m_s, sum_s, exp_s, rescale_s = online_sum_exp_block(a, m_s, sum_s)
-    m_t, sum_t, exp_t, rescale_t = online_sum_exp_block(b, m_t, sum_t)
+    kept negated; reverse: sum exp(a - m_s)(a - b)). Returns the five updated statistics.
+
+    Keep the statement order: it decides which multiply-adds LLVM contracts into FMAs, and this order compiles
+    to the same PTX as the kernels had when each spelled the step out (checked for every flag and dtype)."""
+    neg_inf = float("-inf")
+    new_m_s = tl.maximum(m_s, tl.max(a, axis=0))
+    new_m_t = tl.maximum(m_t, tl.max(b, axis=0))
+    # shift 0 while everything seen is -inf, so exp() never sees (-inf) - (-inf)
+    shift_s = tl.where(new_m_s == neg_inf, 0.0, new_m_s)
+    shift_t = tl.where(new_m_t == neg_inf, 0.0, new_m_t)
+    rescale_s = tl.where(m_s == neg_inf, 0.0, tl.exp(m_s - shift_s))
+    rescale_t = tl.where(m_t == neg_inf, 0.0, tl.exp(m_t - shift_t))
+    exp_s = tl.exp(a - shift_s)
+    exp_t = tl.exp(b - shift_t)
     a_minus_b = a - b
+    sum_s = sum_s * rescale_s + tl.sum(exp_s, axis=0)
+    sum_t = sum_t * rescale_t + tl.sum(exp_t, axis=0)
     # a zero-probability term (logit -inf: padded/masked vocabulary, top-k logits, past the row end)
     # adds 0, never 0 * inf or (-inf) - (-inf) = NaN
     if REVERSE:
         cross = cross * rescale_s + tl.sum(tl.where(exp_s > 0.0, exp_s * a_minus_b, 0.0), axis=0)
     else:
         cross = cross * rescale_t - tl.sum(tl.where(exp_t > 0.0, exp_t * a_minus_b, 0.0), axis=0)
-    return m_s, m_t, sum_s, sum_t, cross
+    return new_m_s, new_m_t, sum_s, sum_t, cross
 
 
 @triton.jit
