@@ -1,6 +1,24 @@
 """float64 references for the KD-loss tests: plain log_softmax / autograd, a different computation from the
-chunked, analytic-gradient code under test."""
+chunked, analytic-gradient code under test; and a recorder of the largest tensor the code under test makes."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class LargestTensorRecorder(TorchDispatchMode):
+    """Largest tensor (elements) any op produces among those ``counts(tensor)`` selects: memory claims
+    (chunking, no [T, V] logits) checked rather than assumed."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and self.counts(t):
+                self.largest = max(self.largest, t.numel())
+        return out
 
 
 def reference_logit_loss(student, teacher, kind, temperature=1.0, scale_by_temperature_squared=True):

@@ -6,8 +6,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel modul
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+from kd_reference import LargestTensorRecorder  # noqa: E402
 from linear_kd_reference import make_linear_inputs, reference_linear_kd  # noqa: E402
 from megatron_minitron.distill.kd_linear import LinearKDOutput, linear_kd_loss  # noqa: E402
 from megatron_minitron.distill.losses import logit_kd_loss, triton_available  # noqa: E402
@@ -191,20 +191,10 @@ def test_tile_epilogues_count_zero_probability_terms_as_zero(small_triton_block,
     torch.testing.assert_close(grad.cpu().double(), ref_grad, rtol=1e-4, atol=1e-6)
 
 
-class _LargestTensorRecorder(TorchDispatchMode):
+def _floating_point_recorder():
     """Largest floating-point tensor any op produces: the 'no [T, V] logits' claim, checked rather than assumed
     (integer tensors are skipped: the Triton interpreter copies kernel arguments as byte tensors)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                self.largest = max(self.largest, t.numel())
-        return out
+    return LargestTensorRecorder(lambda t: t.is_floating_point())
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -212,7 +202,7 @@ def test_never_materialises_token_by_vocab_logits(small_triton_block, backend):
     tokens, vocab, chunk = 32, 96, 8
     h_s, w_s, h_t, w_t, labels, weights = (x.to(DEVICE) for x in make_linear_inputs(tokens, H_S, H_T, vocab, seed=6))
     hidden, weight = h_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
-    with _LargestTensorRecorder() as recorder:
+    with _floating_point_recorder() as recorder:
         out = linear_kd_loss(hidden, weight, h_t, w_t, labels=labels, loss_mask=weights, lm_weight=0.5,
                              temperature=1.5, group=None, backend=backend, chunk_tokens=chunk)
         out.loss.backward()

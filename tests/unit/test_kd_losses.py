@@ -3,9 +3,8 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd_reference import make_logits, reference_loss_and_grad
+from kd_reference import LargestTensorRecorder, make_logits, reference_loss_and_grad
 from megatron_minitron.distill import losses
 from megatron_minitron.distill.losses import (dynamic_alpha, hidden_state_loss, logit_kd_loss, masked_mean)
 
@@ -86,19 +85,9 @@ def test_masked_tokens_get_exactly_zero_loss_and_grad(kind):
     torch.testing.assert_close(grad[mask].double(), ref_grad, rtol=1e-4, atol=1e-7)
 
 
-class _Fp32AllocationRecorder(TorchDispatchMode):
+def _fp32_allocation_recorder():
     """Largest fp32 tensor any op produces: the chunking claim, checked rather than assumed."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else [out]):
-            if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float64):
-                self.largest = max(self.largest, t.numel())
-        return out
+    return LargestTensorRecorder(lambda t: t.dtype in (torch.float32, torch.float64))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -106,7 +95,7 @@ def test_no_full_fp32_copy_of_bf16_logits(kind):
     tokens, vocab, chunk = 64, 96, 8
     student, teacher = make_logits((tokens, vocab), seed=9, dtype=torch.bfloat16)
     leaf = student.clone().requires_grad_(True)
-    with _Fp32AllocationRecorder() as rec:
+    with _fp32_allocation_recorder() as rec:
         loss = logit_kd_loss(leaf, teacher, kind, group=None, backend="torch", chunk_tokens=chunk)
         masked_mean(loss).backward()
     assert leaf.grad.dtype == torch.bfloat16
