@@ -2,6 +2,8 @@
 logits materialised, torch.log_softmax / cross_entropy, and plain autograd for the gradients."""
 import torch
 
+from kd_reference import reference_logit_loss
+
 
 def make_linear_inputs(tokens, student_hidden, teacher_hidden, vocab, seed, dtype=torch.float32):
     """Hidden states and output weights whose logits are correlated (like a pruned student) and O(3)."""
@@ -25,13 +27,7 @@ def reference_linear_kd(h_s, w_s, h_t, w_t, kind, temperature=1.0, scale_by_temp
     ws = w_s.detach().double().requires_grad_(True)
     z_s = hs @ ws.t()
     z_t = h_t.detach().double() @ w_t.detach().double().t()
-    log_p_s = torch.log_softmax(z_s / temperature, dim=-1)
-    log_p_t = torch.log_softmax(z_t / temperature, dim=-1)
-    if kind == "forward_kl":
-        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    else:
-        kl = (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1)
-    kd = kl * (temperature ** 2 if scale_by_temperature_squared else 1.0)
+    kd = reference_logit_loss(z_s, z_t, kind, temperature, scale_by_temperature_squared)
     weight = torch.ones(h_s.shape[0], dtype=torch.float64) if token_weight is None else token_weight.double()
     keep = weight != 0
     kd = torch.where(keep, kd, torch.zeros_like(kd))
