@@ -1,7 +1,8 @@
 """The prune job as a library (prune/config.py, prune/job.py): the Python example of docs/pruning.md, run as
 written on a tiny checkpoint, gives the same plan, summary and weights as `minitron prune` on the same input;
 `--config` + `key=value` overrides + flags resolve in that order; `PruneConfig.validate` names the fix; a
-depth metric passed to the job ranks layers without being registered; the pipeline split after pruning is
+depth metric passed to the job ranks layers without being registered, and `--depth-task` equals the job
+given eval's accuracy metric (and reads no task when the scores file has the scores); the pipeline split after pruning is
 a pure function; no library module imports the CLI and pruning (its CLI aside) imports no eval code."""
 import argparse
 import ast
@@ -226,3 +227,73 @@ def test_no_library_module_imports_the_cli_and_pruning_imports_no_eval():
             if module.startswith("megatron_minitron.prune.") and module != "megatron_minitron.prune.cli":
                 offenders += [f"{module} imports {m}" for m in imported if m.startswith("megatron_minitron.eval")]
     assert not offenders, offenders
+
+
+@pytest.fixture(scope="module")
+def with_tokenizer(tmp_path_factory):
+    """A checkpoint, calibration data with a sentencepiece sidecar, and a multiple-choice task file: what the
+    downstream-accuracy depth metric (--depth-task) needs."""
+    from megatron_minitron.data import build_tokenizer, train_sentencepiece, write_tokenizer_sidecar
+
+    base = tmp_path_factory.mktemp("prune_job_task")
+    text = base / "text.txt"
+    text.write_text(open(os.__file__).read())  # any varied text: the standard library's os.py
+    tok = build_tokenizer("sentencepiece", train_sentencepiece([str(text)], str(base / "spm"), 384))
+    arch = ModelArch(num_layers=3, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
+                     vocab_size=tok.vocab_size, seq_length=32)
+    init_distributed(1, 1)
+    set_seed(7)
+    model = build_gpt(arch, Parallel()).eval()
+    with torch.no_grad():  # layer 2 dominates the output, so skipping it changes the model's choices
+        model.decoder.layers[2].mlp.linear_fc2.weight.mul_(30.0)
+    ckpt = checkpoint.save_checkpoint_to(str(base / "src"), [model], arch=arch)
+    lines = [line for line in text.read_text().splitlines() if len(line) > 20][:40]
+    calib = str(base / "calib")
+    write_indexed_dataset(calib, [tok.encode(line) for line in lines], eod=tok.eod, vocab_size=tok.vocab_size)
+    write_tokenizer_sidecar(calib, tok)
+    # answers = the full model's own choices: its accuracy is 1, so skipping a layer that matters loses some
+    from megatron_minitron.eval import MCItem, Task, evaluate_task
+
+    words = ["path", "file", "name", "mode", "error", "list", "self", "return"]
+    letters = [c for c in "bcdeghijklmpqruvwxyz" if len(tok.encode(" " + c)) == len(tok.encode(" b"))]
+    # choices of one length (in tokens), so the model's choice depends on the context, not the length
+    items = [MCItem(f"the {words[i % 8]} of {words[(3 * i) % 8]} is", [letters[(i + k) % len(letters)]
+                                                                          for k in range(4)], 0) for i in range(32)]
+    predicted = evaluate_task([model], Task("t", "t.jsonl", "native", items), tok)["items"]
+    task = base / "task.jsonl"
+    task.write_text("".join(json.dumps({"context": item.context, "choices": item.choices, "answer": r["pred"]})
+                            + "\n" for item, r in zip(items, predicted)))
+    return {"base": base, "ckpt": ckpt, "calib": calib, "task": str(task), "arch": arch}
+
+
+def test_depth_task_cli_equals_the_job_with_the_accuracy_metric_passed_in(with_tokenizer, tmp_path):
+    from megatron_minitron.eval.depth import accuracy_depth_metric
+
+    t = with_tokenizer
+    cli_scores = str(tmp_path / "cli.pt")
+    assert prune_cli.run(parse(["--load", t["ckpt"], "--save", str(tmp_path / "cli"), "--data", t["calib"],
+                                "--num-samples", "4", "--micro-batch-size", "2", "--scores", cli_scores,
+                                "--depth-task", t["task"], "--target", "num_layers=2", "depth_metric=accuracy"])) == 0
+    assert "accuracy" not in DEPTH_METRICS  # passed to the job, not registered
+    fn = accuracy_depth_metric(t["task"], data=t["calib"], load=t["ckpt"], seq_length=t["arch"].seq_length)
+    result = prune_run(PruneConfig(load=t["ckpt"], save=str(tmp_path / "api"), scores=str(tmp_path / "api.pt"),
+                                   calibration=Calibration(data=t["calib"], num_samples=4, micro_batch_size=2),
+                                   targets=PruneTargets(num_layers=2, depth_metric="accuracy")),
+                       depth_metrics={"accuracy": fn})
+    scores = ImportanceScores.load(cli_scores)
+    assert scores.settings.depth_metrics == ["bi", "accuracy"]
+    assert torch.equal(scores.layers["accuracy"], result.scores.layers["accuracy"])
+    with open(tmp_path / "cli" / "prune_plan.json") as f:
+        assert json.load(f) == result.plan.to_dict()
+    dropped = [i for i in range(3) if i not in result.plan.kept_layers]
+    accuracy = scores.layers["accuracy"].tolist()
+    assert len(set(accuracy)) > 1, accuracy  # the layers are told apart
+    assert dropped == [min(range(3), key=lambda i: (accuracy[i], i))]  # the lowest score (ties: lower id)
+
+    # a scores file holding the accuracy scores needs no task: --depth-task is not read (here: not even JSON)
+    (tmp_path / "broken.jsonl").write_text("not json\n")
+    assert prune_cli.run(parse(["--load", t["ckpt"], "--save", str(tmp_path / "again"), "--scores", cli_scores,
+                                "--depth-task", str(tmp_path / "broken.jsonl"), "--target", "num_layers=2",
+                                "depth_metric=accuracy"])) == 0
+    with open(tmp_path / "again" / "prune_plan.json") as f:
+        assert json.load(f) == result.plan.to_dict()
