@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .aggregate import RunningAggregate
-from ..runtime.forward import model_device, transformer_layers, unwrap_model
+from ..runtime.forward import eval_mode, model_device, transformer_layers, unwrap_model
 from .depth import DepthContext, DepthMetric, known_depth_metrics, removal_scores, run_forward, \
     unknown_depth_metric_message
 from .scores import ImportanceScores, ImportanceSettings, group_scores
@@ -213,12 +213,8 @@ def estimate_importance(model_chunks, batches: Iterable, settings: Optional[Impo
     for m in settings.depth_metrics:
         if m != "bi" and m not in metrics:
             raise ValueError(unknown_depth_metric_message(m, metrics))
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(chunks):  # each chunk gets its own mode back
         return _estimate(model, chunks, batches, settings, L, metrics)
-    finally:
-        model.train(was_training)
 
 
 def _estimate(model, chunks, batches, settings: ImportanceSettings, L: int,
