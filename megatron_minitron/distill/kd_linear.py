@@ -44,7 +44,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .kinds import KL_LOSSES
+from .kinds import KL_LOSSES, stats_rows
 from .kl_torch import kl_from_global_stats, kl_grad_chunk, local_partial_stats
 from .losses import pick_kl_backend
 from .vocab_parallel import TP_GROUP, GroupArg, combine_partial_softmax_stats, fp32_copy, resolve_group, safe_shift
@@ -79,10 +79,6 @@ def sum_owners(reverse: bool, lm_mode: Optional[str]) -> list[int]:
     elif lm_mode == "separate":
         owners += [2, 3]       # S_1 (max row 2), target logit (zero max row 3)
     return owners
-
-
-def stats_rows(lm_mode: Optional[str]) -> tuple[int, int]:
-    return {None: (2, 3), "shared": (3, 4), "separate": (4, 5)}[lm_mode]
 
 
 def local_target_logits(student: torch.Tensor, labels_local: torch.Tensor) -> torch.Tensor:

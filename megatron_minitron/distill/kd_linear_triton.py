@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kd_linear import stats_rows
+from .kinds import stats_rows
 from .kl_triton import check_interpretable, kl_grad_block, online_kl_block
 
 DEFAULT_BLOCK = 2048

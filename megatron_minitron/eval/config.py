@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..config import ModelArch
+from .inputs import SPLIT_NAMES
 
 PRECISIONS = ("auto", "bf16", "fp32")
 TASK_FORMATS = ("auto", "native", "winogrande", "hellaswag", "arc", "mmlu")
 TOKENIZER_TYPES = ("auto", "sentencepiece", "huggingface")
-SPLIT_NAMES = ("train", "valid", "test")
-
 
 @dataclass
 class EvalConfig:

@@ -5,7 +5,8 @@ import os
 from typing import Optional
 
 from ..data.tokenizer import guess_tokenizer_type
-from .config import SPLIT_NAMES
+
+SPLIT_NAMES = ("train", "valid", "test")  # the parts of a dataset split, in Megatron-LM's order
 
 
 def resolve_eval_tokenizer(tokenizer=None, tokenizer_type: str = "auto", data: Optional[str] = None,
