@@ -114,11 +114,7 @@ class CheckpointInfo:
     @classmethod
     def from_metadata(cls, metadata: dict) -> "CheckpointInfo":
         """The description of a metadata record (minitron.yaml's shape, plus ``checkpoint_dir``)."""
-        tokenizer = metadata.get("tokenizer")
-        if isinstance(tokenizer, str):
-            tokenizer = {"path": tokenizer}
-        if not isinstance(tokenizer, dict) or not tokenizer:
-            tokenizer = None
+        tokenizer = _tokenizer_record(metadata.get("tokenizer"))
         return cls(directory=str(metadata.get("checkpoint_dir", "")), format=checkpoint_format(metadata),
                    arch=arch_from_metadata(metadata), iteration=int(metadata.get("iteration") or 0),
                    layout=SavedLayout.from_record(metadata.get("parallel") or {}),
@@ -160,6 +156,22 @@ class CheckpointInfo:
 
 
 # ------------------------------------------------------------------------------------------ readers
+def recorded_tokenizer(checkpoint) -> Optional[dict]:
+    """The tokenizer record of a CheckpointInfo, or of a raw metadata record (callers that still hold one);
+    None for None."""
+    if checkpoint is None:
+        return None
+    if isinstance(checkpoint, CheckpointInfo):
+        return checkpoint.tokenizer
+    return _tokenizer_record(checkpoint.get("tokenizer"))
+
+
+def _tokenizer_record(tokenizer) -> Optional[dict]:
+    if isinstance(tokenizer, str):
+        tokenizer = {"path": tokenizer}
+    return tokenizer if isinstance(tokenizer, dict) and tokenizer else None
+
+
 def read_directory_metadata(directory: str) -> dict:
     """The metadata record of a resolved checkpoint directory, plus ``checkpoint_dir``: its minitron.yaml
     (ours, in either layout), else what a Megatron-LM-written directory's common.pt says (same shape).

@@ -20,31 +20,33 @@ def prepare(cfg: DistillConfig) -> ModelArch:
     if not student_path:
         raise ValueError("distill.student (or train.load) is required: the student checkpoint, e.g. the "
                          "output of `minitron prune`")
-    teacher_meta = checkpoint.read_metadata(cfg.distill.teacher)
-    student_meta = checkpoint.read_metadata(student_path)
-    teacher_arch = checkpoint.arch_from_metadata(teacher_meta)
+    teacher_info = checkpoint.describe_checkpoint(cfg.distill.teacher)
+    student_info = checkpoint.describe_checkpoint(student_path)
+    teacher_arch = teacher_info.arch
     # the student's architecture is its checkpoint's; a given model.seq_length is the run's window (job_arch.py)
-    student = resolve_job_arch(cfg.model, given_fields(cfg.model), checkpoint.arch_from_metadata(student_meta),
+    student = resolve_job_arch(cfg.model, given_fields(cfg.model), student_info.arch,
                                f"the student checkpoint {student_path}")
     show_warnings(student)
     cfg.model = student.window_arch
     cfg.train.load = student_path
-    check_compatible(cfg, teacher_arch, teacher_meta, student_meta)
+    check_compatible(cfg, teacher_arch, teacher_info, student_info)
     return teacher_arch
 
 
-def check_compatible(cfg: DistillConfig, teacher: ModelArch, teacher_meta: Optional[dict] = None,
-                     student_meta: Optional[dict] = None) -> None:
+def check_compatible(cfg: DistillConfig, teacher: ModelArch, teacher_checkpoint=None,
+                     student_checkpoint=None) -> None:
+    """Teacher and student fit one distillation run (vocabulary, tokenizer, data, layout, windows). The
+    checkpoints are CheckpointInfo descriptions (or raw metadata records); None skips the tokenizer check."""
     student, par, d = cfg.model, cfg.parallel, cfg.distill
     tp = par.tensor_model_parallel_size
     if teacher.vocab_size != student.vocab_size or teacher.padded_vocab_size(tp) != student.padded_vocab_size(tp):
         raise ValueError(f"teacher vocabulary ({teacher.vocab_size}, padded {teacher.padded_vocab_size(tp)}) "
                          f"and student vocabulary ({student.vocab_size}, padded "
                          f"{student.padded_vocab_size(tp)}) differ: logit distillation needs the same tokenizer")
-    t_tok = (teacher_meta or {}).get("tokenizer")
-    s_tok = (student_meta or {}).get("tokenizer")
+    from ..checkpoint.description import recorded_tokenizer
     from ..data.tokenizer import same_tokenizer  # by vocabulary, not by path: prune copies the files
 
+    t_tok, s_tok = recorded_tokenizer(teacher_checkpoint), recorded_tokenizer(student_checkpoint)
     if same_tokenizer(t_tok, s_tok) is False:
         raise ValueError(f"teacher tokenizer {t_tok} differs from student tokenizer {s_tok} (another "
                          "vocabulary); distill with the teacher's tokenizer (prune the student from this teacher)")

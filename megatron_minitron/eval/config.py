@@ -10,10 +10,13 @@ leading dashes, with ``_`` for ``-``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from ..config import ModelArch
 from .inputs import SPLIT_NAMES
+
+if TYPE_CHECKING:
+    from ..checkpoint import CheckpointInfo
 
 PRECISIONS = ("auto", "bf16", "fp32")
 TASK_FORMATS = ("auto", "native", "winogrande", "hellaswag", "arc", "mmlu")
@@ -80,11 +83,11 @@ class EvalConfig:
         names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"two task files share a name ({names}); rename one (results are keyed by file name)")
-        metadata = checkpoint.read_metadata(self.load)
-        arch = checkpoint.arch_from_metadata(metadata)
+        info = checkpoint.describe_checkpoint(self.load)
+        arch = info.arch
         tokenizer = None
         if tasks:
-            tokenizer = resolve_eval_tokenizer(self.tokenizer, self.tokenizer_type, self.data, metadata)
+            tokenizer = resolve_eval_tokenizer(self.tokenizer, self.tokenizer_type, self.data, info)
             if tokenizer.vocab_size > arch.padded_vocab_size(self.tp):
                 raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
                                  f"holds {arch.padded_vocab_size(self.tp)}: it is not this model's tokenizer")
@@ -94,15 +97,15 @@ class EvalConfig:
         seq_length = arch.seq_length if self.seq_length is None else self.seq_length
         warnings = check_seq_length(seq_length, arch, "--seq-length", f"the checkpoint {self.load}")
         Parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp).validate(arch)
-        return EvalInputs(tasks, metadata, arch, tokenizer, seq_length, tuple(warnings))
+        return EvalInputs(tasks, info, arch, tokenizer, seq_length, tuple(warnings))
 
 
 @dataclass
 class EvalInputs:
-    """What ``EvalConfig.validate`` read: the loaded task files, the checkpoint's metadata and architecture,
+    """What ``EvalConfig.validate`` read: the loaded task files, the checkpoint's description and architecture,
     the tokenizer (None without tasks), the evaluation window and the warnings to show."""
     tasks: list
-    metadata: dict
+    checkpoint: "CheckpointInfo"
     arch: ModelArch
     tokenizer: object
     seq_length: int

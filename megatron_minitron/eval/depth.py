@@ -50,8 +50,8 @@ def accuracy_depth_metric(task_path: str, num_fewshot: int = 0, limit: Optional[
     task = load_task(task_path)
     metadata = None
     if load is not None and tokenizer is None:
-        from ..checkpoint import read_metadata
-        metadata = read_metadata(load)
+        from ..checkpoint import describe_checkpoint
+        metadata = describe_checkpoint(load)
     tok = resolve_eval_tokenizer(tokenizer, tokenizer_type, data, metadata)
     requests, spans = task_requests(task.items, tok, num_fewshot, seed, limit)
     items = task.items[:len(spans)]

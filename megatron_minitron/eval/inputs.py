@@ -10,15 +10,18 @@ SPLIT_NAMES = ("train", "valid", "test")  # the parts of a dataset split, in Meg
 
 
 def resolve_eval_tokenizer(tokenizer=None, tokenizer_type: str = "auto", data: Optional[str] = None,
-                           metadata: Optional[dict] = None):
+                           metadata=None):
     """A Tokenizer from, in order: ``tokenizer`` (a Tokenizer, or a path: a sentencepiece .model, a
     tokenizer.json or a tokenizer directory), the sidecar of the dataset prefix ``data``, the tokenizer
-    recorded in the checkpoint ``metadata`` (each with its BOS convention: the sidecar's / record's)."""
+    recorded in the checkpoint ``metadata`` (a CheckpointInfo, or its raw record; each with its BOS
+    convention: the sidecar's / record's)."""
     from ..data import build_tokenizer, load_tokenizer_sidecar
 
     if tokenizer is not None and not isinstance(tokenizer, str):
         return tokenizer
-    recorded = (metadata or {}).get("tokenizer")
+    from ..checkpoint.description import recorded_tokenizer
+
+    recorded = recorded_tokenizer(metadata)
     if tokenizer:
         kind = guess_tokenizer_type(tokenizer) if tokenizer_type == "auto" else tokenizer_type
         from ..data.tokenizer import with_recorded_convention

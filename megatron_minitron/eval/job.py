@@ -23,7 +23,7 @@ def run(cfg: EvalConfig) -> dict:
     model = build_gpt(inputs.arch, par, resolve_dtype(cfg.precision), device=rt.device)
     checkpoint.load_weights(cfg.load, [model], arch=inputs.arch)
 
-    results = {"checkpoint": inputs.metadata["checkpoint_dir"], "iteration": inputs.metadata.get("iteration"),
+    results = {"checkpoint": inputs.checkpoint.directory, "iteration": inputs.checkpoint.iteration,
                "parallel": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp}, "seq_length": inputs.seq_length}
     results.update(evaluate([model], cfg, inputs))
     if cfg.output and rt.is_rank0:

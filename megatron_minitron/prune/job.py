@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Collection, List, Mapping, Optional
 
+from ..checkpoint.description import DTYPE_NAMES, CheckpointInfo
 from ..config import ModelArch, Parallel
 from .config import PruneConfig
 from .depth import DepthMetric, known_depth_metrics, unknown_depth_metric_message
@@ -33,7 +34,7 @@ class PreparedPrune:
     """What ``run`` needs, checked before any model is built or any file written."""
 
     arch: ModelArch  # the source's
-    metadata: dict  # the source's metadata record (checkpoint.read_metadata)
+    source: CheckpointInfo  # the source checkpoint's description
     targets: PruneTargets
     resolved: ResolvedTargets  # target sizes after defaults
     settings: ImportanceSettings  # of the calibration pass (with what the targets and depth_metrics add)
@@ -59,10 +60,8 @@ def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _save_format(cfg: PruneConfig, metadata: dict) -> str:
-    from ..checkpoint import checkpoint_format
-
-    source = checkpoint_format(metadata)
+def _save_format(cfg: PruneConfig, info: CheckpointInfo) -> str:
+    source = info.format
     wanted = cfg.save_format
     if cfg.in_place and wanted is not None and wanted != source:
         raise ValueError(f"--in-place keeps the input's format ({source}); drop --save-format {wanted}, or "
@@ -70,7 +69,7 @@ def _save_format(cfg: PruneConfig, metadata: dict) -> str:
     return wanted or source
 
 
-def _check_output(cfg: PruneConfig, metadata: dict, save_format: str) -> Optional[str]:
+def _check_output(cfg: PruneConfig, info: CheckpointInfo, save_format: str) -> Optional[str]:
     """The output directory (absolute), None for in_place / scores_only; refuses to overwrite the source or
     a directory that is not a checkpoint of the format written."""
     from ..checkpoint import layout
@@ -82,7 +81,7 @@ def _check_output(cfg: PruneConfig, metadata: dict, save_format: str) -> Optiona
             raise ValueError("--in-place rewrites --load itself; drop --save (or drop --in-place to write "
                              "the pruned checkpoint to --save)")
         return None
-    if _same_path(cfg.save, cfg.load) or _same_path(cfg.save, metadata["checkpoint_dir"]):
+    if _same_path(cfg.save, cfg.load) or _same_path(cfg.save, info.directory):
         raise ValueError(f"--save {cfg.save} is the source checkpoint; pass --in-place to replace it "
                          "(crash-safe), or choose another --save directory")
     out = os.path.abspath(cfg.save)
@@ -174,7 +173,7 @@ def _own_settings(settings: ImportanceSettings) -> ImportanceSettings:
 
 
 def prepare(cfg: PruneConfig, extra_metrics: Collection[str] = ()) -> PreparedPrune:
-    """Validate the whole run; reads metadata (and the scores file / the data index), writes nothing.
+    """Validate the whole run; reads the source description (and the scores file / the data index), writes nothing.
     ``extra_metrics``: names of the removal metrics the caller passes to ``run`` (``depth_metrics``)."""
     from .. import checkpoint
     from ..job_arch import check_seq_length
@@ -182,10 +181,10 @@ def prepare(cfg: PruneConfig, extra_metrics: Collection[str] = ()) -> PreparedPr
 
     cfg.validate()
     targets = cfg.targets
-    metadata = checkpoint.read_metadata(cfg.load)  # FileNotFoundError / ValueError when not a checkpoint
-    arch = checkpoint.arch_from_metadata(metadata)
-    save_format = _save_format(cfg, metadata)
-    save = _check_output(cfg, metadata, save_format)
+    info = checkpoint.describe_checkpoint(cfg.load)  # FileNotFoundError / ValueError when not a checkpoint
+    arch = info.arch
+    save_format = _save_format(cfg, info)
+    save = _check_output(cfg, info, save_format)
     calib = cfg.calibration
     seq_length = arch.seq_length if calib.seq_length is None else calib.seq_length
     notes = [f"warning: {w}" for w in check_seq_length(seq_length, arch, "--seq-length",
@@ -231,27 +230,23 @@ def prepare(cfg: PruneConfig, extra_metrics: Collection[str] = ()) -> PreparedPr
     if cfg.in_place:
         from .rewrite import rewrite_paths
         rewrite = rewrite_paths(cfg.load, save_format)
-    return PreparedPrune(arch=arch, metadata=metadata, targets=targets, resolved=resolved, settings=settings,
+    return PreparedPrune(arch=arch, source=info, targets=targets, resolved=resolved, settings=settings,
                          scores=scores, plan=plan, parallel=par, rewrite=rewrite, save=save, notes=notes,
                          seq_length=seq_length, save_format=save_format)
 
 
-def _dtype(precision: str, metadata: dict):
-    import torch
-
+def _dtype(precision: str, info: CheckpointInfo):
     from ..model.builder import resolve_dtype
 
-    if precision == "auto":
-        stored = str((metadata.get("contents") or {}).get("params_dtype", "")).replace("torch.", "")
-        if stored in ("bfloat16", "float32", "float16"):
-            return getattr(torch, stored)
+    if precision == "auto" and info.params_dtype in DTYPE_NAMES:
+        return info.torch_dtype()
     return resolve_dtype(precision)
 
 
-def _tokenizer_for(metadata: dict, final_dir: str):
+def _tokenizer_for(info: CheckpointInfo, final_dir: str):
     """The source's tokenizer record; a path pointing into the source checkpoint now points into ours."""
-    tok = metadata.get("tokenizer")
-    if isinstance(tok, dict) and tok.get("path") and _same_path(tok["path"], metadata["checkpoint_dir"]):
+    tok = info.tokenizer
+    if tok is not None and tok.get("path") and _same_path(tok["path"], info.directory):
         return {**tok, "path": final_dir}
     return tok
 
@@ -304,12 +299,12 @@ def run(cfg: PruneConfig, depth_metrics: Optional[Mapping[str, DepthMetric]] = N
         if job.rewrite.root is not None:
             rank0_print(f"[prune] --in-place on {job.rewrite.root}: rewriting {job.rewrite.final} (the "
                         "iteration `latest` names); other iterations keep the source architecture")
-    arch, par, metadata = job.arch, job.parallel, job.metadata
-    dtype = _dtype(cfg.precision, metadata)
+    arch, par, source = job.arch, job.parallel, job.source
+    dtype = _dtype(cfg.precision, source)
     with timer("load"):
         model = build_gpt(arch, par, dtype, device=rt.device)
-        metadata = checkpoint.load_weights(cfg.load, [model], arch=arch)
-    source_dir = metadata["checkpoint_dir"]
+        checkpoint.load_weights(cfg.load, [model], arch=arch)
+    source_dir = source.directory
 
     scores = job.scores
     with timer("calibration"):
@@ -346,7 +341,7 @@ def run(cfg: PruneConfig, depth_metrics: Optional[Mapping[str, DepthMetric]] = N
     final = job.rewrite.final if job.rewrite is not None else job.save
     if job.rewrite is None and job.save_format == "megatron-lm":
         final = os.path.join(job.save, checkpoint.RELEASE_DIR)  # where the weights and files go in that root
-    tokenizer = _tokenizer_for(metadata, final)
+    tokenizer = _tokenizer_for(source, final)
     provenance = {"pruned_from": source_dir, "source_architecture": dataclasses.asdict(arch),
                   "targets": dataclasses.asdict(job.targets), "importance": dataclasses.asdict(scores.settings),
                   "head_merge": bool(cfg.head_merge), "kept_layers": plan.kept_layers,
@@ -358,7 +353,7 @@ def run(cfg: PruneConfig, depth_metrics: Optional[Mapping[str, DepthMetric]] = N
 
     if job.rewrite is not None:
         out = save_and_swap(job.rewrite, pruned, arch=plan.target, parallel=target_par, dtype=dtype,
-                            device=rt.device, iteration=int(metadata.get("iteration", 0)),
+                            device=rt.device, iteration=source.iteration,
                             provenance=provenance, tokenizer=tokenizer, add_files=add_files, timer=timer,
                             format=job.save_format)
     else:

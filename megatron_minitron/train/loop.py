@@ -111,12 +111,12 @@ class Trainer:
                                                scheduler=self.scheduler, arch=self.arch)
             self.state.iteration = int(extra["iteration"])
             self.state.consumed_samples = int(extra.get("consumed_samples", 0))
-            self.tokenizer_record = checkpoint.read_metadata(tcfg.save).get("tokenizer")
+            self.tokenizer_record = checkpoint.describe_checkpoint(tcfg.save).tokenizer
             self.log0(f"resumed from {tcfg.save} at iteration {self.state.iteration}")
         elif tcfg.load:  # weights only, into the trained model proper (a wrapper may name it)
-            metadata = checkpoint.load_weights(tcfg.load, [getattr(c, "init_target", c) for c in chunks],
-                                               arch=self.arch, optimizer=self.optimizer)
-            self.tokenizer_record = metadata.get("tokenizer")
+            checkpoint.load_weights(tcfg.load, [getattr(c, "init_target", c) for c in chunks], arch=self.arch,
+                                    optimizer=self.optimizer)
+            self.tokenizer_record = checkpoint.describe_checkpoint(tcfg.load).tokenizer
             self.provenance.setdefault("initialised_from", tcfg.load)
             self.log0(f"initial weights from {tcfg.load}")
 
