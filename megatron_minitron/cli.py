@@ -74,7 +74,8 @@ fix (exit code 2); MINITRON_DEBUG=1 shows the full traceback. Docs: README.md an
 
 
 def run_subcommand(register, argv: list) -> int:
-    """Run one subcommand in this process with its own parser (the demo and the search chain them)."""
+    """Run one subcommand in this process with its own parser, as `minitron` would (tests drive the CLI
+    this way; library callers use the jobs: prune.run, eval.run_eval, distill.job.run)."""
     parser = argparse.ArgumentParser(prog="minitron")
     register(parser.add_subparsers())
     args = parser.parse_args(argv)
