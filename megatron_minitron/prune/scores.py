@@ -139,20 +139,9 @@ class ImportanceScores:
 def save_torch_durably(obj, path: str) -> None:
     """``torch.save`` made atomic and durable as ``runtime.files.write_file_durably`` is for text: a
     temporary file, fsync, rename, fsync of the directory (a crash leaves the old file or the new one)."""
-    from ..runtime.files import fsync_path
+    from ..runtime.files import write_durably
 
-    tmp = f"{path}.writing-{os.getpid()}"  # per process: two writers never share a temporary file
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_path(os.path.dirname(os.path.abspath(path)))
+    write_durably(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def group_scores(heads: torch.Tensor, num_query_groups: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import IO, Callable
 
 
 def fsync_path(path: str) -> None:
@@ -15,15 +16,17 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def write_file_durably(path: str, text: str, make_parents: bool = False) -> None:
-    """Write ``text`` to ``path`` atomically and durably (see the module docstring)."""
+def write_durably(path: str, write: Callable[[IO], None], binary: bool = False,
+                  make_parents: bool = False) -> None:
+    """``write(f)`` into a temporary file beside ``path``, then fsync, rename onto ``path`` and fsync the
+    directory: a reader, or a crash, sees the old file or the new one."""
     directory = os.path.dirname(os.path.abspath(path))
     if make_parents:
         os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.writing-{os.getpid()}"  # per process: two writers never share a temporary file
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -32,6 +35,11 @@ def write_file_durably(path: str, text: str, make_parents: bool = False) -> None
             os.remove(tmp)
         raise
     fsync_path(directory)
+
+
+def write_file_durably(path: str, text: str, make_parents: bool = False) -> None:
+    """Write ``text`` to ``path`` atomically and durably (see the module docstring)."""
+    write_durably(path, lambda f: f.write(text), make_parents=make_parents)
 
 
 def write_json_durably(path: str, obj, make_parents: bool = False, indent: int = 2) -> None:
