@@ -215,9 +215,9 @@ def prune_model_state(model, plan: PrunePlan) -> Dict[str, Optional[torch.Tensor
     """``trim_state_dict`` for a megatron GPTModel stage under the current ``parallel_state``."""
     from megatron.core import parallel_state as ps
 
-    from .depth import transformer_layers
+    from ..runtime.forward import transformer_layers, unwrap_model
 
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     layer_ids = [lid for lid, _ in transformer_layers([model])]
     tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     rank = ps.get_tensor_model_parallel_rank() if tp > 1 else 0
