@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import warnings
 
@@ -89,6 +90,18 @@ def quiet_library_warnings() -> None:
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(megatron|torch|transformers)(\.|$)")
     warnings.filterwarnings("ignore", message=r".*deprecated", category=UserWarning, module=r"megatron(\.|$)")
+    # megatron-core 0.17-0.19: import-time notices (absl missing, experimental MIMO configs) and torch DCP's
+    # notes on the single-process loads megatron's torch_dist strategy makes since 0.18
+    warnings.filterwarnings("ignore", message=r"(absl\.logging is not installed|.*is experimental)",
+                            category=UserWarning, module=r"megatron(\.|$)")
+    warnings.filterwarnings("ignore", message=r"(The argument order of load has been changed|torch\.distributed is "
+                                              r"disabled, unavailable or uninitialized)", category=UserWarning)
+    # ... and rank-0 logger warnings for library developers ("GPTModel IS DEPRECATED", DDP's full_param_layout
+    # note, "async save is deprecated" printed for synchronous saves, "load_common is deprecated")
+    for name in ("megatron.core.models.gpt.gpt_model", "megatron.core.distributed.distributed_data_parallel",
+                 "megatron.core.dist_checkpointing.strategies.torch",
+                 "megatron.core.dist_checkpointing.strategies.common"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     # megatron reads `.grad` of non-leaf tensors; under the CPU test mode's torch-function hook torch notices
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf",
                             category=UserWarning)

@@ -16,7 +16,8 @@ A root in Megatron-LM's layout (format="megatron-lm", see megatron_lm.py) is the
 tracker file ``latest_checkpointed_iteration.txt`` ("200" or "release") in place of ``latest``, and a
 ``release`` directory for weights-only saves. Our saves into it still write COMMIT and minitron.yaml into
 the iteration directory (Megatron-LM ignores files it does not know). A Megatron-LM-written directory has
-no COMMIT: it counts as complete when common.pt, metadata.json and torch's .metadata are all there.
+no COMMIT: it counts as complete when metadata.json, torch's .metadata and the common state are all there
+(common.pt; megatron-core >= 0.19 keeps it inside the shards instead, listed in .metadata).
 """
 from __future__ import annotations
 
@@ -65,10 +66,49 @@ def is_committed(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, COMMIT_FILE))
 
 
+def has_inline_common_state(directory: str) -> bool:
+    """megatron-core >= 0.19 writes no common.pt: the non-tensor state is the ``common_state`` object inside
+    the torch_dist shards, listed in torch's .metadata index."""
+    import pickle
+
+    try:
+        with open(os.path.join(directory, DCP_METADATA_FILE), "rb") as f:
+            index = pickle.load(f)
+    except Exception:  # absent, empty or foreign: no inline common state
+        return False
+    return any(str(key).startswith("common_state/") for key in (getattr(index, "state_dict_metadata", None) or {}))
+
+
+def installed_megatron_core() -> Optional[str]:
+    """The version of the megatron-core that imports (its package_info: right for a source tree on the path
+    too); None when there is none."""
+    try:
+        from megatron.core import package_info
+        return str(package_info.__version__)
+    except ImportError:
+        return None
+
+
+def check_readable_by_installed_core(directory: str) -> None:
+    """A checkpoint written by megatron-core >= 0.19 keeps its common state inside the shards (no common.pt),
+    which older megatron-core cannot read (it fails on the missing file with an unrelated traceback)."""
+    if os.path.exists(os.path.join(directory, COMMON_FILE)) or not has_inline_common_state(directory):
+        return
+    from packaging.version import Version
+
+    installed = installed_megatron_core()
+    if installed is not None and Version(installed) < Version("0.19"):
+        raise ValueError(f"checkpoint {directory} was written by megatron-core >= 0.19 (its common state is "
+                         f"inside the torch_dist shards; there is no {COMMON_FILE}), which megatron-core "
+                         f"{installed} cannot read: install megatron-core >= 0.19 (Python >= 3.12) to load it")
+
+
 def is_megatron_lm_dir(directory: str) -> bool:
-    """A complete megatron-core dist checkpoint directory: common.pt, metadata.json and torch's index."""
-    return all(os.path.isfile(os.path.join(directory, name))
-               for name in (COMMON_FILE, DIST_CONFIG_FILE, DCP_METADATA_FILE))
+    """A complete megatron-core dist checkpoint directory: metadata.json, torch's index and the common state
+    (common.pt, or inside the shards as megatron-core >= 0.19 writes it)."""
+    if not all(os.path.isfile(os.path.join(directory, name)) for name in (DIST_CONFIG_FILE, DCP_METADATA_FILE)):
+        return False
+    return os.path.isfile(os.path.join(directory, COMMON_FILE)) or has_inline_common_state(directory)
 
 
 def is_loadable(directory: str) -> bool:
@@ -253,7 +293,8 @@ def _resolve_latest(root: str, name: str) -> str:
         pointer = _pointer_file(root)
         raise ValueError(
             f"{pointer} names {name}, which is missing or incomplete (no {COMMIT_FILE} marker of ours, and not "
-            f"a complete Megatron-LM directory with {COMMON_FILE}, {DIST_CONFIG_FILE} and {DCP_METADATA_FILE}): "
+            f"a complete Megatron-LM directory with {DIST_CONFIG_FILE}, {DCP_METADATA_FILE} and its common state"
+            f" ({COMMON_FILE}, or inside the shards since megatron-core 0.19)): "
             f"its save did not finish. Complete checkpoints here: {committed or 'none'}. Point the pointer at "
             f"one of them or pass that directory directly.")
     return found

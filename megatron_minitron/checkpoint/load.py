@@ -15,7 +15,7 @@ from ..config import ModelArch
 from . import integrity
 from ..runtime.forward import unwrap_model
 from .description import CheckpointInfo, describe_directory
-from .layout import resolve_checkpoint_dir
+from .layout import check_readable_by_installed_core, resolve_checkpoint_dir
 from .metadata import MEGATRON_LM_FORMAT, check_arch
 from .state import (DEFAULT_OPTIMIZER_SHARDING, PER_PARAMETER, RNG_KEY, collect_rng_state, current_layout,
                     load_optimizer_state, model_keys, model_sharded_state, optimizer_sharded_state,
@@ -33,6 +33,7 @@ def _prepare(path: str, model_chunks: list, arch: Optional[ModelArch]) -> Checkp
     if not dist.is_initialized():
         raise ValueError("torch.distributed is not initialised; call runtime.init_distributed() first")
     directory = resolve_checkpoint_dir(path)
+    check_readable_by_installed_core(directory)
     integrity.verify_on_load(directory)  # a damaged or missing file is named before anything reads it
     info = describe_directory(directory)
     if arch is not None:

@@ -35,9 +35,13 @@ _TOKENIZER_TYPE_OUT = {"huggingface": "HuggingFaceTokenizer", "sentencepiece": "
 
 
 def read_common(directory: str) -> dict:
-    """common.pt of a dist checkpoint (megatron-core registers argparse.Namespace as a safe global)."""
+    """The common state of a dist checkpoint: common.pt, or the shards' ``common_state`` as megatron-core
+    >= 0.19 writes it (megatron-core registers argparse.Namespace as a safe global)."""
     from megatron.core.dist_checkpointing import load_common_state_dict
 
+    from .layout import check_readable_by_installed_core
+
+    check_readable_by_installed_core(directory)
     try:
         common = load_common_state_dict(directory)
     except Exception as e:  # a truncated or foreign file: say which

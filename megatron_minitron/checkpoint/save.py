@@ -293,8 +293,4 @@ def _use_in_process_results_queue() -> None:
 
 
 def _megatron_version() -> Optional[str]:
-    try:
-        from importlib.metadata import version
-        return version("megatron-core")
-    except Exception:  # not installed as a distribution (e.g. a source checkout on PYTHONPATH)
-        return None
+    return layout.installed_megatron_core()

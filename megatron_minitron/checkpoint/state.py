@@ -173,6 +173,7 @@ def load_optimizer_state(optimizer, state) -> None:
     loaders = {"fully_reshardable": "load_parameter_state_from_fully_reshardable",
                "dp_reshardable": "load_parameter_state_from_dp_reshardable"}
     for opt, opt_state in pairs:
+        adopt_saved_group_schedule(opt, opt_state)
         sharding = opt_state.get("param_state_sharding_type") if isinstance(opt_state, dict) else None
         if not isinstance(opt, DistributedOptimizer) or sharding not in loaders:
             opt.load_state_dict(opt_state)
@@ -191,6 +192,28 @@ def load_optimizer_state(optimizer, state) -> None:
                 opt.optimizer.state[p]["step"] = step.clone()
     if chained is not None and len(chained) > 1 and hasattr(optimizer, "_synchronize_steps"):
         optimizer._synchronize_steps()
+
+
+# What a param group is (the same in every megatron-core version), and the schedule values a group carries
+# that megatron-core >= 0.19 also matches saved groups on (its optimizer.param_group_identifier_keys).
+_GROUP_STRUCTURE_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+_GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd", "optimizer")
+
+
+def adopt_saved_group_schedule(opt, opt_state) -> None:
+    """Give this run's param groups the schedule values (max/min lr, wd range) of the saved groups of the same
+    structure, before the optimizer state is loaded. megatron-core 0.16-0.18 end there anyway (the saved group
+    is merged over the current one); 0.19 looks saved groups up by those values too, so a resume whose
+    train.lr differs from the saved run's would find no group (KeyError / ValueError) without this."""
+    inner = getattr(opt, "optimizer", None)
+    if not isinstance(opt_state, dict) or not isinstance(inner, torch.optim.Optimizer):
+        return
+    holder = opt_state.get("optimizer") if isinstance(opt_state.get("optimizer"), dict) else opt_state
+    saved = {tuple(g.get(k) for k in _GROUP_STRUCTURE_KEYS): g for g in holder.get("param_groups") or []}
+    for group in inner.param_groups:
+        match = saved.get(tuple(group.get(k) for k in _GROUP_STRUCTURE_KEYS))
+        if match is not None:
+            group.update({k: match[k] for k in _GROUP_SCHEDULE_KEYS if k in match})
 
 
 def _unshare_steps(opt) -> None:

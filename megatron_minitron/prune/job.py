@@ -60,8 +60,8 @@ def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _save_format(cfg: PruneConfig, info: CheckpointInfo) -> str:
-    source = info.format
+def _save_format(cfg: PruneConfig, source: str) -> str:
+    """The output's format: the one asked for, else the source's (``source``: "minitron" | "megatron-lm")."""
     wanted = cfg.save_format
     if cfg.in_place and wanted is not None and wanted != source:
         raise ValueError(f"--in-place keeps the input's format ({source}); drop --save-format {wanted}, or "
@@ -69,7 +69,7 @@ def _save_format(cfg: PruneConfig, info: CheckpointInfo) -> str:
     return wanted or source
 
 
-def _check_output(cfg: PruneConfig, info: CheckpointInfo, save_format: str) -> Optional[str]:
+def _check_output(cfg: PruneConfig, source_dir: str, save_format: str) -> Optional[str]:
     """The output directory (absolute), None for in_place / scores_only; refuses to overwrite the source or
     a directory that is not a checkpoint of the format written."""
     from ..checkpoint import layout
@@ -81,7 +81,7 @@ def _check_output(cfg: PruneConfig, info: CheckpointInfo, save_format: str) -> O
             raise ValueError("--in-place rewrites --load itself; drop --save (or drop --in-place to write "
                              "the pruned checkpoint to --save)")
         return None
-    if _same_path(cfg.save, cfg.load) or _same_path(cfg.save, info.directory):
+    if _same_path(cfg.save, cfg.load) or _same_path(cfg.save, source_dir):
         raise ValueError(f"--save {cfg.save} is the source checkpoint; pass --in-place to replace it "
                          "(crash-safe), or choose another --save directory")
     out = os.path.abspath(cfg.save)
@@ -183,8 +183,8 @@ def prepare(cfg: PruneConfig, extra_metrics: Collection[str] = ()) -> PreparedPr
     targets = cfg.targets
     info = checkpoint.describe_checkpoint(cfg.load)  # FileNotFoundError / ValueError when not a checkpoint
     arch = info.arch
-    save_format = _save_format(cfg, info)
-    save = _check_output(cfg, info, save_format)
+    save_format = _save_format(cfg, info.format)
+    save = _check_output(cfg, info.directory, save_format)
     calib = cfg.calibration
     seq_length = arch.seq_length if calib.seq_length is None else calib.seq_length
     notes = [f"warning: {w}" for w in check_seq_length(seq_length, arch, "--seq-length",

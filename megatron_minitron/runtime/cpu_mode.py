@@ -43,6 +43,24 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class HostStream:
+    """Stands in for a CUDA stream: on the CPU every operation is already ordered, so waiting and recording
+    do nothing. megatron-core >= 0.19 asks for the current stream in DDP's gradient sync on every step
+    (param_and_grad_buffer.py start_grad_sync), 0.16 only with several distributed-optimizer instances."""
+
+    def wait_event(self, event=None):
+        pass
+
+    def wait_stream(self, stream=None):
+        pass
+
+    def record_event(self, event=None):
+        return None
+
+    def synchronize(self):
+        pass
+
+
 def enabled() -> bool:
     return _ENABLED
 
@@ -67,6 +85,7 @@ def enable() -> None:
     torch.cuda.memory_allocated = lambda *a, **k: 0
     torch.cuda.reset_peak_memory_stats = lambda *a, **k: None
     torch.cuda.device_count = lambda: 0
+    torch.cuda.current_stream = lambda *a, **k: HostStream()
     torch.Tensor.cuda = lambda self, *a, **k: self
     # megatron's optimizers dispatch on the type string ('torch.cuda.FloatTensor', ...)
     original_type = torch.Tensor.type

@@ -249,7 +249,8 @@ def reshard(work):
     if dist.get_rank() == 0:  # what Megatron-LM's load_checkpoint reads
         with open(os.path.join(root, TRACKER)) as f:
             assert f.read() == "1"
-        common = torch.load(os.path.join(saved, "common.pt"), weights_only=False)
+        from megatron.core.dist_checkpointing import load_common_state_dict  # common.pt, or in the shards (>= 0.19)
+        common = load_common_state_dict(saved)
         args = common["args"]
         assert common["checkpoint_version"] == 3.0 and common["iteration"] == 1
         assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.world_size,
@@ -275,7 +276,7 @@ def reshard(work):
         assert entries(release_root) == [TRACKER, "release"]
         with open(os.path.join(release_root, TRACKER)) as f:
             assert f.read() == "release"
-        rel = torch.load(os.path.join(release, "common.pt"), weights_only=False)
+        rel = load_common_state_dict(release)
         assert rel["args"].no_save_optim and rel["args"].no_save_rng and "optimizer" not in rel
         foreign = os.path.join(work, "as_megatron_lm_wrote_it")
         shutil.copytree(root, foreign)

@@ -100,21 +100,14 @@ def one_device_per_rank():
         torch.cuda.device_count, torch.cuda.set_device, torch.cuda.get_device_properties = saved
 
 
-class _NoStream:
-    """Megatron-LM's get_model builds DDP on a side CUDA stream; on the CPU every op is ordered already."""
-
-    def wait_stream(self, other):
-        pass
-
-    def synchronize(self):
-        pass
-
-
 def stub_cuda_streams():
+    """Megatron-LM's get_model builds DDP on a side CUDA stream; on the CPU every op is ordered already."""
     import torch
 
-    torch.cuda.Stream = lambda *a, **k: _NoStream()
-    torch.cuda.current_stream = lambda *a, **k: _NoStream()
+    from megatron_minitron.runtime.cpu_mode import HostStream
+
+    torch.cuda.Stream = lambda *a, **k: HostStream()
+    torch.cuda.current_stream = lambda *a, **k: HostStream()
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
 
 

@@ -279,6 +279,13 @@ def test_save_refuses_mixing_layouts_in_one_root(tmp_path):
 # ------------------------------------------------------------------------------------------ CLI format flags
 def test_prune_output_format_defaults_to_the_input_and_in_place_keeps_it(tmp_path):
     from megatron_minitron.prune import cli as prune_cli
+    from megatron_minitron.prune import job as prune_job
+
+    def save_format(args, metadata):
+        return prune_job._save_format(prune_cli.config_from_args(args), checkpoint.checkpoint_format(metadata))
+
+    def check_output(args, metadata, fmt):
+        return prune_job._check_output(prune_cli.config_from_args(args), metadata["checkpoint_dir"], fmt)
 
     parser = argparse.ArgumentParser()
     prune_cli.register(parser.add_subparsers())
@@ -287,12 +294,12 @@ def test_prune_output_format_defaults_to_the_input_and_in_place_keeps_it(tmp_pat
         return parser.parse_args(["prune", "--load", "SRC", *argv])
 
     ours, theirs = {"format": "megatron-minitron-checkpoint"}, {"format": "megatron-lm"}
-    assert prune_cli._save_format(parse("--save", "OUT"), ours) == "minitron"
-    assert prune_cli._save_format(parse("--save", "OUT"), theirs) == "megatron-lm"
-    assert prune_cli._save_format(parse("--save", "OUT", "--save-format", "megatron-lm"), ours) == "megatron-lm"
-    assert prune_cli._save_format(parse("--in-place"), theirs) == "megatron-lm"
+    assert save_format(parse("--save", "OUT"), ours) == "minitron"
+    assert save_format(parse("--save", "OUT"), theirs) == "megatron-lm"
+    assert save_format(parse("--save", "OUT", "--save-format", "megatron-lm"), ours) == "megatron-lm"
+    assert save_format(parse("--in-place"), theirs) == "megatron-lm"
     with pytest.raises(ValueError, match="--in-place keeps the input's format"):
-        prune_cli._save_format(parse("--in-place", "--save-format", "minitron"), theirs)
+        save_format(parse("--in-place", "--save-format", "minitron"), theirs)
     with pytest.raises(SystemExit):  # argparse: not a format
         parse("--save", "OUT", "--save-format", "nemo")
     # a Megatron-LM-format --save must be new, empty or a Megatron-LM root
@@ -301,9 +308,9 @@ def test_prune_output_format_defaults_to_the_input_and_in_place_keeps_it(tmp_pat
     (busy / "notes.txt").write_text("x")
     meta = {"checkpoint_dir": str(tmp_path / "src")}
     with pytest.raises(ValueError, match="not a Megatron-LM checkpoint root"):
-        prune_cli._check_output(parse("--save", str(busy)), meta, "megatron-lm")
+        check_output(parse("--save", str(busy)), meta, "megatron-lm")
     (busy / layout.TRACKER_FILE).write_text("release")
-    assert prune_cli._check_output(parse("--save", str(busy)), meta, "megatron-lm") == str(busy)
+    assert check_output(parse("--save", str(busy)), meta, "megatron-lm") == str(busy)
 
 
 def test_convert_and_train_take_the_format():
