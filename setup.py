@@ -10,7 +10,7 @@ setup(
     # torch is not pinned: NGC containers bring their own build, CPU machines install torch==2.13.0 first.
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16,<0.17",
+        "megatron-core>=0.16,<0.20",  # 0.16.x on Python 3.11; 0.17-0.19 need 3.12 (README: megatron-core versions)
         "numpy",
         "pyyaml",
         "tqdm",

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -291,19 +292,42 @@ def fp8_layer_spec(spec: ModuleSpec, config, options: FP8Options = FP8Options(),
             att.core_attention = _with_class(att.core_attention, FP8SDPAttention)
         layer.self_attention = dataclasses.replace(attention, submodules=att)
         swapped += qkv + proj
-    mlp = getattr(layer, "mlp", None)
-    if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
-        sub = dataclasses.replace(mlp.submodules)
+    mlp_parts = _dense_mlp_parts(getattr(layer, "mlp", None))
+    if mlp_parts is not None:
+        sub, rebuild = mlp_parts
         sub.linear_fc1, fc1 = _fp8_linear(sub.linear_fc1, options)
         sub.linear_fc2, fc2 = _fp8_linear(sub.linear_fc2, options)
         if fuse and fc1 and _module_class(layer.pre_mlp_layernorm) is Norm:
             layer.pre_mlp_layernorm = _with_class(layer.pre_mlp_layernorm, FP8Norm)
         fused_mlp = fuse and fc2 and swiglu_fusable(config)
-        layer.mlp = dataclasses.replace(mlp, module=FP8SwiGLUMLP if fused_mlp else MLP, submodules=sub)
+        layer.mlp = rebuild(FP8SwiGLUMLP if fused_mlp else MLP, sub)
         swapped += fc1 + fc2
     if swapped == 0:
         raise ValueError(NO_LINEARS_MESSAGE)
     return spec
+
+
+def _dense_mlp_parts(mlp):
+    """(a copy of the MLP's submodules, rebuild(cls, submodules) -> the layer's mlp entry) for megatron's dense
+    MLP, None for anything else. megatron-core <= 0.18 spells it ``ModuleSpec(module=MLP, submodules=...)``;
+    0.19's local spec gives ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (and would call a
+    ModuleSpec of another class as a function), so the entry is rebuilt in the form it came in."""
+    if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
+        def rebuild(cls, sub):
+            if hasattr(cls, "as_mlp_submodule"):  # 0.19 rewraps only MLP itself: hand it the builder form
+                return functools.partial(cls.as_mlp_submodule, submodules=sub, **mlp.params)
+            return dataclasses.replace(mlp, module=cls, submodules=sub)
+
+        return dataclasses.replace(mlp.submodules), rebuild
+    if isinstance(mlp, functools.partial) and getattr(mlp.func, "__self__", None) is MLP \
+            and getattr(mlp.func, "__name__", "") == "as_mlp_submodule" and "submodules" in mlp.keywords:
+        others = {k: v for k, v in mlp.keywords.items() if k != "submodules"}
+
+        def rebuild(cls, sub):
+            return functools.partial(cls.as_mlp_submodule, *mlp.args, submodules=sub, **others)
+
+        return dataclasses.replace(mlp.keywords["submodules"]), rebuild
+    return None
 
 
 class _DropUnknownMLPWarning(logging.Filter):

@@ -22,5 +22,7 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason=f"the vendored Megatron-LM is core_v{VENDORED_CORE}'s; megatron-core is "
                                    f"{installed}: refresh tests/megatron_lm/vendor from that tag to run these")
     for item in items:
-        if "tests/megatron_lm/" in str(item.fspath).replace("\\", "/") and item.fspath.basename != "test_vendor.py":
+        # the file-hash check of the vendored copy runs under any core
+        if "tests/megatron_lm/" in str(item.fspath).replace("\\", "/") and \
+                item.name != "test_vendored_files_are_unmodified_and_complete":
             item.add_marker(skip)
