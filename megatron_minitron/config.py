@@ -375,6 +375,20 @@ def load_yaml(path: Optional[str]) -> dict:
     return data
 
 
+# The command-line face of load_config, shared by train, distill, search and plan: `CONFIG [k=v ...]`.
+def add_config_args(parser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config file (optional; defaults otherwise)")
+    parser.add_argument("overrides", nargs="*", help="overrides such as train.lr=1e-4 data.micro_batch_size=4")
+
+
+def split_config_args(args) -> tuple:
+    """A first positional that looks like an override is one (so CONFIG can be left out)."""
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:
+        config, overrides = None, [config] + overrides
+    return config, overrides
+
+
 def load_config(cls, path: Optional[str] = None, overrides: Optional[list] = None):
     """YAML file (optional) + overrides -> dataclass ``cls`` (not yet validated)."""
     return from_dict(cls, apply_overrides(load_yaml(path), overrides or []))

@@ -1,7 +1,8 @@
 """`minitron distill CONFIG [section.key=value ...]`."""
 from __future__ import annotations
 
-from ..train.cli import add_config_args, check_run_request, split_config_args
+from ..config import add_config_args, split_config_args
+from ..train.cli import check_run_request
 
 
 def register(subparsers) -> None:

@@ -60,7 +60,7 @@ def load_job(args):
     """(Job, config) from the CLI arguments."""
     from ..config import TrainConfig, apply_overrides, from_dict, load_yaml
     from ..distill.config import DistillConfig
-    from ..train.cli import split_config_args
+    from ..config import split_config_args
 
     config, overrides = split_config_args(args)
     raw = apply_overrides(load_yaml(config), overrides)

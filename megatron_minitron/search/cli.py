@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ..train.cli import add_config_args, split_config_args
+from ..config import add_config_args, split_config_args
 
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 

@@ -1,20 +1,8 @@
 """`minitron train CONFIG [section.key=value ...]`."""
 from __future__ import annotations
 
-import argparse
 
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config file (optional; defaults otherwise)")
-    parser.add_argument("overrides", nargs="*", help="overrides such as train.lr=1e-4 data.micro_batch_size=4")
-
-
-def split_config_args(args) -> tuple:
-    """A first positional that looks like an override is one (so CONFIG can be left out)."""
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config:
-        config, overrides = None, [config] + overrides
-    return config, overrides
+from ..config import add_config_args, split_config_args
 
 
 def resolve_model_from_checkpoint(cfg) -> None:
