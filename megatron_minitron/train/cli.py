@@ -1,7 +1,6 @@
 """`minitron train CONFIG [section.key=value ...]`."""
 from __future__ import annotations
 
-
 from ..config import add_config_args, split_config_args
 
 
