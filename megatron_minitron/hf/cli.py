@@ -22,9 +22,11 @@ def register(subparsers) -> None:
     a.add_argument("--output", required=True, help="checkpoint directory to create (saved exactly there)")
     a.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     a.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    a.add_argument("--format", choices=("minitron", "megatron-lm"), default="minitron",
+    a.add_argument("--format", "--save-format", dest="format", choices=("minitron", "megatron-lm"),
+                   default="minitron",
                    help="checkpoint layout: minitron (default) or megatron-lm (a Megatron-LM root: "
-                        "OUTPUT/release + latest_checkpointed_iteration.txt, for Megatron-LM's --load)")
+                        "OUTPUT/release + latest_checkpointed_iteration.txt, for Megatron-LM's --load); "
+                        "--save-format is the same option under prune's name")
     a.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="weights dtype; auto = bf16 when the HF config says bfloat16, else fp32")
     a.set_defaults(handler=run)

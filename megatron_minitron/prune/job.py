@@ -296,7 +296,10 @@ def run(cfg: PruneConfig, depth_metrics: Optional[Mapping[str, DepthMetric]] = N
         rank0_print(f"[prune] {note}")
     if job.rewrite is not None:
         on_rank0(lambda: recover_interrupted_rewrite(job.rewrite), "settling an interrupted --in-place run")
-        if job.rewrite.root is not None:
+        if job.rewrite.retire is not None:  # a Megatron-LM root: the pruned weights become ROOT/release
+            rank0_print(f"[prune] --in-place on {job.rewrite.root}: {job.rewrite.retire} (the iteration its "
+                        f"tracker names) is replaced by {job.rewrite.final}, which the tracker then names")
+        elif job.rewrite.root is not None:
             rank0_print(f"[prune] --in-place on {job.rewrite.root}: rewriting {job.rewrite.final} (the "
                         "iteration `latest` names); other iterations keep the source architecture")
     arch, par, source = job.arch, job.parallel, job.source
@@ -358,9 +361,11 @@ def run(cfg: PruneConfig, depth_metrics: Optional[Mapping[str, DepthMetric]] = N
                             format=job.save_format)
     else:
         with timer("save"):
+            # the source's iteration, as --in-place keeps it (a weights-only checkpoint: a run started from
+            # it counts from 0 all the same)
             out = checkpoint.save_checkpoint_to(job.save, [pruned], arch=plan.target, parallel=target_par,
-                                                provenance=provenance, tokenizer=tokenizer,
-                                                format=job.save_format)
+                                                iteration=source.iteration, provenance=provenance,
+                                                tokenizer=tokenizer, format=job.save_format)
             on_rank0(lambda: add_files(out), f"adding the tokenizer files and plan to {out}")
     summary = build_summary(plan, importance=importance_record(scores.settings, scores.num_samples),
                             seconds=timer.seconds, source=source_dir, output=out, in_place=bool(cfg.in_place),

@@ -343,3 +343,13 @@ def test_scheduler_state_in_megatron_lm_units():
     assert saved["max_lr"] == 3e-4 and saved["lr_decay_style"] == "cosine"
     assert mlm.scheduler_from_megatron_lm(saved, argparse.Namespace(global_batch_size=32)) == ours
     assert mlm.scheduler_to_megatron_lm(ours, None) == ours  # batch size unknown: left as is
+
+
+def test_convert_takes_prunes_name_for_the_format_too():
+    from megatron_minitron.hf import cli as hf_cli
+
+    parser = argparse.ArgumentParser()
+    hf_cli.register(parser.add_subparsers())
+    base = ["convert", "hf-to-mcore", "--input", "HF", "--output", "OUT"]
+    assert parser.parse_args(base + ["--save-format", "megatron-lm"]).format == "megatron-lm"
+    assert parser.parse_args(base + ["--format", "megatron-lm"]).format == "megatron-lm"
