@@ -194,6 +194,9 @@ class Train:
     attention_backend: str = "auto"  # auto | sdpa | unfused | te
     transformer_engine: bool = False  # use TE's layer spec when importable
     recompute: bool = False  # full activation recomputation
+    # RMSNorm through our fused Triton kernels (local spec, CUDA only; elsewhere the torch path runs).
+    # Off until measured on a GPU: benchmarks/bench_train.py --fused-kernels compares the two.
+    fused_kernels: bool = False
     # FP8 training of the trained model through Transformer Engine (needs transformer_engine=true):
     # e4m3 | hybrid (e4m3 forward, e5m2 gradients); recipe "delayed" = TE's delayed scaling.
     fp8: Optional[str] = None
@@ -231,6 +234,8 @@ class Train:
             raise ValueError("train.keep_last must be >= 1 (the newest checkpoint is always kept)")
         if self.save_format not in ("minitron", "megatron-lm"):
             raise ValueError(f"train.save_format={self.save_format!r}: minitron or megatron-lm")
+        if not isinstance(self.fused_kernels, bool):
+            raise ValueError(f"train.fused_kernels={self.fused_kernels!r}: true or false")
 
 
 @dataclass

@@ -94,16 +94,32 @@ def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype =
     return TransformerConfig(**kwargs)
 
 
+def fused_kernels_usable(requested: bool, use_te: bool, device: Optional[torch.device]) -> bool:
+    """Whether train.fused_kernels takes effect: asked for, on the local spec (TE fuses its own norms), on
+    a CUDA device and with triton importable. Otherwise the torch path runs (off by default until measured)."""
+    if not requested or use_te:
+        return False
+    on_cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if not on_cuda or cpu_mode.enabled():
+        return False
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:  # ImportError, or a broken install that raises on import
+        return False
+
+
 def _squared_relu():
     from megatron.core.activations import squared_relu
     return squared_relu
 
 
-def layer_spec(arch: ModelArch, attention_backend: str = "auto", use_te: bool = False):
+def layer_spec(arch: ModelArch, attention_backend: str = "auto", use_te: bool = False,
+               fused_kernels: bool = False):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec, get_gpt_layer_with_transformer_engine_spec)
 
-    from .layers import Norm, SDPAttention
+    from .layers import FusedRMSNorm, Norm, SDPAttention
 
     if use_te or attention_backend == "te":
         if not have_transformer_engine():
@@ -112,8 +128,9 @@ def layer_spec(arch: ModelArch, attention_backend: str = "auto", use_te: bool = 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=arch.normalization))
     sub = spec.submodules
-    sub.input_layernorm = Norm
-    sub.pre_mlp_layernorm = Norm
+    norm = FusedRMSNorm if fused_kernels and arch.normalization == "RMSNorm" else Norm
+    sub.input_layernorm = norm
+    sub.pre_mlp_layernorm = norm
     if attention_backend in ("auto", "sdpa"):
         sub.self_attention.submodules.core_attention = SDPAttention
     return spec
@@ -122,26 +139,28 @@ def layer_spec(arch: ModelArch, attention_backend: str = "auto", use_te: bool = 
 def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.float32,
               attention_backend: str = "auto", use_te: bool = False, recompute: bool = False,
               device: Optional[torch.device] = None, fp8: Optional[dict] = None,
-              layer_spec_transform: Optional[Callable] = None):
+              layer_spec_transform: Optional[Callable] = None, fused_kernels: bool = False):
     """This rank's stage of the GPT. Call after ``runtime.init_distributed``.
 
     ``layer_spec_transform(spec, config) -> spec``: builds every transformer layer from another spec derived
-    from the usual one (the FP8 teacher's swaps in its own submodule classes, ``distill.fp8_teacher``)."""
+    from the usual one (the FP8 teacher's swaps in its own submodule classes, ``distill.fp8_teacher``).
+    ``fused_kernels``: RMSNorm through the Triton kernels where ``fused_kernels_usable`` (train.fused_kernels)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
-    from .layers import Norm
+    from .layers import FusedRMSNorm, Norm
 
     use_te = use_te and attention_backend != "unfused"
-    spec = layer_spec(arch, attention_backend, use_te)  # fails clearly first when TE is asked for but absent
+    fused = fused_kernels_usable(fused_kernels, use_te, device)
+    spec = layer_spec(arch, attention_backend, use_te, fused)  # fails clearly first when TE is asked for but absent
     config = transformer_config(arch, parallel, dtype, recompute, use_te, fp8)
     if layer_spec_transform is not None:
         spec = layer_spec_transform(spec, config)
     if not use_te:  # our Norm for the final norm too (megatron's torch norm rejects SP, zero-centred)
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
-                                          layer_norm=Norm)
+                                          layer_norm=FusedRMSNorm if fused else Norm)
     tp = parallel.tensor_model_parallel_size
     model = GPTModel(
         config=config,

@@ -5,6 +5,7 @@
   ``megatron.core.transformer.dot_product_attention.DotProductAttention``.
 - ``Norm``: RMSNorm / LayerNorm that, unlike megatron's ``WrappedTorchNorm``, supports sequence
   parallelism (marks its weights so megatron all-reduces their grads) and Nemotron's zero-centred gamma.
+  ``FusedRMSNorm`` is the same with RMSNorm through the Triton kernels (opt-in: train.fused_kernels).
 """
 from __future__ import annotations
 
@@ -87,8 +88,20 @@ class Norm(torch.nn.Module):
         for p in self.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)
 
+    fused = False  # FusedRMSNorm: RMSNorm through kernels/rmsnorm_triton.py (train.fused_kernels)
+
     def forward(self, x):
+        if self.fused and self.kind == "RMSNorm":
+            from ..kernels.rmsnorm_triton import triton_rms_norm
+            return triton_rms_norm(x, self.weight, self.eps, self.zero_centered_gamma)
         weight = self.weight + 1 if self.zero_centered_gamma else self.weight
         if self.kind == "RMSNorm":
             return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
         return F.layer_norm(x, (x.shape[-1],), weight, self.bias, self.eps)
+
+
+class FusedRMSNorm(Norm):
+    """``Norm`` whose RMSNorm runs the fused Triton kernels (LayerNorm stays torch's); same parameters and
+    state-dict keys, so checkpoints do not depend on it. The builder picks it for train.fused_kernels."""
+
+    fused = True

@@ -74,7 +74,8 @@ class Trainer:
                     amax_compute_algo=t.fp8_amax_compute_algo) if t.fp8 else None)
         self.arch = self._model_arch()
         model = build_gpt(self.arch, par, self.dtype, attention_backend=t.attention_backend,
-                          use_te=t.transformer_engine, recompute=t.recompute, device=self.rt.device, fp8=fp8)
+                          use_te=t.transformer_engine, recompute=t.recompute, device=self.rt.device, fp8=fp8,
+                          fused_kernels=t.fused_kernels)
         model = self.objective.wrap_model(self, model)  # e.g. co-locate a frozen teacher
         self.model = [wrap_ddp(model, par)]
         self.optimizer = build_optimizer(self.model, cfg.train, par, self.dtype)

@@ -1,0 +1,108 @@
+"""Fused Triton rotary position embedding (forward + backward) in megatron's bshd layout.
+
+Same result as megatron-core's ``apply_rotary_pos_emb`` on ``t`` [s, b, heads, d] with ``freqs``
+[s, 1, 1, rot_dim] (its RotaryEmbedding output), non-interleaved (megatron's default): with
+x = (x1, x2) the two halves of the first rot_dim channels, y1 = x1 cos1 - x2 sin1 and
+y2 = x2 cos2 + x1 sin2; channels past rot_dim (rotary_percent < 1) pass through unchanged. cos / sin
+are computed by torch exactly as megatron does (fp32 ``cos(freqs) * mscale`` rounded to t's dtype), so
+the only difference from megatron is that the kernel forms y in fp32 and rounds once, where megatron's
+bf16 path rounds after each product.
+
+One program per (position, batch, head) row reads the row once and writes it once (megatron's path
+materialises the rotated half, two products and two concatenations). The backward is the same kernel
+with the transposed rotation: d x1 = dy1 cos1 + dy2 sin2, d x2 = dy2 cos2 - dy1 sin1, the tail's gradient is dy.
+
+Not wired into the layer yet: megatron's SelfAttention calls its module-level ``apply_rotary_pos_emb``
+with no hook to swap it short of patching megatron's globals. On CPU tensors the kernel runs only under
+``TRITON_INTERPRET=1`` (set before triton is first imported); that is how the unit tests run it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..distill.kl_triton import check_interpretable
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, rows_per_position, head_dim, half, rot_dim,
+                 BACKWARD: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    position = row // rows_per_position
+    offset = row * head_dim
+    cols = tl.arange(0, BLOCK_HALF)
+    valid = cols < half
+    x1 = tl.load(x_ptr + offset + cols, mask=valid, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + offset + half + cols, mask=valid, other=0.0).to(tl.float32)
+    trig = position * rot_dim
+    cos1 = tl.load(cos_ptr + trig + cols, mask=valid, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + trig + half + cols, mask=valid, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + trig + cols, mask=valid, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + trig + half + cols, mask=valid, other=0.0).to(tl.float32)
+    out_ty = y_ptr.dtype.element_ty
+    if BACKWARD:  # x holds dy: the transposed rotation
+        y1 = x1 * cos1 + x2 * sin2
+        y2 = x2 * cos2 - x1 * sin1
+    else:
+        y1 = x1 * cos1 - x2 * sin1
+        y2 = x2 * cos2 + x1 * sin2
+    tl.store(y_ptr + offset + cols, y1.to(out_ty), mask=valid)
+    tl.store(y_ptr + offset + half + cols, y2.to(out_ty), mask=valid)
+    if BLOCK_TAIL > 0:  # rotary_percent < 1: the remaining channels pass through
+        tail = rot_dim + tl.arange(0, BLOCK_TAIL)
+        in_tail = tail < head_dim
+        tl.store(y_ptr + offset + tail, tl.load(x_ptr + offset + tail, mask=in_tail, other=0.0),
+                 mask=in_tail)
+
+
+def _cos_sin(freqs: torch.Tensor, t: torch.Tensor, mscale: float):
+    """[s, rot_dim] cos and sin in t's dtype, computed as megatron's _apply_rotary_pos_emb_bshd does."""
+    s, _, _, d = t.shape
+    if freqs.dim() != 4 or freqs.shape[0] != s or freqs.shape[1] != 1 or freqs.shape[2] != 1:
+        raise ValueError(f"fused RoPE expects freqs [s={s}, 1, 1, rot_dim], got {tuple(freqs.shape)}")
+    rot_dim = freqs.shape[-1]
+    if rot_dim % 2 or rot_dim > d:
+        raise ValueError(f"fused RoPE: rot_dim {rot_dim} must be even and at most head_dim {d}")
+    flat = freqs.reshape(s, rot_dim)
+    cos = (torch.cos(flat) * mscale).to(t.dtype).contiguous()
+    sin = (torch.sin(flat) * mscale).to(t.dtype).contiguous()
+    return cos, sin
+
+
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    s, b, h, d = x.shape
+    rot_dim = cos.shape[1]
+    y = torch.empty_like(x)
+    n_rows = s * b * h
+    if n_rows:
+        tail = d - rot_dim
+        _rope_kernel[(n_rows,)](x, cos, sin, y, b * h, d, rot_dim // 2, rot_dim,
+                                BACKWARD=backward,
+                                BLOCK_HALF=triton.next_power_of_2(max(1, rot_dim // 2)),
+                                BLOCK_TAIL=triton.next_power_of_2(tail) if tail else 0, num_warps=1)
+    return y
+
+
+class TritonRotaryEmbedding(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _launch(t.contiguous(), cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        cos, sin = ctx.saved_tensors
+        return _launch(grad_y.contiguous(), cos, sin, backward=True), None, None
+
+
+def triton_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0,
+                                rotary_interleaved: bool = False) -> torch.Tensor:
+    """megatron's ``apply_rotary_pos_emb(t, freqs, config)`` for bshd inputs (no packed sequences)."""
+    if rotary_interleaved:
+        raise ValueError("fused RoPE supports the non-interleaved layout only (rotary_interleaved=false)")
+    if t.dim() != 4:
+        raise ValueError(f"fused RoPE expects t [s, b, heads, head_dim], got {tuple(t.shape)}")
+    check_interpretable(t, _rope_kernel, "RoPE kernel")
+    cos, sin = _cos_sin(freqs.detach(), t, float(mscale))
+    return TritonRotaryEmbedding.apply(t, cos, sin)
