@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .kinds import stats_rows
-from .kl_triton import check_interpretable, kl_grad_block, online_kl_block
+from ..kernels.triton_support import check_interpretable
+from .kl_triton import kl_grad_block, online_kl_block
 
 DEFAULT_BLOCK = 2048
 DEFAULT_NUM_WARPS = 8

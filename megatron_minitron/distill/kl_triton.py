@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernels.triton_support import check_interpretable
 from .kl_torch import kl_forward
 
 DEFAULT_BLOCK = 2048
@@ -117,17 +118,6 @@ def _kl_grad_kernel(student_ptr, teacher_ptr, grad_ptr, lse_s_ptr, lse_t_ptr, kl
         d, _ = kl_grad_block(a, b, lse_s, lse_t, kl, REVERSE)
         d = tl.where(scale != 0.0, d * scale, 0.0)  # masked rows: exact zeros whatever their logits
         tl.store(grad_row + cols, d.to(grad_ptr.dtype.element_ty), mask=valid)
-
-
-def check_interpretable(x: torch.Tensor, kernel, what: str) -> None:
-    """A CPU tensor reaches a Triton kernel only under the interpreter: say how to get there, not crash."""
-    if x.device.type == "cuda":
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(kernel, InterpretedFunction):
-        raise ValueError(f"the Triton {what} got CPU tensors but Triton is not in interpreter mode: set "
-                         "TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'")
 
 
 def kl_partial_stats(student: torch.Tensor, teacher: torch.Tensor, inv_tau: float, reverse: bool,

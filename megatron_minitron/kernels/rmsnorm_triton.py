@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..distill.kl_triton import check_interpretable
+from .triton_support import check_interpretable
 
 MAX_FUSED_HIDDEN = 65536  # one row must fit one program's registers / shared memory
 BACKWARD_ROWS_PER_PROGRAM = 64  # rows whose dw partials one backward program sums before writing

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..distill.kl_triton import check_interpretable
+from .triton_support import check_interpretable
 
 
 @triton.jit
