@@ -31,19 +31,24 @@ def check_aggregation(name: str, axis: str) -> str:
     return name
 
 
-def aggregate_sequence(x: torch.Tensor, how: str, seq_dim: int = 0) -> torch.Tensor:
-    """Reduce ``x`` over ``seq_dim`` (the sequence of each sample) with mean | l2 | var; float64 result.
+def aggregate_sequence(x: torch.Tensor, how: str, seq_dim: int = 0, magnitude: bool = False) -> torch.Tensor:
+    """Reduce ``x`` (or ``|x|`` when ``magnitude``) over ``seq_dim`` with mean | l2 | var; float64 result.
 
     Half-precision activations (the GPU case) are reduced with fp32 accumulation and no float64 copy of the
     whole [s, b, n] tensor: that copy and float64 arithmetic on it were most of the probes' cost, and fp32
     sums of S values are exact to ~1e-7 relative, far below what a ranking notices. fp32/fp64 inputs are
-    reduced in float64."""
+    reduced in float64. ``magnitude`` reads ``x`` once instead of writing and re-reading an ``|x|`` copy as
+    large as the activation: mean |x| is the L1 norm over S, and the L2 norm ignores the sign anyway (var
+    still needs the copy: it is off the default path)."""
     check_aggregation(how, "sequence")
     acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else torch.float64
     if how == "mean":
+        if magnitude:
+            return (torch.linalg.vector_norm(x, 1, dim=seq_dim, dtype=acc) / x.shape[seq_dim]).double()
         return x.mean(dim=seq_dim, dtype=acc).double()
     if how == "l2":
         return torch.linalg.vector_norm(x, 2, dim=seq_dim, dtype=acc).double()
+    x = x.abs() if magnitude else x
     return x.to(acc).var(dim=seq_dim, unbiased=False).double()
 
 
@@ -78,9 +83,10 @@ class RunningAggregate:
     total: Optional[torch.Tensor] = None
     total_sq: Optional[torch.Tensor] = None
 
-    def update(self, x: torch.Tensor, seq_dim: int = 0, batch_dim: int = 1) -> None:
-        """Add the samples of one batch ``x`` (megatron layout ``[s, b, n]`` by default)."""
-        y = aggregate_sequence(x.detach(), self.sequence, seq_dim)
+    def update(self, x: torch.Tensor, seq_dim: int = 0, batch_dim: int = 1, magnitude: bool = False) -> None:
+        """Add the samples of one batch ``x`` (megatron layout ``[s, b, n]`` by default); of ``|x|`` when
+        ``magnitude`` (see ``aggregate_sequence``)."""
+        y = aggregate_sequence(x.detach(), self.sequence, seq_dim, magnitude)
         bdim = batch_dim - 1 if batch_dim > seq_dim else batch_dim
         y = y.movedim(bdim, 0).reshape(y.shape[bdim], -1)
         s, sq = y.sum(0), y.pow(2).sum(0)

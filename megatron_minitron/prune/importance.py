@@ -20,7 +20,6 @@ from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .aggregate import RunningAggregate
 from ..runtime.forward import eval_mode, model_device, transformer_layers, unwrap_model
@@ -89,7 +88,7 @@ class _Probes:
     def _hook_norm(self, module, key):
         self.hidden[key] = RunningAggregate(self.settings.sequence_aggregation)
         self.handles.append(module.register_forward_hook(
-            lambda m, args, out: self.hidden[key].update(out.detach().abs())))
+            lambda m, args, out: self.hidden[key].update(out.detach(), magnitude=True)))
 
     def _on_heads(self, lid):
         def fn(x):
@@ -100,7 +99,7 @@ class _Probes:
         return fn
 
     def _on_neurons(self, lid):
-        return lambda x: self.neurons[lid].update(x.detach().abs())
+        return lambda x: self.neurons[lid].update(x.detach(), magnitude=True)
 
     def _on_layer_input(self, lid):
         def fn(x):
@@ -132,17 +131,44 @@ class _Probes:
             buf = self.hiddens[j] if owner(j) == my_stage else torch.empty_like(sample)
             dist.broadcast(buf, src=pp_ranks[owner(j)], group=pp_group)
             received[j] = buf
-        for k in self.bi_sizes:
-            for i in range(L - k + 1):
-                if stage_of_layer[i + k - 1] != my_stage:
-                    continue
-                h_in = self.hiddens[i] if i in self.hiddens else received[i]
-                h_out = self.hiddens[i + k]
-                acc = _accumulation_dtype(h_in)
-                cos = F.cosine_similarity(h_in.to(acc), h_out.to(acc), dim=-1)
-                self.bi_sums[k][i] += (1 - cos.double()).sum()
+        boundaries = _Boundaries({**received, **self.hiddens})
+        for i in range(L):  # ascending start, so h_i is done with once its blocks are scored
+            for k in self.bi_sizes:
+                if i + k <= L and stage_of_layer[i + k - 1] == my_stage:
+                    self.bi_sums[k][i] += (1 - boundaries.cosine(i, i + k)).sum()
+            boundaries.release(i)
         self.tokens += sample.shape[0] * sample.shape[1]
         self.hiddens.clear()
+
+
+class _Boundaries:
+    """The hidden states h_j of one batch, each cast to the accumulation dtype and its per-token norm taken
+    once: h_j is the output of one block and the input of the next (and of every block size), so the pairs
+    share it; ``release`` drops it once no later pair needs it (at most max(block size) + 1 are held).
+    cos = h_i . h_j / (max(|h_i|, eps) max(|h_j|, eps)), as ``torch.nn.functional.cosine_similarity``."""
+
+    EPS = 1e-8
+
+    def __init__(self, hiddens: Dict[int, torch.Tensor]):
+        self.raw = hiddens
+        self.cast: Dict[int, torch.Tensor] = {}
+        self.norms: Dict[int, torch.Tensor] = {}
+
+    def _get(self, j: int):
+        if j not in self.cast:
+            h = self.raw[j]
+            h = h.to(_accumulation_dtype(h))
+            self.cast[j] = h
+            self.norms[j] = torch.linalg.vector_norm(h, dim=-1).clamp(min=self.EPS)
+        return self.cast[j], self.norms[j]
+
+    def release(self, j: int) -> None:
+        self.cast.pop(j, None)
+        self.norms.pop(j, None)
+
+    def cosine(self, i: int, j: int) -> torch.Tensor:
+        (a, norm_a), (b, norm_b) = self._get(i), self._get(j)
+        return (torch.linalg.vecdot(a, b, dim=-1) / (norm_a * norm_b)).double()
 
 
 def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:

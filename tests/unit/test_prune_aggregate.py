@@ -59,3 +59,24 @@ def test_half_precision_input_reduces_in_fp32_close_to_float64(how):
            "var": x.double().var(0, unbiased=False)}[how]
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", AGGREGATIONS)
+def test_magnitude_equals_aggregating_the_absolute_values(how, dtype):
+    """``magnitude=True`` (the probes' path, no |x| copy) gives what reducing an explicit ``x.abs()`` copy does,
+    in float64 from the same values; and the running form agrees with it."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(300, 4, 24, generator=g) * 2 - 0.5).to(dtype)
+    ref = {"mean": x.double().abs().mean(0), "l2": x.double().norm(dim=0),
+           "var": x.double().abs().var(0, unbiased=False)}[how]
+    out = aggregate_sequence(x, how, magnitude=True)
+    assert out.dtype == torch.float64
+    tol = 1e-5 if dtype == torch.bfloat16 else 1e-12
+    torch.testing.assert_close(out, ref, rtol=tol, atol=0)
+    if how == "mean":  # a signed input really differs: the flag is not ignored
+        assert not torch.allclose(aggregate_sequence(x, "mean"), ref, rtol=1e-3)
+    r = RunningAggregate(how)
+    r.update(x[:, :1], magnitude=True)
+    r.update(x[:, 1:], magnitude=True)
+    torch.testing.assert_close(r.result("l2"), aggregate(x.double().abs(), "l2", how), rtol=tol, atol=0)

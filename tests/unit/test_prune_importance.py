@@ -122,3 +122,23 @@ def test_unsupported_setups_raise():
         estimate_importance([fake], [], ImportanceSettings())
     with pytest.raises(ValueError, match="aggregation"):
         ImportanceSettings(batch_aggregation="max").validate()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_cosines_share_each_boundary_and_match_cosine_similarity(dtype):
+    """BI's cosines from boundaries cast and normed once equal F.cosine_similarity in float64 of the same
+    values (bf16: fp32 accumulation), for every pair of a walk that releases boundaries as it goes."""
+    from megatron_minitron.prune.importance import _Boundaries
+
+    g = torch.Generator().manual_seed(2)
+    hs = {j: (torch.randn(9, 2, 64, generator=g) + 0.3 * j).to(dtype) for j in range(5)}
+    hs[4][0, 0] = 0  # a zero row: eps keeps it finite, as in F.cosine_similarity
+    walk = _Boundaries(hs)
+    for i in range(4):
+        for k in (1, 2, 3):
+            if i + k <= 4:
+                ref = F.cosine_similarity(hs[i].double(), hs[i + k].double(), dim=-1)
+                tol = 1e-5 if dtype == torch.bfloat16 else 1e-12
+                torch.testing.assert_close(walk.cosine(i, i + k), ref, rtol=tol, atol=tol)
+        walk.release(i)
+        assert all(j > i for j in walk.cast)
