@@ -3,7 +3,9 @@
 Layer spec: Transformer Engine's when asked for and importable, else megatron-core's local spec with two
 of our modules swapped in (``layers.SDPAttention`` for core attention unless ``unfused`` is asked for,
 ``layers.Norm`` for every norm). Checkpoints are interchangeable between the two specs: megatron maps
-the local spec's norm keys onto TE's fused ``layer_norm_weight`` names.
+the local spec's norm keys onto TE's fused ``layer_norm_weight`` names. train.fused_kernels (where
+``fused_kernels_usable``) further swaps in subclasses with the same parameters that run our Triton kernels:
+``layers.FusedRMSNorm``, ``attention.FusedRoPESelfAttention`` and ``mlp.FusedSwiGLUMLP``.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ def pipeline_layout(parallel: Parallel, num_layers: int) -> Optional[str]:
 
 
 def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.float32,
-                       recompute: bool = False, use_te: bool = False, fp8: Optional[dict] = None):
+                       recompute: bool = False, use_te: bool = False, fp8: Optional[dict] = None,
+                       initialize: bool = True):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     activation = {"swiglu": F.silu, "squared_relu": _squared_relu(), "gelu": F.gelu}[arch.activation]
@@ -73,6 +76,9 @@ def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype =
         autocast_dtype=dtype,
         # identical initial weights whatever the TP size (the master weight is built, then split)
         use_cpu_initialization=True,
+        # False: weights stay torch.empty for a caller that loads all of them next (loads are strict); the
+        # random init runs on the CPU and takes seconds per billion parameters
+        perform_initialization=initialize,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -133,18 +139,55 @@ def layer_spec(arch: ModelArch, attention_backend: str = "auto", use_te: bool = 
     sub.pre_mlp_layernorm = norm
     if attention_backend in ("auto", "sdpa"):
         sub.self_attention.submodules.core_attention = SDPAttention
+    if fused_kernels:
+        _swap_in_fused_modules(sub, arch)
     return spec
+
+
+def _swap_in_fused_modules(sub, arch: ModelArch) -> None:
+    """RoPE and SwiGLU through our kernels (train.fused_kernels): same parameters, same state-dict keys."""
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from .attention import FusedRoPESelfAttention
+    from .mlp import FusedSwiGLUMLP
+
+    attention = sub.self_attention
+    if arch.position_embedding == "rope" and isinstance(attention, ModuleSpec) and attention.module is SelfAttention:
+        attention.module = FusedRoPESelfAttention
+    if arch.activation == "swiglu":
+        sub.mlp = _mlp_entry_with_class(sub.mlp, FusedSwiGLUMLP)
+
+
+def _mlp_entry_with_class(mlp, cls):
+    """The local spec's dense-MLP entry building ``cls`` (an MLP subclass) instead; any other entry as is.
+    megatron-core <= 0.18 spells it ``ModuleSpec(module=MLP, ...)``, 0.19
+    ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (a classmethod: cls's builds a cls)."""
+    import dataclasses
+    import functools
+
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
+        return dataclasses.replace(mlp, module=cls)
+    if (isinstance(mlp, functools.partial) and getattr(mlp.func, "__self__", None) is MLP
+            and getattr(mlp.func, "__name__", "") == "as_mlp_submodule"):
+        return functools.partial(cls.as_mlp_submodule, *mlp.args, **mlp.keywords)
+    return mlp
 
 
 def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.float32,
               attention_backend: str = "auto", use_te: bool = False, recompute: bool = False,
               device: Optional[torch.device] = None, fp8: Optional[dict] = None,
-              layer_spec_transform: Optional[Callable] = None, fused_kernels: bool = False):
+              layer_spec_transform: Optional[Callable] = None, fused_kernels: bool = False,
+              initialize: bool = True):
     """This rank's stage of the GPT. Call after ``runtime.init_distributed``.
 
     ``layer_spec_transform(spec, config) -> spec``: builds every transformer layer from another spec derived
     from the usual one (the FP8 teacher's swaps in its own submodule classes, ``distill.fp8_teacher``).
-    ``fused_kernels``: RMSNorm through the Triton kernels where ``fused_kernels_usable`` (train.fused_kernels)."""
+    ``fused_kernels``: RMSNorm, RoPE and SwiGLU through the Triton kernels where ``fused_kernels_usable``
+    (train.fused_kernels)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
@@ -155,7 +198,7 @@ def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.fl
     use_te = use_te and attention_backend != "unfused"
     fused = fused_kernels_usable(fused_kernels, use_te, device)
     spec = layer_spec(arch, attention_backend, use_te, fused)  # fails clearly first when TE is asked for but absent
-    config = transformer_config(arch, parallel, dtype, recompute, use_te, fp8)
+    config = transformer_config(arch, parallel, dtype, recompute, use_te, fp8, initialize)
     if layer_spec_transform is not None:
         spec = layer_spec_transform(spec, config)
     if not use_te:  # our Norm for the final norm too (megatron's torch norm rejects SP, zero-centred)

@@ -1,5 +1,9 @@
-"""Fused Triton RMSNorm and RoPE kernels (kernels/rmsnorm_triton.py, kernels/rope_triton.py), run on CPU under
-TRITON_INTERPRET=1, against the torch paths they replace: our ``Norm`` and megatron's ``apply_rotary_pos_emb``."""
+"""Fused Triton RMSNorm, RoPE and SwiGLU kernels (kernels/rmsnorm_triton.py, rope_triton.py, swiglu_triton.py) and
+the modules that run them (layers.FusedRMSNorm, attention.FusedRoPESelfAttention, mlp.FusedSwiGLUMLP), on CPU under
+TRITON_INTERPRET=1, against the torch paths they replace: our ``Norm``, megatron's ``apply_rotary_pos_emb``,
+``SelfAttention``, ``MLP`` and its fused ``bias_swiglu_impl``."""
+import dataclasses
+import functools
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported (read at @triton.jit time)
@@ -12,7 +16,9 @@ import torch  # noqa: E402
 try:
     import triton  # noqa: F401, E402
     from megatron_minitron.kernels.rmsnorm_triton import BACKWARD_ROWS_PER_PROGRAM, triton_rms_norm  # noqa: E402
+    from megatron_minitron.kernels import rope_triton, swiglu_triton  # noqa: E402
     from megatron_minitron.kernels.rope_triton import triton_apply_rotary_pos_emb  # noqa: E402
+    from megatron_minitron.kernels.swiglu_triton import MAX_BLOCK, triton_swiglu  # noqa: E402
 except ImportError as exc:  # pragma: no cover - depends on the environment
     pytest.skip(f"triton cannot be imported ({exc})", allow_module_level=True)
 
@@ -22,9 +28,15 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb  # noqa: E402
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding  # noqa: E402
 
+from megatron.core.transformer.attention import SelfAttention  # noqa: E402
+from megatron.core.transformer.mlp import MLP  # noqa: E402
+
 from megatron_minitron.config import ModelArch, Parallel, Train  # noqa: E402
+from megatron_minitron.model import builder  # noqa: E402
+from megatron_minitron.model.attention import FusedRoPESelfAttention, rope_freqs_for_kernel  # noqa: E402
 from megatron_minitron.model.builder import build_gpt, fused_kernels_usable, layer_spec  # noqa: E402
 from megatron_minitron.model.layers import FusedRMSNorm, Norm  # noqa: E402
+from megatron_minitron.model.mlp import FusedSwiGLUMLP, swiglu_kernel_covers  # noqa: E402
 from megatron_minitron.runtime.distributed import init_distributed, set_seed  # noqa: E402
 
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -153,7 +165,204 @@ def test_rope_rejects_what_it_does_not_implement():
         triton_apply_rotary_pos_emb(t, torch.zeros(4, 2, 1, 8, device=DEVICE))
 
 
-def test_fused_kernels_option_selects_the_fused_norm_only_where_usable():
+def _swiglu_reference(y):
+    gate, up = torch.chunk(y, 2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _swiglu_forward_backward(fn, y, upstream):
+    leaf = y.detach().clone().requires_grad_(True)
+    out = fn(leaf)
+    out.backward(upstream)
+    return out.detach(), leaf.grad
+
+
+# (3, 2, 2 * 40): one masked block per row; (2, 1, 2 * (MAX_BLOCK + 24)): a row split over two programs
+@pytest.mark.parametrize("shape", [(3, 2, 80), (2, 1, 2 * (MAX_BLOCK + 24))])
+def test_swiglu_fp32_matches_torch(shape):
+    torch.manual_seed(4)
+    y = torch.randn(shape, device=DEVICE) * 3
+    upstream = torch.randn(*shape[:-1], shape[-1] // 2, device=DEVICE)
+    ref = _swiglu_forward_backward(_swiglu_reference, y, upstream)
+    fused = _swiglu_forward_backward(triton_swiglu, y, upstream)
+    for name, r, f in zip(("out", "dy"), ref, fused):
+        assert f.dtype == r.dtype and f.shape == r.shape, name
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_swiglu_bf16_matches_fp32_torch_within_bf16_rounding():
+    torch.manual_seed(5)
+    y = (torch.randn(6, 2, 96, device=DEVICE) * 3).bfloat16()
+    upstream = torch.randn(6, 2, 48, device=DEVICE).bfloat16()
+    ref = _swiglu_forward_backward(_swiglu_reference, y.float(), upstream.float())
+    fused = _swiglu_forward_backward(triton_swiglu, y, upstream)
+    for name, r, f in zip(("out", "dy"), ref, fused):
+        assert f.dtype == torch.bfloat16, name
+        # elementwise: one bf16 rounding of each fp32 result
+        assert ((f.float() - r).abs() <= BF16_RTOL * r.abs() + 1e-6).all(), name
+
+
+def test_swiglu_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="even last dimension"):
+        triton_swiglu(torch.randn(2, 7, device=DEVICE))
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How often the modules called our RoPE / SwiGLU kernels (they import the functions at call time)."""
+    calls = {"rope": 0, "swiglu": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(rope_triton, "triton_apply_rotary_pos_emb",
+                        counted("rope", rope_triton.triton_apply_rotary_pos_emb))
+    monkeypatch.setattr(swiglu_triton, "triton_swiglu", counted("swiglu", swiglu_triton.triton_swiglu))
+    return calls
+
+
+def _mlp_submodules(entry):
+    """The local spec's MLP submodules: a ModuleSpec (megatron-core <= 0.18) or 0.19's partial."""
+    return entry.submodules if hasattr(entry, "submodules") else entry.keywords["submodules"]
+
+
+TINY = dict(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
+            vocab_size=64, seq_length=8)
+
+
+def _mlp_pair(arch):
+    init_distributed(1, 1)
+    config = builder.transformer_config(arch, Parallel())
+    sub = _mlp_submodules(layer_spec(arch).submodules.mlp)
+    set_seed(3)
+    plain = MLP(config, sub, ffn_hidden_size=arch.ffn_hidden_size)
+    fused = FusedSwiGLUMLP(config, sub, ffn_hidden_size=arch.ffn_hidden_size)
+    with torch.no_grad():  # non-zero biases, so that the bias is seen to be added before the activation
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused.load_state_dict(plain.state_dict())
+    return config, plain.to(DEVICE), fused.to(DEVICE)
+
+
+def _mlp_step(mlp, x, upstream):
+    leaf = x.detach().clone().requires_grad_(True)
+    out, bias = mlp(leaf)
+    out = out + bias if bias is not None else out
+    out.backward(upstream)
+    return [out.detach(), leaf.grad] + [p.grad for p in mlp.parameters()]
+
+
+def test_fused_swiglu_mlp_matches_megatron_mlp_and_its_fused_swiglu(kernel_calls):
+    arch = ModelArch(**TINY, add_bias_linear=True)
+    config, plain, fused = _mlp_pair(arch)
+    assert swiglu_kernel_covers(config)
+    x = torch.randn(5, 2, arch.hidden_size, device=DEVICE)
+    upstream = torch.randn(5, 2, arch.hidden_size, device=DEVICE)
+    ref = _mlp_step(plain, x, upstream)
+    got = _mlp_step(fused, x, upstream)
+    assert kernel_calls["swiglu"] == 1
+    for i, (r, g) in enumerate(zip(ref, got)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=f"output/grad {i}")
+    # megatron's own fused path (config.bias_activation_fusion): the subclass steps aside, megatron's
+    # bias_swiglu_impl runs and agrees with ours
+    config.bias_activation_fusion = True
+    assert not swiglu_kernel_covers(config)
+    fused.zero_grad()
+    megatron_fused = _mlp_step(fused, x, upstream)
+    assert kernel_calls["swiglu"] == 1
+    for i, (m, g) in enumerate(zip(megatron_fused, got)):
+        torch.testing.assert_close(m, g, rtol=1e-5, atol=1e-5, msg=f"output/grad {i}")
+
+
+def test_swiglu_kernel_covers_only_plain_swiglu():
+    init_distributed(1, 1)
+    assert swiglu_kernel_covers(builder.transformer_config(ModelArch(**TINY), Parallel()))
+    assert not swiglu_kernel_covers(builder.transformer_config(ModelArch(**TINY, activation="gelu"), Parallel()))
+    config = builder.transformer_config(ModelArch(**TINY), Parallel())
+    config.activation_func_clamp_value = 7.0  # megatron clamps gate and up first: its path
+    assert not swiglu_kernel_covers(config)
+
+
+def _attention_pair(arch, **config_attrs):
+    init_distributed(1, 1)
+    config = builder.transformer_config(arch, Parallel())
+    for name, value in config_attrs.items():  # before building: megatron 0.19 caches the YaRN mscale
+        setattr(config, name, value)
+    spec = layer_spec(arch, fused_kernels=True).submodules.self_attention
+    assert spec.module is FusedRoPESelfAttention
+    from megatron.core.transformer.spec_utils import build_module
+    set_seed(5)
+    plain = build_module(dataclasses.replace(spec, module=SelfAttention), config=config, layer_number=1)
+    fused = build_module(spec, config=config, layer_number=1)
+    fused.load_state_dict(plain.state_dict())
+    return config, plain.to(DEVICE), fused.to(DEVICE)
+
+
+def _attention_step(attention, x, rotary_pos_emb, upstream):
+    leaf = x.detach().clone().requires_grad_(True)
+    attention.zero_grad()
+    out, _ = attention(leaf, attention_mask=None, rotary_pos_emb=rotary_pos_emb)
+    out.backward(upstream)
+    return [out.detach(), leaf.grad] + [p.grad for p in attention.parameters()]
+
+
+def _random_freqs(s, rot_dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(s, 1, 1, rot_dim, generator=g) * 3).to(DEVICE)
+
+
+@pytest.mark.parametrize("form", ["tensor", "pair", "query_only"])
+def test_fused_rope_attention_matches_megatron_self_attention(form, kernel_calls):
+    """Separate q / k frequencies, rotary_percent 0.5 and a YaRN concentration factor (mscale != 1)."""
+    arch = ModelArch(**TINY, rotary_percent=0.5)
+    config, plain, fused = _attention_pair(arch, yarn_rotary_scaling_factor=4.0)
+    s, b, rot = 6, 2, arch.head_dim // 2
+    q_freqs, k_freqs = _random_freqs(s, rot, 0), _random_freqs(s, rot, 1)
+    rotary = {"tensor": q_freqs, "pair": (q_freqs, k_freqs), "query_only": (q_freqs, None)}[form]
+    x = torch.randn(s, b, arch.hidden_size, device=DEVICE)
+    upstream = torch.randn(s, b, arch.hidden_size, device=DEVICE)
+    ref = _attention_step(plain, x, rotary, upstream)
+    got = _attention_step(fused, x, rotary, upstream)
+    assert kernel_calls["rope"] == (1 if form == "query_only" else 2)
+    for i, (r, g) in enumerate(zip(ref, got)):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=f"output/grad {i}")
+
+
+def test_fused_rope_attention_leaves_uncovered_cases_to_megatron(kernel_calls):
+    arch = ModelArch(**TINY)
+    config, plain, fused = _attention_pair(arch, rotary_interleaved=True)  # megatron-only layout
+    s, b = 4, 1
+    freqs = _random_freqs(s, arch.head_dim, 2)
+    x = torch.randn(s, b, arch.hidden_size, device=DEVICE)
+    upstream = torch.randn(s, b, arch.hidden_size, device=DEVICE)
+    ref = _attention_step(plain, x, freqs, upstream)
+    got = _attention_step(fused, x, freqs, upstream)
+    assert kernel_calls["rope"] == 0
+    for i, (r, g) in enumerate(zip(ref, got)):
+        torch.testing.assert_close(g, r, rtol=0, atol=0, msg=f"output/grad {i}")
+    config.rotary_interleaved = False
+    assert fused._kernel_covers((), {"rotary_pos_emb": freqs})
+    for name in ("inference_context", "packed_seq_params", "rotary_pos_cos", "key_value_states"):
+        assert not fused._kernel_covers((), {name: object()}), name
+    assert not fused._kernel_covers((None,), {})  # anything passed positionally: megatron's call
+    config.no_rope_freq = [True, False]  # layer 1 skips RoPE: megatron drops rotary_pos_emb itself
+    assert not fused._kernel_covers((), {})
+
+
+def test_rope_freqs_for_kernel_takes_only_what_the_kernel_implements():
+    f = torch.zeros(4, 1, 1, 8)
+    assert rope_freqs_for_kernel(None) is None
+    assert rope_freqs_for_kernel((None, None)) is None
+    assert rope_freqs_for_kernel(f) == (f, f)
+    assert rope_freqs_for_kernel((f, None)) == (f, None)
+    assert rope_freqs_for_kernel(torch.zeros(4, 2, 1, 8)) is None  # per-batch (mRoPE) frequencies
+    assert rope_freqs_for_kernel(torch.zeros(4, 1, 1, 7)) is None  # odd rotary dim
+
+
+def test_fused_kernels_option_selects_the_fused_modules_only_where_usable():
     assert Train().fused_kernels is False  # the product path is unchanged unless asked for
     with pytest.raises(ValueError, match="fused_kernels"):
         Train(fused_kernels="yes").validate()
@@ -161,33 +370,65 @@ def test_fused_kernels_option_selects_the_fused_norm_only_where_usable():
     assert not fused_kernels_usable(False, False, torch.device("cuda"))
     assert not fused_kernels_usable(True, True, torch.device("cuda"))  # TE's spec fuses its own norms
     rms = ModelArch(normalization="RMSNorm")
-    assert layer_spec(rms, fused_kernels=True).submodules.input_layernorm is FusedRMSNorm
-    assert layer_spec(rms).submodules.input_layernorm is Norm
-    assert layer_spec(ModelArch(normalization="LayerNorm"), fused_kernels=True).submodules.input_layernorm is Norm
+    fused, plain = layer_spec(rms, fused_kernels=True).submodules, layer_spec(rms).submodules
+    assert fused.input_layernorm is FusedRMSNorm and plain.input_layernorm is Norm
+    assert fused.self_attention.module is FusedRoPESelfAttention and plain.self_attention.module is SelfAttention
+    assert _mlp_class(fused.mlp) is FusedSwiGLUMLP and _mlp_class(plain.mlp) is MLP
+    other = layer_spec(ModelArch(normalization="LayerNorm", activation="gelu", position_embedding="learned_absolute"),
+                       fused_kernels=True).submodules
+    assert other.input_layernorm is Norm and other.self_attention.module is SelfAttention
+    assert _mlp_class(other.mlp) is MLP
 
 
-def test_gpt_with_fused_decoder_norms_matches_the_torch_one():
-    """A whole (tiny) student step: the fused layer norms give the torch model's logits and gradients."""
+def _mlp_class(entry):
+    return entry.module if hasattr(entry, "module") else entry.func.__self__
+
+
+def test_mlp_entry_rewrite_handles_megatron_019s_builder_form(monkeypatch):
+    """megatron-core 0.19's local spec gives ``partial(MLP.as_mlp_submodule, submodules=...)``; 0.16 has no such
+    classmethod, so one is stood in here to check that the rewrite builds the subclass with the same arguments."""
+    def as_mlp_submodule(cls, **kwargs):
+        return cls, kwargs
+
+    monkeypatch.setattr(MLP, "as_mlp_submodule", classmethod(as_mlp_submodule), raising=False)
+    entry = functools.partial(MLP.as_mlp_submodule, submodules="subs")
+    rewritten = builder._mlp_entry_with_class(entry, FusedSwiGLUMLP)
+    assert rewritten(config="c") == (FusedSwiGLUMLP, {"submodules": "subs", "config": "c"})
+    unrelated = functools.partial(print, submodules="subs")
+    assert builder._mlp_entry_with_class(unrelated, FusedSwiGLUMLP) is unrelated
+
+
+@pytest.mark.parametrize("variant", ["gqa_partial_rope_zero_centered", "mha_full_rope_bias"])
+def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls):
+    """A whole (tiny) student step: the fused norms, RoPE and SwiGLU give the torch model's logits and every
+    parameter's gradient, with the same state-dict keys."""
     init_distributed(1, 1)
-    arch = ModelArch(num_layers=2, hidden_size=32, ffn_hidden_size=48, num_attention_heads=4, num_query_groups=2,
-                     layernorm_zero_centered_gamma=True, rotary_percent=0.5, vocab_size=64, seq_length=8)
+    if variant == "gqa_partial_rope_zero_centered":
+        arch = ModelArch(**TINY, layernorm_zero_centered_gamma=True, rotary_percent=0.5)
+    else:
+        arch = ModelArch(**{**TINY, "num_query_groups": 4}, add_bias_linear=True)
     set_seed(7)
-    reference = build_gpt(arch, Parallel())
-    # on CPU build_gpt never picks the fused norm itself (fused_kernels_usable): ask for the spec directly
-    fused = build_gpt(arch, Parallel(), layer_spec_transform=lambda spec, config: layer_spec(arch, fused_kernels=True))
+    reference = build_gpt(arch, Parallel(), device=torch.device(DEVICE))
+    # on CPU build_gpt never picks the fused modules itself (fused_kernels_usable): ask for the spec directly
+    fused = build_gpt(arch, Parallel(), device=torch.device(DEVICE),
+                      layer_spec_transform=lambda spec, config: layer_spec(arch, fused_kernels=True))
+    assert list(fused.state_dict()) == list(reference.state_dict())
     fused.load_state_dict(reference.state_dict())
-    assert isinstance(fused.decoder.layers[0].input_layernorm, FusedRMSNorm)
-    with torch.no_grad():  # a non-trivial gamma in every norm
+    layer = fused.decoder.layers[0]
+    assert isinstance(layer.input_layernorm, FusedRMSNorm)
+    assert isinstance(layer.self_attention, FusedRoPESelfAttention) and isinstance(layer.mlp, FusedSwiGLUMLP)
+    with torch.no_grad():  # non-trivial gammas and biases everywhere
         for a, b in zip(reference.parameters(), fused.parameters()):
             a.add_(torch.randn_like(a) * 0.02)
             b.copy_(a)
-    tokens = torch.randint(0, arch.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(8).expand(2, 8)
+    tokens = torch.randint(0, arch.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    positions = torch.arange(8, device=DEVICE).expand(2, 8)
     outputs = []
     for model in (reference, fused):
         logits = model(tokens, positions, None)
         logits.float().square().mean().backward()
         outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert kernel_calls == {"rope": 2 * arch.num_layers, "swiglu": arch.num_layers}  # the fused model's only
     torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
     for name, grad in outputs[0][1].items():
         torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
