@@ -107,7 +107,7 @@ def bench_rewrite(model, arch, args, work):
     def read_and_write():
         copy = os.path.join(work, "copy")
         fresh = build_gpt(arch, Parallel(), next(model.parameters()).dtype,
-                          device=next(model.parameters()).device)
+                          device=next(model.parameters()).device, initialize=False)  # as prune's builds
         checkpoint.load_weights(src, [fresh], arch=arch)
         checkpoint.save_checkpoint_to(copy, [fresh], arch=arch)
         shutil.rmtree(copy)

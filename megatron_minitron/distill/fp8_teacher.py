@@ -351,15 +351,16 @@ def _quiet_mlp_type_warning():
 
 def build_fp8_teacher(arch, parallel, dtype: torch.dtype, attention_backend: str = "auto", use_te: bool = False,
                       device: Optional[torch.device] = None, options: FP8Options = FP8Options(),
-                      fuse: bool = True):
+                      fuse: bool = True, initialize: bool = True):
     """This rank's stage of the FP8 teacher (``model.builder.build_gpt`` with :func:`fp8_layer_spec`), its
     weights still in ``dtype``: load the checkpoint into it as into the bf16 teacher, then
-    :func:`quantize_weights`."""
+    :func:`quantize_weights`. ``initialize=False`` skips the random init (the load sets every tensor)."""
     from ..model.builder import build_gpt
 
     with _quiet_mlp_type_warning():
         return build_gpt(arch, parallel, dtype, attention_backend=attention_backend, use_te=use_te, device=device,
-                         layer_spec_transform=partial(fp8_layer_spec, options=options, fuse=fuse))
+                         layer_spec_transform=partial(fp8_layer_spec, options=options, fuse=fuse),
+                         initialize=initialize)
 
 
 def fp8_linears(model) -> list:

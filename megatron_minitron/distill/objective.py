@@ -50,7 +50,8 @@ class KDObjective(BaseObjective):
         precision = self.cfg.teacher_precision
         dtype = trainer.dtype if precision in ("auto", "fp8") else resolve_dtype(precision)
         build = dict(attention_backend=trainer.cfg.train.attention_backend,
-                     use_te=trainer.cfg.train.transformer_engine, device=trainer.rt.device)
+                     use_te=trainer.cfg.train.transformer_engine, device=trainer.rt.device,
+                     initialize=False)  # the checkpoint load below sets every tensor (no CPU random init)
         if precision == "fp8":  # built from the FP8 layer spec; its weights are quantized once loaded
             from .fp8_teacher import FP8Options, build_fp8_teacher, quantize_weights
             teacher = build_fp8_teacher(self.teacher_arch, trainer.cfg.parallel, dtype,

@@ -20,7 +20,7 @@ def run(cfg: EvalConfig) -> dict:
         rank0_print(f"[eval] warning: {warning}")
     rt = init_distributed(cfg.tp, cfg.pp)
     par = Parallel(tensor_model_parallel_size=cfg.tp, pipeline_model_parallel_size=cfg.pp)
-    model = build_gpt(inputs.arch, par, resolve_dtype(cfg.precision), device=rt.device)
+    model = build_gpt(inputs.arch, par, resolve_dtype(cfg.precision), device=rt.device, initialize=False)
     checkpoint.load_weights(cfg.load, [model], arch=inputs.arch)
 
     results = {"checkpoint": inputs.checkpoint.directory, "iteration": inputs.checkpoint.iteration,

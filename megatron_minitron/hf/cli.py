@@ -112,7 +112,8 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str 
     output_lock = lock_output_on_rank0(out_dir, False, "--output directory")  # noqa: F841 (held until return)
     _say(runtime, f"{hf_dir}: {family}, {arch.num_layers} layers, hidden {arch.hidden_size}, "
                   f"vocab {arch.vocab_size} (embedding rows {arch.padded_vocab_size(tp)}) -> TP{tp} PP{pp} {dtype}")
-    model = build_gpt(arch, parallel, dtype=DTYPES[dtype], device=runtime.device).eval()
+    # every parameter is set from the HF files (load_hf_weights raises on one without a counterpart)
+    model = build_gpt(arch, parallel, dtype=DTYPES[dtype], device=runtime.device, initialize=False).eval()
     load_hf_weights(model, arch, reader.read)
     reader.close()
 
@@ -162,7 +163,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
     runtime, dist = _init(tp, pp)
     _say(runtime, f"{directory}: {arch.num_layers} layers, hidden {arch.hidden_size} -> {family} at "
                   f"{out_dir} ({_DTYPE_NAMES[out_dtype]})")
-    model = build_gpt(arch, parallel, dtype=stored, device=runtime.device).eval()
+    model = build_gpt(arch, parallel, dtype=stored, device=runtime.device, initialize=False).eval()
     load_weights(directory, [model], arch=arch)
     if runtime.is_rank0:
         os.makedirs(out_dir, exist_ok=True)

@@ -305,7 +305,7 @@ def run(cfg: PruneConfig, depth_metrics: Optional[Mapping[str, DepthMetric]] = N
     arch, par, source = job.arch, job.parallel, job.source
     dtype = _dtype(cfg.precision, source)
     with timer("load"):
-        model = build_gpt(arch, par, dtype, device=rt.device)
+        model = build_gpt(arch, par, dtype, device=rt.device, initialize=False)  # every tensor is loaded
         checkpoint.load_weights(cfg.load, [model], arch=arch)
     source_dir = source.directory
 
@@ -337,7 +337,7 @@ def run(cfg: PruneConfig, depth_metrics: Optional[Mapping[str, DepthMetric]] = N
         split = plan.target_pipeline_split(par.layers_per_stage(arch.num_layers)) if cfg.pp > 1 else None
         target_par = dataclasses.replace(par, pipeline_split=split)
         del model
-        pruned = build_gpt(plan.target, target_par, dtype, device=rt.device)
+        pruned = build_gpt(plan.target, target_par, dtype, device=rt.device, initialize=False)
         pruned.load_state_dict(state, strict=True)
         del state
 

@@ -113,7 +113,7 @@ def verify_checkpoint(directory: str, model, arch, parallel, dtype, device) -> N
     from .. import checkpoint
     from ..model.builder import build_gpt
 
-    fresh = build_gpt(arch, parallel, dtype, device=device)
+    fresh = build_gpt(arch, parallel, dtype, device=device, initialize=False)
     checkpoint.load_weights(directory, [fresh], arch=arch)
     want = model.state_dict()
     bad = None

@@ -76,3 +76,28 @@ def test_transformer_engine_requested_without_it():
 def test_pipeline_layout_strings():
     assert pipeline_layout(Parallel(pipeline_model_parallel_size=2, pipeline_split=[1, 3]), 4) == "Et|tttL"
     assert pipeline_layout(Parallel(pipeline_model_parallel_size=2), 4) is None
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_uninitialised_build_loads_to_the_same_model_without_random_init(name, tmp_path):
+    """initialize=False (prune, eval, convert, the teacher: builds that a checkpoint load fills) draws no
+    random numbers for megatron's layers, and after a load holds exactly what a randomly initialised model holds after the same load
+    (every tensor, biases and norms included, is set by the load)."""
+    from megatron_minitron import checkpoint
+
+    arch = ARCHS[name]
+    set_seed(7)
+    saved = build_gpt(arch, Parallel())
+    checkpoint.save_checkpoint_to(str(tmp_path / "ckpt"), [saved], arch=arch)
+    rng = torch.get_rng_state()
+    empty = build_gpt(arch, Parallel(), initialize=False)
+    if arch.position_embedding != "learned_absolute":  # torch.nn.Embedding (positions) inits itself
+        assert torch.equal(torch.get_rng_state(), rng)  # no init drew from the generator
+    initialised = build_gpt(arch, Parallel())
+    assert not torch.equal(torch.get_rng_state(), rng)
+    for model in (empty, initialised):
+        checkpoint.load_weights(str(tmp_path / "ckpt"), [model], arch=arch)
+    want = saved.state_dict()
+    for key, value in empty.state_dict().items():
+        if isinstance(value, torch.Tensor) and not key.endswith("_extra_state"):
+            assert torch.equal(value, want[key]) and torch.equal(value, initialised.state_dict()[key]), key
