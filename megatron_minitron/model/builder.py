@@ -3,7 +3,9 @@
 Layer spec: Transformer Engine's when asked for and importable, else megatron-core's local spec with two
 of our modules swapped in (``layers.SDPAttention`` for core attention unless ``unfused`` is asked for,
 ``layers.Norm`` for every norm). Checkpoints are interchangeable between the two specs: megatron maps
-the local spec's norm keys onto TE's fused ``layer_norm_weight`` names.
+the local spec's norm keys onto TE's fused ``layer_norm_weight`` names. train.fused_kernels (where
+``fused_kernels_usable``) further swaps in subclasses with the same parameters that run our Triton kernels:
+``layers.FusedRMSNorm``, ``attention.FusedRoPESelfAttention`` and ``mlp.FusedSwiGLUMLP``.
 """
 from __future__ import annotations
 
@@ -137,7 +139,42 @@ def layer_spec(arch: ModelArch, attention_backend: str = "auto", use_te: bool = 
     sub.pre_mlp_layernorm = norm
     if attention_backend in ("auto", "sdpa"):
         sub.self_attention.submodules.core_attention = SDPAttention
+    if fused_kernels:
+        _swap_in_fused_modules(sub, arch)
     return spec
+
+
+def _swap_in_fused_modules(sub, arch: ModelArch) -> None:
+    """RoPE and SwiGLU through our kernels (train.fused_kernels): same parameters, same state-dict keys."""
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    from .attention import FusedRoPESelfAttention
+    from .mlp import FusedSwiGLUMLP
+
+    attention = sub.self_attention
+    if arch.position_embedding == "rope" and isinstance(attention, ModuleSpec) and attention.module is SelfAttention:
+        attention.module = FusedRoPESelfAttention
+    if arch.activation == "swiglu":
+        sub.mlp = _mlp_entry_with_class(sub.mlp, FusedSwiGLUMLP)
+
+
+def _mlp_entry_with_class(mlp, cls):
+    """The local spec's dense-MLP entry building ``cls`` (an MLP subclass) instead; any other entry as is.
+    megatron-core <= 0.18 spells it ``ModuleSpec(module=MLP, ...)``, 0.19
+    ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (a classmethod: cls's builds a cls)."""
+    import dataclasses
+    import functools
+
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
+        return dataclasses.replace(mlp, module=cls)
+    if (isinstance(mlp, functools.partial) and getattr(mlp.func, "__self__", None) is MLP
+            and getattr(mlp.func, "__name__", "") == "as_mlp_submodule"):
+        return functools.partial(cls.as_mlp_submodule, *mlp.args, **mlp.keywords)
+    return mlp
 
 
 def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.float32,
@@ -149,7 +186,8 @@ def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.fl
 
     ``layer_spec_transform(spec, config) -> spec``: builds every transformer layer from another spec derived
     from the usual one (the FP8 teacher's swaps in its own submodule classes, ``distill.fp8_teacher``).
-    ``fused_kernels``: RMSNorm through the Triton kernels where ``fused_kernels_usable`` (train.fused_kernels)."""
+    ``fused_kernels``: RMSNorm, RoPE and SwiGLU through the Triton kernels where ``fused_kernels_usable``
+    (train.fused_kernels)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
