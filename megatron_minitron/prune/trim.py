@@ -110,13 +110,24 @@ def _trim_tensor(key: str, value: torch.Tensor, tensor: params.Tensor, plan: Pru
             assert layer is not None and dim == tensor.tp_axis, (key, tensor)
             if axis == "attn":  # merged heads' columns are summed before the pruned ones go
                 value = _merge_heads(value, plan, layer, tp_rank, tp)
-            kept = _kept_along(axis, plan, layer, tp_rank, tp)
-            value = value.index_select(dim, torch.tensor(kept, dtype=torch.long, device=value.device))
+            value = select_along(value, dim, _kept_along(axis, plan, layer, tp_rank, tp))
             sharded = dim
     for dim, axis in enumerate(tensor.axes):
         if params.AXES[axis].pruned_by == params.HIDDEN:
-            value = value.index_select(dim, hidden.to(value.device))
+            value = select_along(value, dim, hidden)
     return value, sharded
+
+
+def select_along(value: torch.Tensor, dim: int, kept) -> torch.Tensor:
+    """``value.index_select(dim, kept)`` for sorted ``kept`` (a list or a long tensor), without the gather
+    where ``kept`` is a contiguous run: ``value`` itself when it keeps the whole dim, else a narrowed view.
+    An unpruned dim (every hidden channel of a depth-only or FFN-only plan, every head of a layer) is then
+    no copy at all; index_select on a CPU tensor gathers at well under memory speed."""
+    kept = kept.tolist() if isinstance(kept, torch.Tensor) else list(kept)
+    n = len(kept)
+    if n and kept[-1] - kept[0] == n - 1 and all(b - a == 1 for a, b in zip(kept, kept[1:])):
+        return value if n == value.shape[dim] else value.narrow(dim, kept[0], n)
+    return value.index_select(dim, torch.tensor(kept, dtype=torch.long, device=value.device))
 
 
 def select_local(state: Dict[str, Optional[torch.Tensor]], plan: PrunePlan, layer_ids: List[int],
@@ -125,7 +136,7 @@ def select_local(state: Dict[str, Optional[torch.Tensor]], plan: PrunePlan, laye
     where the tensors of keys in the second dict are this rank's pieces along that dim (for SwiGLU fc1 the
     piece is [gate rows; up rows], split again in ``assemble``). Which axes a tensor has, and so what is cut,
     comes from ``model/params.py``."""
-    hidden = torch.tensor(plan.hidden, dtype=torch.long)
+    hidden = list(plan.hidden)
     kept = set(plan.kept_layers)
     kept_pos = {lid: i for i, lid in enumerate(lid for lid in layer_ids if lid in kept)}
     out, sharded = {}, {}
@@ -163,6 +174,8 @@ def _gated_rows(name: str, plan: PrunePlan) -> bool:
 def assemble(name: str, pieces: List[torch.Tensor], dim: int, plan: PrunePlan, tp_rank: int, tp: int
              ) -> torch.Tensor:
     """Step 2: the target TP rank's shard from the pieces of every source TP rank (in rank order)."""
+    if tp == 1 and len(pieces) == 1:  # the one piece is the target tensor (SwiGLU's [gate; up] included)
+        return pieces[0]
     if _gated_rows(name, plan):
         gates = [p[:p.shape[0] // 2] for p in pieces]
         ups = [p[p.shape[0] // 2:] for p in pieces]
@@ -197,6 +210,8 @@ def trim_state_dict(state: Dict[str, Optional[torch.Tensor]], plan: PrunePlan, l
 
     ``state``: this rank's ``model.state_dict()`` (megatron names, local layer numbers); ``layer_ids``: the
     global 0-based id of each local layer; with tp > 1 every rank of ``tp_group`` must call this together.
+    A returned tensor may share storage with ``state``'s where the plan cuts nothing from it (load it into
+    the pruned model, as ``load_state_dict`` copies; don't modify it in place while the source is in use).
     """
     pieces, sharded = select_local(state, plan, layer_ids, tp_rank, tp)
     out = {}
