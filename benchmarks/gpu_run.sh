@@ -3,7 +3,7 @@
 # Wheels for Python 3.12 are carried in .whl/ (see docs/launch.md, "benchmarks on a lent GPU").
 #   bash benchmarks/gpu_run.sh "kd_loss fp8 train"        # which bench_<name>.py to run, in order
 #   bash benchmarks/gpu_run.sh "fp8_distill:--parts,step"  # with arguments
-#   (kernel_tests: the fused FP8 kernel tests, compiled for the GPU instead of interpreted)
+#   (kernel_tests: the fused FP8, KD and layer (RMSNorm, RoPE, SwiGLU) kernel tests, compiled for the GPU instead of interpreted)
 # Each benchmark gets its own time limit (BENCH_TIMEOUT, default 240 s) so one hang does not eat the rest;
 # its output goes to $OUT/<name>.md when OUT is set (else benchmarks/out/).
 set -uo pipefail
@@ -23,7 +23,7 @@ for item in ${1:-kd_loss fp8 train distill prune}; do
   echo "=== bench_$name ${extra[*]} $(date +%T)"
   case $name in
     memory_plan) cmd=(torchrun --nproc-per-node 1 benchmarks/bench_memory_plan.py --job train) ;;
-    kernel_tests) cmd=(env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_fused.py tests/unit/test_kd_triton.py tests/unit/test_kd_linear.py) ;;
+    kernel_tests) cmd=(env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_fused.py tests/unit/test_kd_triton.py tests/unit/test_kd_linear.py tests/unit/test_fused_layer_kernels.py) ;;
     *) cmd=(python3 benchmarks/bench_$name.py) ;;
   esac
   timeout "${BENCH_TIMEOUT:-240}" "${cmd[@]}" "${extra[@]}" 2>&1 | grep -v "UserWarning\|warnings.warn" | tee "$out/$name.md"

@@ -12,9 +12,9 @@ One program per (position, batch, head) row reads the row once and writes it onc
 materialises the rotated half, two products and two concatenations). The backward is the same kernel
 with the transposed rotation: d x1 = dy1 cos1 + dy2 sin2, d x2 = dy2 cos2 - dy1 sin1, the tail's gradient is dy.
 
-Not wired into the layer yet: megatron's SelfAttention calls its module-level ``apply_rotary_pos_emb``
-with no hook to swap it short of patching megatron's globals. On CPU tensors the kernel runs only under
-``TRITON_INTERPRET=1`` (set before triton is first imported); that is how the unit tests run it.
+Used by ``model.attention.FusedRoPESelfAttention`` (train.fused_kernels) on the training path. On CPU
+tensors the kernel runs only under ``TRITON_INTERPRET=1`` (set before triton is first imported); that is
+how the unit tests run it.
 """
 from __future__ import annotations
 

@@ -32,9 +32,14 @@ class FusedSwiGLUMLP(MLP):
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if per_token_scale is not None or not swiglu_kernel_covers(self.config):
             return super().forward(hidden_states, per_token_scale, **kwargs)
-        from ..kernels.swiglu_triton import triton_swiglu
-
         intermediate, bias = self.linear_fc1(hidden_states)
         if bias is not None:
             intermediate = intermediate + bias
-        return self.linear_fc2(triton_swiglu(intermediate))
+        return self.linear_fc2(self.swiglu(intermediate))
+
+    def swiglu(self, intermediate):
+        """silu(gate) * up of fc1's output [..., 2F] -> [..., F]: our kernel (benchmarks/bench_train.py's
+        Liger variant overrides this to time Liger's kernel in the same MLP)."""
+        from ..kernels.swiglu_triton import triton_swiglu
+
+        return triton_swiglu(intermediate)
