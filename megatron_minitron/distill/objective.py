@@ -43,28 +43,46 @@ class KDObjective(BaseObjective):
 
     # -- hooks called by the Trainer
     def wrap_model(self, trainer, student):
-        from .. import checkpoint
-        from ..model.builder import build_gpt, resolve_dtype
         from .teacher import DistillationModel
+
+        teacher = self.build_teacher(trainer)
+        self.model = DistillationModel(student, teacher, self.cfg.intermediate_pairs,
+                                       trainer.cfg.parallel.sequence_parallel,
+                                       fused_output=uses_fused_output_layer(self.cfg))
+        return self.model
+
+    def build_teacher(self, trainer):
+        """This rank's stage of the frozen teacher, at the student's layout, with its weights set."""
+        from ..model.builder import build_gpt, resolve_dtype
 
         precision = self.cfg.teacher_precision
         dtype = trainer.dtype if precision in ("auto", "fp8") else resolve_dtype(precision)
         build = dict(attention_backend=trainer.cfg.train.attention_backend,
                      use_te=trainer.cfg.train.transformer_engine, device=trainer.rt.device,
-                     initialize=False)  # the checkpoint load below sets every tensor (no CPU random init)
+                     initialize=False)  # set_teacher_weights fills every tensor (no CPU random init)
         if precision == "fp8":  # built from the FP8 layer spec; its weights are quantized once loaded
             from .fp8_teacher import FP8Options, build_fp8_teacher, quantize_weights
             teacher = build_fp8_teacher(self.teacher_arch, trainer.cfg.parallel, dtype,
                                         options=FP8Options(fast_accum=self.cfg.teacher_fp8_fast_accum), **build)
         else:
             teacher = build_gpt(self.teacher_arch, trainer.cfg.parallel, dtype, **build)
-        checkpoint.load_weights(self.teacher_path, [teacher], arch=self.teacher_arch)
+        self.set_teacher_weights(teacher)
         if precision == "fp8":
             quantize_weights(teacher)
-        self.model = DistillationModel(student, teacher, self.cfg.intermediate_pairs,
-                                       trainer.cfg.parallel.sequence_parallel,
-                                       fused_output=uses_fused_output_layer(self.cfg))
-        return self.model
+        return teacher
+
+    def set_teacher_weights(self, teacher) -> None:
+        """Every tensor of the freshly built (uninitialised) teacher: from the teacher checkpoint. A subclass
+        may set them otherwise (benchmarks/bench_kd_step.py draws random weights on the GPU)."""
+        from .. import checkpoint
+
+        checkpoint.load_weights(self.teacher_path, [teacher], arch=self.teacher_arch)
+
+    def extra_flops_per_token(self, seq_length: int) -> float:
+        """The teacher's forward, which each trained token also costs (for MFU)."""
+        from ..train.progress import forward_flops_per_token
+
+        return forward_flops_per_token(self.teacher_arch, seq_length)
 
     def schedule_kwargs(self, pipeline_parallel: bool) -> dict:
         return {"adjust_tensor_shapes_fn": self.model.adjust_tensor_shapes} if pipeline_parallel else {}

@@ -278,7 +278,9 @@ class Trainer:
                             wandb_cfg={"enabled": t.wandb, "project": t.wandb_project, "mode": t.wandb_mode},
                             run_config=cfgmod.to_dict(cfg))
         tokens_per_iter = cfg.data.global_batch_size * cfg.model.seq_length
-        flops_per_iter = training_flops_per_token(cfg.model) * tokens_per_iter
+        flops_per_token = (training_flops_per_token(cfg.model)
+                           + self.objective.extra_flops_per_token(cfg.model.seq_length))  # + a KD teacher's
+        flops_per_iter = flops_per_token * tokens_per_iter
         peak = peak_flops(self.rt.device)
         train_iter = self._batches(self.train_ds, st.consumed_samples)
         start_iteration = st.iteration

@@ -39,6 +39,11 @@ class Objective(Protocol):
         """What is trained, for the run's first line (``arch``: the trained model's ModelArch)."""
         ...
 
+    def extra_flops_per_token(self, seq_length: int) -> float:
+        """Model FLOPs per trained token beyond the trained model's forward + backward (e.g. a teacher's
+        forward), counted into the logged MFU."""
+        ...
+
 
 class BaseObjective:
     """The optional hooks of ``Objective`` as no-ops; a subclass supplies metric_names and forward_step."""
@@ -51,6 +56,9 @@ class BaseObjective:
 
     def describe(self, arch) -> str:
         return f"train: {arch.num_parameters():,} parameters"
+
+    def extra_flops_per_token(self, seq_length: int) -> float:
+        return 0.0
 
 
 def per_token_report(name: str, per_token: torch.Tensor, loss_mask: torch.Tensor) -> dict:

@@ -15,11 +15,23 @@ from ..config import ModelArch
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
 
 
+def forward_flops_per_token(arch: ModelArch, seq_length: Optional[int] = None) -> float:
+    """Model FLOPs of one token's forward at a ``seq_length`` window (default ``arch.seq_length``): 2 per
+    weight of every matmul (the output layer included; the embedding lookup, norms and biases not), plus causal
+    attention's
+    QK^T and AV, 2 * 2 * (s / 2) * heads * head_dim per layer: on average a token attends to half the window."""
+    from ..model import params
+
+    s = arch.seq_length if seq_length is None else seq_length
+    per_layer = sum(t.numel(arch) for t in params.layer_tensors(arch) if len(t.axes) == 2)  # no norms, biases
+    dense = arch.num_layers * per_layer + arch.hidden_size * arch.padded_vocab_size()
+    attention = 2 * arch.num_layers * s * arch.num_attention_heads * arch.head_dim
+    return 2 * dense + attention
+
+
 def training_flops_per_token(arch: ModelArch) -> float:
     """Model FLOPs per trained token (forward + backward = 3x forward), PaLM-style accounting."""
-    dense = arch.num_parameters(include_embeddings=False) + arch.hidden_size * arch.padded_vocab_size()
-    attention = 2 * arch.num_layers * arch.seq_length * arch.num_attention_heads * arch.head_dim
-    return 3 * (2 * dense + attention)
+    return 3 * forward_flops_per_token(arch)
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
