@@ -161,8 +161,10 @@ def _swap_in_fused_modules(sub, arch: ModelArch) -> None:
 
 def _mlp_entry_with_class(mlp, cls):
     """The local spec's dense-MLP entry building ``cls`` (an MLP subclass) instead; any other entry as is.
-    megatron-core <= 0.18 spells it ``ModuleSpec(module=MLP, ...)``, 0.19
-    ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (a classmethod: cls's builds a cls)."""
+    megatron-core <= 0.17 spells it ``ModuleSpec(module=MLP, ...)``, 0.18-0.19
+    ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (a classmethod: cls's builds a cls). From
+    0.18 the layer calls the entry and rewraps a ModuleSpec of MLP itself only, so a ModuleSpec becomes the
+    builder form wherever ``as_mlp_submodule`` exists."""
     import dataclasses
     import functools
 
@@ -170,6 +172,8 @@ def _mlp_entry_with_class(mlp, cls):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
+        if hasattr(cls, "as_mlp_submodule"):
+            return functools.partial(cls.as_mlp_submodule, submodules=mlp.submodules, **mlp.params)
         return dataclasses.replace(mlp, module=cls)
     if (isinstance(mlp, functools.partial) and getattr(mlp.func, "__self__", None) is MLP
             and getattr(mlp.func, "__name__", "") == "as_mlp_submodule"):

@@ -385,7 +385,7 @@ def _mlp_class(entry):
 
 
 def test_mlp_entry_rewrite_handles_megatron_019s_builder_form(monkeypatch):
-    """megatron-core 0.19's local spec gives ``partial(MLP.as_mlp_submodule, submodules=...)``; 0.16 has no such
+    """megatron-core 0.18-0.19's local spec gives ``partial(MLP.as_mlp_submodule, submodules=...)``; 0.16 has no such
     classmethod, so one is stood in here to check that the rewrite builds the subclass with the same arguments."""
     def as_mlp_submodule(cls, **kwargs):
         return cls, kwargs
@@ -394,6 +394,10 @@ def test_mlp_entry_rewrite_handles_megatron_019s_builder_form(monkeypatch):
     entry = functools.partial(MLP.as_mlp_submodule, submodules="subs")
     rewritten = builder._mlp_entry_with_class(entry, FusedSwiGLUMLP)
     assert rewritten(config="c") == (FusedSwiGLUMLP, {"submodules": "subs", "config": "c"})
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    spec_form = builder._mlp_entry_with_class(ModuleSpec(module=MLP, params={"p": 1}, submodules="subs"),
+                                              FusedSwiGLUMLP)  # 0.18+ calls the entry: the builder form
+    assert spec_form(config="c") == (FusedSwiGLUMLP, {"submodules": "subs", "p": 1, "config": "c"})
     unrelated = functools.partial(print, submodules="subs")
     assert builder._mlp_entry_with_class(unrelated, FusedSwiGLUMLP) is unrelated
 
