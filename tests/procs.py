@@ -28,3 +28,58 @@ def torchrun(script: str, nproc: int, *args, timeout: int = 600, env: dict | Non
         pytest.fail(f"torchrun {os.path.basename(script)} x{nproc} failed (rc={proc.returncode}):\n"
                     f"{out[-6000:]}")
     return out
+
+
+class PreloadedMinitron:
+    """`minitron` commands run by tests/cli_server.py: each in a fork of one process that imported torch,
+    megatron-core and our modules once, instead of a fresh interpreter that spends ~8 s importing them (see
+    that file for what is and is not the same as `python -m megatron_minitron.cli`). `run` returns what
+    subprocess.run(..., capture_output=True, text=True) would. Use as a module-scoped fixture; `close()`."""
+
+    def __init__(self, env: dict, workdir: str):
+        self.env = dict(env)
+        self.workdir = workdir
+        self._count = 0
+        self._log = open(os.path.join(workdir, "cli_server.log"), "w")
+        self._proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "cli_server.py")],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                      env=self.env, cwd=ROOT, start_new_session=True)
+
+    def run(self, *args, env: dict | None = None, cwd: str = ROOT, timeout: float = 600):
+        import json
+        import select
+        import signal
+
+        self._count += 1
+        out, err = (os.path.join(self.workdir, f"cmd{self._count}.{k}") for k in ("out", "err"))
+        self._proc.stdin.write(json.dumps({"argv": list(args), "env": dict(self.env, **(env or {})),
+                                           "cwd": str(cwd), "stdout": out, "stderr": err}) + "\n")
+        self._proc.stdin.flush()
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout)
+        line = self._proc.stdout.readline() if ready else ""
+        if not line:  # timed out, or the server died: stop it and every command it runs (one session)
+            alive = self._proc.poll() is None
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._proc.wait()
+            if alive:
+                raise subprocess.TimeoutExpired(["minitron", *args], timeout)
+            self._log.flush()
+            with open(self._log.name) as f:
+                raise RuntimeError(f"tests/cli_server.py exited ({self._proc.returncode}):\n{f.read()[-3000:]}")
+        with open(out) as f, open(err) as g:
+            stdout, stderr = f.read(), g.read()
+        return subprocess.CompletedProcess(["minitron", *args], json.loads(line)["returncode"], stdout, stderr)
+
+    def close(self):
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                import signal
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._log.close()
