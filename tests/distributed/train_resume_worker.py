@@ -1,6 +1,8 @@
 """4 ranks at TP1PP2 (DP2, distributed optimizer), dropout on: a run stopped at iteration 3 (exit_interval) and
 resumed from its checkpoint reproduces the uninterrupted run's loss, grad-norm and validation sequence exactly
-(bitwise), which needs the model, optimizer, LR schedule, RNG and data position all restored."""
+(bitwise), which needs the model, optimizer, LR schedule, RNG and data position all restored. In fp32 and in
+bf16 (megatron's fp32 main weights live in the optimizer state; the resumed model is built without a random
+init, so nothing but the checkpoint can set them)."""
 import os
 import sys
 
@@ -30,30 +32,36 @@ def losses(history, keys=("lm_loss", "grad_norm", "lr", "val_lm_loss")):
 
 
 def main():
-    root = sys.argv[1]
+    for precision in ("fp32", "bf16"):
+        check_resume(os.path.join(sys.argv[1], precision), precision)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print("RESUME OK", flush=True)
+
+
+def check_resume(root, precision):
     train_ds = SyntheticTokens(64, ARCH.seq_length, ARCH.vocab_size, seed=1)
     valid_ds = SyntheticTokens(16, ARCH.seq_length, ARCH.vocab_size, seed=2)
 
-    whole = Trainer(config(os.path.join(root, "whole")), datasets=(train_ds, valid_ds)).setup().run()
+    whole = Trainer(config(os.path.join(root, "whole"), precision=precision),
+                    datasets=(train_ds, valid_ds)).setup().run()
 
-    first = Trainer(config(os.path.join(root, "split"), exit_interval=3),
+    first = Trainer(config(os.path.join(root, "split"), exit_interval=3, precision=precision),
                     datasets=(train_ds, valid_ds)).setup().run()
     assert first.iteration == 3, first.iteration
     assert checkpoint.latest_iteration(os.path.join(root, "split")) == 3
-    second_trainer = Trainer(config(os.path.join(root, "split")), datasets=(train_ds, valid_ds)).setup()
+    second_trainer = Trainer(config(os.path.join(root, "split"), precision=precision),
+                             datasets=(train_ds, valid_ds)).setup()
     assert second_trainer.state.iteration == 3 and second_trainer.state.consumed_samples == 24
     second = second_trainer.run()
 
     expected, got = losses(whole.history), losses(first.history + second.history)
     if dist.get_rank() == 0:
         for e, g in zip(expected, got):
-            print("whole", e, "\nsplit", g, flush=True)
+            print(precision, "whole", e, "\nsplit", g, flush=True)
     assert len(expected) == len(got) == 6
-    assert expected == got, "resumed run differs from the uninterrupted one"
+    assert expected == got, f"{precision}: resumed run differs from the uninterrupted one"
     assert whole.history[0]["lm_loss"] != whole.history[-1]["lm_loss"]
-    dist.barrier()
-    if dist.get_rank() == 0:
-        print("RESUME OK", flush=True)
 
 
 if __name__ == "__main__":
