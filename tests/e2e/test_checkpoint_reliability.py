@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from procs import PreloadedMinitron
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 ENV.pop("MINITRON_DEBUG", None)
@@ -24,6 +26,15 @@ def minitron(*args, env=None, timeout=600):
 
 
 @pytest.fixture(scope="module")
+def preloaded(tmp_path_factory):
+    """Commands after each test's first: forks of one process that imported everything once (tests/procs.py);
+    the first command of each test and the lock holder stay plain `python -m megatron_minitron.cli` processes."""
+    server = PreloadedMinitron(ENV, str(tmp_path_factory.mktemp("cli")))
+    yield server.run
+    server.close()
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     proc = minitron("preprocess", "--corpus", "stdlib", "--corpus-bytes", "200000", "--train-tokenizer",
@@ -32,21 +43,21 @@ def data(tmp_path_factory):
     return [f"data.train_data=[{out / 'stdlib_train'}]", f"data.valid_data=[{out / 'stdlib_valid'}]"]
 
 
-def _train(data, save, *extra, env=None):
-    return minitron("train", *MODEL, *data, f"train.save={save}", *extra, env=env)
+def _train(data, save, *extra, env=None, run=minitron):
+    return run("train", *MODEL, *data, f"train.save={save}", *extra, env=env)
 
 
 def _shards(directory):
     return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".distcp"))
 
 
-def test_damage_is_named_by_file(data, tmp_path):
+def test_damage_is_named_by_file(data, preloaded, tmp_path):
     save = tmp_path / "run"
     proc = _train(data, save, "train.train_iters=2")
     assert proc.returncode == 0, proc.stderr
     ckpt = save / "iter_0000002"
     assert (ckpt / "MANIFEST.json").exists()
-    ok = minitron("verify", str(save))
+    ok = preloaded("verify", str(save))
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
     shard = _shards(ckpt)[0]
     pristine = open(shard, "rb").read()
@@ -57,26 +68,26 @@ def test_damage_is_named_by_file(data, tmp_path):
     open(shard, "wb").write(bytes(damaged))
     for args in (["verify", str(save)], ["eval", "--load", str(save), "--data", data[1].split("[")[1][:-1],
                                          "--num-samples", "2", "--seq-length", "32"]):
-        bad = minitron(*args)
+        bad = preloaded(*args)
         assert bad.returncode == 2, bad.stdout + bad.stderr
         assert f"{shard} is damaged" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
     open(shard, "wb").write(pristine[:len(pristine) // 3])
-    bad = minitron("verify", str(save), "--sizes-only")
+    bad = preloaded("verify", str(save), "--sizes-only")
     assert bad.returncode == 2 and f"{shard} has {len(pristine) // 3} bytes, {len(pristine)} were written" in bad.stderr
     open(shard, "wb").close()
-    assert "has 0 bytes" in minitron("verify", str(save)).stderr
+    assert "has 0 bytes" in preloaded("verify", str(save)).stderr
     os.remove(shard)
-    bad = minitron("eval", "--load", str(save), "--data", data[1].split("[")[1][:-1], "--num-samples", "2")
+    bad = preloaded("eval", "--load", str(save), "--data", data[1].split("[")[1][:-1], "--num-samples", "2")
     assert bad.returncode == 2 and f"{shard} is missing" in bad.stderr, bad.stderr
 
     open(shard, "wb").write(pristine)  # restored: loads again; and a foreign checkpoint (no manifest) loads too
     os.remove(ckpt / "MANIFEST.json")
-    fine = minitron("verify", str(save))
+    fine = preloaded("verify", str(save))
     assert fine.returncode == 0 and "no MANIFEST.json" in fine.stdout, fine.stderr
 
 
-def test_second_writer_fails_at_once_naming_the_first(data, tmp_path):
+def test_second_writer_fails_at_once_naming_the_first(data, preloaded, tmp_path):
     save = tmp_path / "shared_root"
     first = subprocess.Popen([sys.executable, "-m", "megatron_minitron.cli", "train", *MODEL, *data,
                               f"train.save={save}", "train.train_iters=100000"], stdout=subprocess.DEVNULL,
@@ -87,7 +98,7 @@ def test_second_writer_fails_at_once_naming_the_first(data, tmp_path):
         while time.time() < deadline and not (lock.exists() and lock.read_text().strip()):
             assert first.poll() is None, first.stderr.read()
             time.sleep(0.5)
-        second = _train(data, save, "train.train_iters=5")
+        second = _train(data, save, "train.train_iters=5", run=preloaded)
         assert second.returncode == 2, second.stderr
         assert "is being written by another job" in second.stderr and f"pid {first.pid}" in second.stderr
         assert not os.path.exists(save / "iter_0000005")
@@ -95,7 +106,7 @@ def test_second_writer_fails_at_once_naming_the_first(data, tmp_path):
         first.kill()
         first.wait()
     # the holder died (as in a crash): the root is free again and the next run proceeds
-    assert _train(data, save, "train.train_iters=1").returncode == 0
+    assert _train(data, save, "train.train_iters=1", run=preloaded).returncode == 0
 
 
 @pytest.fixture
@@ -113,7 +124,7 @@ def small_disk():
     shutil.rmtree(mount, ignore_errors=True)
 
 
-def test_full_disk_is_one_clear_error_and_loses_nothing(data, tmp_path, small_disk):
+def test_full_disk_is_one_clear_error_and_loses_nothing(data, preloaded, tmp_path, small_disk):
     probe = tmp_path / "probe"
     assert _train(data, probe, "train.train_iters=1").returncode == 0
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(probe / "iter_0000001") for f in fs)
@@ -121,12 +132,12 @@ def test_full_disk_is_one_clear_error_and_loses_nothing(data, tmp_path, small_di
     disk = small_disk(int(size * 1.6) // 1024)  # room for one checkpoint, not two
     save = os.path.join(disk, "run")
     ran = _train(data, save, "train.train_iters=4", "train.save_interval=2", "train.keep_last=2",
-                 env={"MINITRON_SKIP_SPACE_CHECK": "1"})  # let the write itself hit the full disk
+                 env={"MINITRON_SKIP_SPACE_CHECK": "1"}, run=preloaded)  # let the write itself hit the full disk
     assert ran.returncode == 2, ran.stdout + ran.stderr
     assert "No space left on device" in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
     assert sorted(n for n in os.listdir(save) if n.startswith((".tmp", ".trash"))) == []
     assert open(os.path.join(save, "latest")).read().strip() == "iter_0000002"
-    assert minitron("verify", save).returncode == 0  # the previous checkpoint is intact
+    assert preloaded("verify", save).returncode == 0  # the previous checkpoint is intact
 
-    checked = _train(data, os.path.join(disk, "other"), "train.train_iters=1")  # with the estimate first
+    checked = _train(data, os.path.join(disk, "other"), "train.train_iters=1", run=preloaded)  # estimate first
     assert checked.returncode == 2 and "not enough disk space" in checked.stderr, checked.stderr
