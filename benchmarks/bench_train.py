@@ -12,7 +12,10 @@ Variants (each flag adds rows; the plain step of every backend always runs first
                    (kernels/rmsnorm_triton.py, rope_triton.py, swiglu_triton.py); also a row with megatron's own
                    fused SwiGLU (config.bias_activation_fusion: its torch.compile'd ``bias_swiglu_impl``) and a
                    table of each kernel alone (forward + backward) against the torch path it replaces.
-  --compile        torch.compile of each transformer layer (``nn.Module.compile``), torch path inside.
+  --compile        torch.compile of each transformer layer (``nn.Module.compile``), torch path inside. megatron's
+                   RowParallelLinear (linear_proj, fc2) calls its GEMM with tp_group=None, whose lookup warns on
+                   every call (megatron/core/utils.py, get_tensor_model_parallel_group_if_none); dynamo cannot
+                   trace the warning, so each layer's graph breaks there (TORCH_LOGS=graph_breaks shows them).
   --liger          liger-kernel's RMSNorm (fp32 "gemma" casting, like ours) and fused gate-up SwiGLU in the same
                    modules (needs ``liger_kernel`` importable: ``pip install --no-deps liger-kernel``, pure Python).
                    Not its RoPE: Liger's kernel takes HF's q/k layout ([b, heads, s, d] viewing [b, s, heads, d]

@@ -402,19 +402,21 @@ def test_mlp_entry_rewrite_handles_megatron_019s_builder_form(monkeypatch):
     assert builder._mlp_entry_with_class(unrelated, FusedSwiGLUMLP) is unrelated
 
 
-@pytest.mark.parametrize("variant", ["gqa_partial_rope_zero_centered", "mha_full_rope_bias"])
+@pytest.mark.parametrize("variant", ["gqa_partial_rope_zero_centered", "mha_full_rope_bias_recompute"])
 def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls):
     """A whole (tiny) student step: the fused norms, RoPE and SwiGLU give the torch model's logits and every
-    parameter's gradient, with the same state-dict keys."""
+    parameter's gradient, with the same state-dict keys; also under full activation recompute (megatron reruns
+    each layer's forward in the backward, so the attention's per-call RoPE hand-over runs twice)."""
     init_distributed(1, 1)
+    recompute = variant.endswith("recompute")
     if variant == "gqa_partial_rope_zero_centered":
         arch = ModelArch(**TINY, layernorm_zero_centered_gamma=True, rotary_percent=0.5)
     else:
         arch = ModelArch(**{**TINY, "num_query_groups": 4}, add_bias_linear=True)
     set_seed(7)
-    reference = build_gpt(arch, Parallel(), device=torch.device(DEVICE))
+    reference = build_gpt(arch, Parallel(), device=torch.device(DEVICE), recompute=recompute)
     # on CPU build_gpt never picks the fused modules itself (fused_kernels_usable): ask for the spec directly
-    fused = build_gpt(arch, Parallel(), device=torch.device(DEVICE),
+    fused = build_gpt(arch, Parallel(), device=torch.device(DEVICE), recompute=recompute,
                       layer_spec_transform=lambda spec, config: layer_spec(arch, fused_kernels=True))
     assert list(fused.state_dict()) == list(reference.state_dict())
     fused.load_state_dict(reference.state_dict())
@@ -432,7 +434,8 @@ def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls):
         logits = model(tokens, positions, None)
         logits.float().square().mean().backward()
         outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    assert kernel_calls == {"rope": 2 * arch.num_layers, "swiglu": arch.num_layers}  # the fused model's only
+    passes = 2 if recompute else 1  # the fused model's calls only
+    assert kernel_calls == {"rope": 2 * arch.num_layers * passes, "swiglu": arch.num_layers * passes}
     torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
     for name, grad in outputs[0][1].items():
         torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
