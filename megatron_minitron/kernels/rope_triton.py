@@ -9,7 +9,8 @@ the only difference from megatron is that the kernel forms y in fp32 and rounds 
 bf16 path rounds after each product.
 
 One program per (position, batch, head) row reads the row once and writes it once (megatron's path
-materialises the rotated half, two products and two concatenations). The backward is the same kernel
+materialises the rotated half, two products and two concatenations). The input may be a strided view
+(megatron's q and k are slices of the fused qkv output): the kernel reads it in place instead of copying. The backward is the same kernel
 with the transposed rotation: d x1 = dy1 cos1 + dy2 sin2, d x2 = dy2 cos2 - dy1 sin1, the tail's gradient is dy.
 
 Used by ``model.attention.FusedRoPESelfAttention`` (train.fused_kernels) on the training path. On CPU
@@ -26,15 +27,18 @@ from .triton_support import check_interpretable
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, rows_per_position, head_dim, half, rot_dim,
-                 BACKWARD: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr):
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, stride_s, stride_b, stride_h, head_dim, half,
+                 rot_dim, BACKWARD: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    position = row // rows_per_position
+    position = row // (batch * heads)
+    within = row % (batch * heads)
+    # x may be a strided view (megatron's q / k are slices of the fused qkv projection); y is contiguous
+    x_offset = position * stride_s + (within // heads) * stride_b + (within % heads) * stride_h
     offset = row * head_dim
     cols = tl.arange(0, BLOCK_HALF)
     valid = cols < half
-    x1 = tl.load(x_ptr + offset + cols, mask=valid, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + offset + half + cols, mask=valid, other=0.0).to(tl.float32)
+    x1 = tl.load(x_ptr + x_offset + cols, mask=valid, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + x_offset + half + cols, mask=valid, other=0.0).to(tl.float32)
     trig = position * rot_dim
     cos1 = tl.load(cos_ptr + trig + cols, mask=valid, other=0.0).to(tl.float32)
     cos2 = tl.load(cos_ptr + trig + half + cols, mask=valid, other=0.0).to(tl.float32)
@@ -52,7 +56,7 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, rows_per_position, head_dim, ha
     if BLOCK_TAIL > 0:  # rotary_percent < 1: the remaining channels pass through
         tail = rot_dim + tl.arange(0, BLOCK_TAIL)
         in_tail = tail < head_dim
-        tl.store(y_ptr + offset + tail, tl.load(x_ptr + offset + tail, mask=in_tail, other=0.0),
+        tl.store(y_ptr + offset + tail, tl.load(x_ptr + x_offset + tail, mask=in_tail, other=0.0),
                  mask=in_tail)
 
 
@@ -71,14 +75,17 @@ def _cos_sin(freqs: torch.Tensor, t: torch.Tensor, mscale: float):
 
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+    """Rotate ``x`` [s, b, h, d] (any strides with a unit last one; else copied first) into a contiguous y."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     s, b, h, d = x.shape
     rot_dim = cos.shape[1]
-    y = torch.empty_like(x)
+    y = torch.empty((s, b, h, d), dtype=x.dtype, device=x.device)
     n_rows = s * b * h
     if n_rows:
         tail = d - rot_dim
-        _rope_kernel[(n_rows,)](x, cos, sin, y, b * h, d, rot_dim // 2, rot_dim,
-                                BACKWARD=backward,
+        _rope_kernel[(n_rows,)](x, cos, sin, y, b, h, x.stride(0), x.stride(1), x.stride(2), d, rot_dim // 2,
+                                rot_dim, BACKWARD=backward,
                                 BLOCK_HALF=triton.next_power_of_2(max(1, rot_dim // 2)),
                                 BLOCK_TAIL=triton.next_power_of_2(tail) if tail else 0, num_warps=1)
     return y
@@ -88,12 +95,12 @@ class TritonRotaryEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, cos, sin):
         ctx.save_for_backward(cos, sin)
-        return _launch(t.contiguous(), cos, sin, backward=False)
+        return _launch(t, cos, sin, backward=False)
 
     @staticmethod
     def backward(ctx, grad_y):
         cos, sin = ctx.saved_tensors
-        return _launch(grad_y.contiguous(), cos, sin, backward=True), None, None
+        return _launch(grad_y, cos, sin, backward=True), None, None
 
 
 def triton_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, mscale: float = 1.0,

@@ -157,6 +157,26 @@ def test_rope_general_freqs_and_mscale_match_megatron():
         torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-6, msg=name)
 
 
+def test_rope_reads_strided_views_in_place():
+    """megatron's q / k are views into the fused qkv output ([s, b, groups, (q + k + v) * d] split on the last
+    dim); the kernel reads them with their strides. A strided upstream gradient is read the same way."""
+    torch.manual_seed(6)
+    s, b, h, d = 5, 2, 3, 8
+    qkv = torch.randn(s, b, h, 3 * d, device=DEVICE)
+    freqs = torch.randn(s, 1, 1, d, device=DEVICE) * 3
+    upstream = torch.randn(b, s, h, d, device=DEVICE).transpose(0, 1)  # [s, b, h, d], not contiguous
+    outputs = []
+    for fn in (_megatron_rope, triton_apply_rotary_pos_emb):
+        leaf = qkv.detach().clone().requires_grad_(True)
+        key = leaf[..., d:2 * d]
+        assert not key.is_contiguous()
+        y = fn(key, freqs)
+        y.backward(upstream)
+        outputs.append((y.detach(), leaf.grad))
+    for name, r, f in zip(("y", "dqkv"), *outputs):
+        torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_rope_rejects_what_it_does_not_implement():
     t = torch.randn(4, 1, 2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="non-interleaved"):
