@@ -34,7 +34,8 @@ class PreloadedMinitron:
     """`minitron` commands run by tests/cli_server.py: each in a fork of one process that imported torch,
     megatron-core and our modules once, instead of a fresh interpreter that spends ~8 s importing them (see
     that file for what is and is not the same as `python -m megatron_minitron.cli`). `run` returns what
-    subprocess.run(..., capture_output=True, text=True) would. Use as a module-scoped fixture; `close()`."""
+    subprocess.run(..., capture_output=True, text=True, env=env) would; env is the command's whole environment
+    (default: the server's). tests/e2e/conftest.py holds one for the session; `close()` stops it."""
 
     def __init__(self, env: dict, workdir: str):
         self.env = dict(env)
@@ -52,7 +53,7 @@ class PreloadedMinitron:
 
         self._count += 1
         out, err = (os.path.join(self.workdir, f"cmd{self._count}.{k}") for k in ("out", "err"))
-        self._proc.stdin.write(json.dumps({"argv": list(args), "env": dict(self.env, **(env or {})),
+        self._proc.stdin.write(json.dumps({"argv": list(args), "env": dict(self.env if env is None else env),
                                            "cwd": str(cwd), "stdout": out, "stderr": err}) + "\n")
         self._proc.stdin.flush()
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout)

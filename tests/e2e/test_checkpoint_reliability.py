@@ -10,8 +10,6 @@ import time
 
 import pytest
 
-from procs import PreloadedMinitron
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 ENV.pop("MINITRON_DEBUG", None)
@@ -25,13 +23,12 @@ def minitron(*args, env=None, timeout=600):
                           env=dict(ENV, **(env or {})), cwd=ROOT, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def preloaded(tmp_path_factory):
-    """Commands after each test's first: forks of one process that imported everything once (tests/procs.py);
-    the first command of each test and the lock holder stay plain `python -m megatron_minitron.cli` processes."""
-    server = PreloadedMinitron(ENV, str(tmp_path_factory.mktemp("cli")))
-    yield server.run
-    server.close()
+@pytest.fixture
+def preloaded(preloaded_cli):
+    """`minitron` as above, in a fork of the session's preloaded process (tests/e2e/conftest.py): the commands
+    after each test's first; that one and the lock holder stay plain `python -m megatron_minitron.cli`."""
+    return lambda *args, env=None, timeout=600: preloaded_cli.run(*args, env=dict(ENV, **(env or {})),
+                                                                   timeout=timeout)
 
 
 @pytest.fixture(scope="module")

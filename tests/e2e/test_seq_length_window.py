@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from megatron_minitron.checkpoint import read_metadata
-from procs import PreloadedMinitron
 
 from test_train_cli import ENV, corpus, minitron  # noqa: F401  (the shared corpus fixture)
 
@@ -36,17 +35,14 @@ def architecture(path):
 
 
 @pytest.fixture
-def preloaded(tmp_path):
-    """The commands after the first: forks of one process that imported everything once (tests/procs.py)."""
-    server = PreloadedMinitron(ENV, str(tmp_path))
-
+def preloaded(preloaded_cli):
+    """`minitron` for the commands after the first: forks of the session's preloaded process (tests/e2e/conftest.py)."""
     def run(*args, check=True):
-        proc = server.run(*args, timeout=300)
+        proc = preloaded_cli.run(*args, env=ENV, timeout=300)
         if check and proc.returncode != 0:
             pytest.fail(f"minitron {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
-    yield run
-    server.close()
+    return run
 
 
 def test_jobs_run_at_the_requested_window_and_saves_keep_the_max_context(corpus, preloaded, tmp_path):  # noqa: F811

@@ -25,6 +25,18 @@ def minitron(*args, check=True, timeout=300):
     return proc
 
 
+@pytest.fixture
+def preloaded(preloaded_cli):
+    """`minitron` as above, in a fork of the session's preloaded process (tests/e2e/conftest.py): for the
+    commands after a test's first, which stays a plain process."""
+    def run(*args, check=True, timeout=300):
+        proc = preloaded_cli.run(*args, env=ENV, timeout=timeout)
+        if check and proc.returncode != 0:
+            pytest.fail(f"minitron {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return proc
+    return run
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
@@ -48,7 +60,7 @@ def read_metrics(save):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_train_learns_and_checkpoints(corpus, tmp_path):
+def test_train_learns_and_checkpoints(corpus, preloaded, tmp_path):
     train, valid = corpus
     save = str(tmp_path / "run")
     proc = minitron("train", *MODEL, f"data.train_data=[{train}]", f"data.valid_data=[{valid}]",
@@ -71,21 +83,21 @@ def test_train_learns_and_checkpoints(corpus, tmp_path):
     assert os.path.exists(os.path.join(save, "config.yaml"))
     # the same command again: already at train_iters, so nothing is trained or rewritten
     before = {name: os.stat(os.path.join(save, name)).st_mtime_ns for name in ("config.yaml", "metrics.jsonl")}
-    again = minitron("train", *MODEL, f"data.train_data=[{train}]", f"data.valid_data=[{valid}]",
-                     "data.global_batch_size=8", "train.train_iters=30", f"train.save={save}")
+    again = preloaded("train", *MODEL, f"data.train_data=[{train}]", f"data.valid_data=[{valid}]",
+                      "data.global_batch_size=8", "train.train_iters=30", f"train.save={save}")
     assert "nothing to do" in again.stdout, again.stdout
     assert before == {name: os.stat(os.path.join(save, name)).st_mtime_ns for name in before}
 
 
-def test_bad_config_fails_before_work(tmp_path):
+def test_bad_config_fails_before_work(preloaded, tmp_path):
     proc = minitron("train", "model.num_attention_heads=5", check=False)
     assert proc.returncode == 2
     assert "model.hidden_size=128 is not divisible by num_attention_heads=5" in proc.stderr
-    proc = minitron("train", "data.train_data=[/nonexistent/x]", check=False)
+    proc = preloaded("train", "data.train_data=[/nonexistent/x]", check=False)
     assert proc.returncode == 2 and "run `minitron preprocess`" in proc.stderr
 
 
-def test_sigterm_on_one_rank_saves_and_exits_cleanly(corpus, tmp_path):
+def test_sigterm_on_one_rank_saves_and_exits_cleanly(corpus, preloaded, tmp_path):
     train, _ = corpus
     save = str(tmp_path / "run")
     args = ["train", *MODEL, f"data.train_data=[{train}]", "data.global_batch_size=4",
@@ -120,14 +132,14 @@ def test_sigterm_on_one_rank_saves_and_exits_cleanly(corpus, tmp_path):
     with open(os.path.join(save, "latest")) as f:
         assert f.read().strip() == f"iter_{stopped:07d}"
     # the next launch resumes from the saved iteration
-    minitron("train", *MODEL, f"data.train_data=[{train}]", "data.global_batch_size=4",
-             "data.micro_batch_size=1", f"train.train_iters={stopped + 2}", "train.eval_interval=0",
-             f"train.save={save}")
+    preloaded("train", *MODEL, f"data.train_data=[{train}]", "data.global_batch_size=4",
+              "data.micro_batch_size=1", f"train.train_iters={stopped + 2}", "train.eval_interval=0",
+              f"train.save={save}")
     iterations = [r["iteration"] for r in read_metrics(save)]
     assert iterations[-2:] == [stopped + 1, stopped + 2]
 
 
-def test_checkpoints_name_the_tokenizer_through_the_pipeline(corpus, tmp_path):
+def test_checkpoints_name_the_tokenizer_through_the_pipeline(corpus, preloaded, tmp_path):
     """Trained from a dataset: the checkpoint names the dataset's tokenizer; trained on from that checkpoint
     (train.load, e.g. distillation or teacher correction): the new checkpoint names the same one."""
     from megatron_minitron.checkpoint import read_metadata
@@ -140,5 +152,5 @@ def test_checkpoints_name_the_tokenizer_through_the_pipeline(corpus, tmp_path):
     minitron("train", *common, f"train.save={first}")
     expected = load_tokenizer_sidecar(train).describe()
     assert read_metadata(first)["tokenizer"] == expected
-    minitron("train", *common, f"train.save={second}", f"train.load={first}")
+    preloaded("train", *common, f"train.save={second}", f"train.load={first}")
     assert read_metadata(second)["tokenizer"] == expected
