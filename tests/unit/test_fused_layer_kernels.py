@@ -334,14 +334,17 @@ def _random_freqs(s, rot_dim, seed):
     return (torch.randn(s, 1, 1, rot_dim, generator=g) * 3).to(DEVICE)
 
 
-@pytest.mark.parametrize("form", ["tensor", "pair", "query_only"])
+@pytest.mark.parametrize("form", ["tensor", "pair", "query_only", "output_gate"])
 def test_fused_rope_attention_matches_megatron_self_attention(form, kernel_calls):
-    """Separate q / k frequencies, rotary_percent 0.5 and a YaRN concentration factor (mscale != 1)."""
+    """Separate q / k frequencies, rotary_percent 0.5 and a YaRN concentration factor (mscale != 1); with
+    attention_output_gate megatron's qkv step returns a fourth tensor (the gate), handed on untouched."""
     arch = ModelArch(**TINY, rotary_percent=0.5)
-    config, plain, fused = _attention_pair(arch, yarn_rotary_scaling_factor=4.0)
+    extra = {"attention_output_gate": True} if form == "output_gate" else {}
+    config, plain, fused = _attention_pair(arch, yarn_rotary_scaling_factor=4.0, **extra)
     s, b, rot = 6, 2, arch.head_dim // 2
     q_freqs, k_freqs = _random_freqs(s, rot, 0), _random_freqs(s, rot, 1)
-    rotary = {"tensor": q_freqs, "pair": (q_freqs, k_freqs), "query_only": (q_freqs, None)}[form]
+    rotary = {"tensor": q_freqs, "pair": (q_freqs, k_freqs), "query_only": (q_freqs, None),
+              "output_gate": (q_freqs, k_freqs)}[form]
     x = torch.randn(s, b, arch.hidden_size, device=DEVICE)
     upstream = torch.randn(s, b, arch.hidden_size, device=DEVICE)
     ref = _attention_step(plain, x, rotary, upstream)
