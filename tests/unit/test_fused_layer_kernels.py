@@ -365,7 +365,8 @@ def test_fused_rope_attention_leaves_uncovered_cases_to_megatron(kernel_calls):
     got = _attention_step(fused, x, freqs, upstream)
     assert kernel_calls["rope"] == 0
     for i, (r, g) in enumerate(zip(ref, got)):
-        torch.testing.assert_close(g, r, rtol=0, atol=0, msg=f"output/grad {i}")
+        # megatron's own path on both sides (bitwise on CPU; a GPU's attention backward may sum in any order)
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7, msg=f"output/grad {i}")
     config.rotary_interleaved = False
     assert fused._kernel_covers((), {"rotary_pos_emb": freqs})
     for name in ("inference_context", "packed_seq_params", "rotary_pos_cos", "key_value_states"):
