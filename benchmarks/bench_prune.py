@@ -7,7 +7,8 @@
                 move the same bytes): load + trim + staged save + read-back verification + swap, vs loading
                 the checkpoint once and saving it once to a new directory. Goal: <= 2x.
 
-Prints markdown rows: date, device, measurement, size, ms, floor ms, ratio, goal, command.
+Prints markdown rows: date, device, measurement, size, ms, floor ms, ratio, goal, command. On a GPU also the
+peak memory each phase adds next to `minitron plan --job prune`'s parts for it (issue 15 item 5: within 10%).
 
 GPU:     python benchmarks/bench_prune.py                     (~1.2B-parameter Llama-like model, bf16)
 CPU run: python benchmarks/bench_prune.py --smoke             (tiny sizes: checks that everything runs)
@@ -75,8 +76,41 @@ def bench_importance(model, arch, args):
     model.eval()
     with torch.no_grad():
         plain = timed(lambda: run_forward([model], batches), args.repeats)
-        hooked = timed(lambda: estimate_importance([model], batches, ImportanceSettings()), args.repeats)
-    return tokens, hooked, plain
+        with PeakAbove() as peak:
+            hooked = timed(lambda: estimate_importance([model], batches, ImportanceSettings()), args.repeats)
+    return tokens, hooked, plain, peak.bytes
+
+
+class PeakAbove:
+    """Peak CUDA allocation above what was allocated on entry (the benchmark's own model): the memory the
+    measured step adds. 0 on CPU."""
+
+    def __enter__(self):
+        self.bytes = 0
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            self.bytes = torch.cuda.max_memory_allocated() - self.base
+        return False
+
+
+def planned_prune_bytes(arch, args):
+    """`minitron plan --job prune`'s parts for this model (TP1 PP1, bf16): (weights + pruned copy, calibration
+    activations + logits), to hold against the measured peaks of the rewrite and of the importance pass, each of
+    which adds to the weights already resident (issue 15 item 5)."""
+    from megatron_minitron.plan import Job, Layout, estimate
+
+    est = estimate(Job("prune", arch, args.seq, args.micro_batch_size, param_bytes=2),
+                   Layout(micro_batch_size=args.micro_batch_size))
+    copy = est.parts["pruned_copy"]
+    calibration = est.total - est.parts["weights"] - copy
+    return est.parts["weights"], copy, calibration
 
 
 def bench_rewrite(model, arch, args, work):
@@ -113,8 +147,9 @@ def bench_rewrite(model, arch, args, work):
         shutil.rmtree(copy)
 
     floor = timed(read_and_write, args.repeats)
-    ms = timed(rewrite, args.repeats)
-    return size, ms, floor
+    with PeakAbove() as peak:
+        ms = timed(rewrite, args.repeats)
+    return size, ms, floor, peak.bytes
 
 
 def main(argv=None):
@@ -139,18 +174,28 @@ def main(argv=None):
     params = f"{n / 1e9:.2f}B params" if n >= 1e9 else f"{n / 1e6:.2f}M params"
     print("| date | device | measurement | size | ms | floor ms | ratio | goal | command |")
     print("|---|---|---|---|---|---|---|---|---|")
+    weights, copy, calibration = planned_prune_bytes(arch, args)
+    memory_rows = []
     if "importance" not in args.skip:
-        tokens, ms, floor = bench_importance(model, arch, args)
+        tokens, ms, floor, peak = bench_importance(model, arch, args)
         print(f"| {date} | {device} | importance vs plain forward | {params}, {tokens} tokens | {ms:.1f} | "
               f"{floor:.1f} | {ms / floor:.2f}x | <= 1.2x | `{command}` |", flush=True)
+        memory_rows.append(("importance pass, above the resident weights", peak, calibration))
     if "rewrite" not in args.skip:
         work = tempfile.mkdtemp(prefix="bench_prune_", dir=args.dir)
         try:
-            size, ms, floor = bench_rewrite(model, arch, args, work)
+            size, ms, floor, peak = bench_rewrite(model, arch, args, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"| {date} | {device} | in-place rewrite vs read + write | {params}, {size / 2**20:.0f} MiB | "
               f"{ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | <= 2x | `{command}` |", flush=True)
+        # the rewrite loads its own source copy, trims it, and verifies: weights + pruned copy of the plan
+        memory_rows.append(("prune --in-place (scores given), above the benchmark's model", peak, weights + copy))
+    if memory_rows and torch.cuda.is_available():
+        print("\n| prune phase | measured peak GiB | planned GiB | planned / measured |\n|---|---|---|---|")
+        for what, measured, planned in memory_rows:
+            ratio = f"{planned / measured:.2f}" if measured else "-"
+            print(f"| {what} | {measured / 2**30:.2f} | {planned / 2**30:.2f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
