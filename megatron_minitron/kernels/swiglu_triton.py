@@ -26,25 +26,28 @@ MAX_BLOCK = 1024  # columns one program handles; wider rows are split over a sec
 
 
 @triton.jit
-def _swiglu_forward_kernel(y_ptr, out_ptr, n_half, BLOCK: tl.constexpr):
+def _gate_and_up(y_ptr, n_half, BLOCK: tl.constexpr):
+    """This program's block of one row of fc1's output [gate | up]: (row, columns, mask, row offset, gate, up),
+    the halves in fp32."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < n_half
     base = row * 2 * n_half
     gate = tl.load(y_ptr + base + cols, mask=valid, other=0.0).to(tl.float32)
     up = tl.load(y_ptr + base + n_half + cols, mask=valid, other=0.0).to(tl.float32)
+    return row, cols, valid, base, gate, up
+
+
+@triton.jit
+def _swiglu_forward_kernel(y_ptr, out_ptr, n_half, BLOCK: tl.constexpr):
+    row, cols, valid, base, gate, up = _gate_and_up(y_ptr, n_half, BLOCK)
     out = gate * tl.sigmoid(gate) * up
     tl.store(out_ptr + row * n_half + cols, out.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
 def _swiglu_backward_kernel(dout_ptr, y_ptr, dy_ptr, n_half, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    valid = cols < n_half
-    base = row * 2 * n_half
-    gate = tl.load(y_ptr + base + cols, mask=valid, other=0.0).to(tl.float32)
-    up = tl.load(y_ptr + base + n_half + cols, mask=valid, other=0.0).to(tl.float32)
+    row, cols, valid, base, gate, up = _gate_and_up(y_ptr, n_half, BLOCK)
     dout = tl.load(dout_ptr + row * n_half + cols, mask=valid, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     d_gate = dout * up * sig * (1.0 + gate * (1.0 - sig))

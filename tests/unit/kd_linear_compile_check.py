@@ -1,5 +1,5 @@
-"""Compile the fused output-layer KD kernels (no argument) or the logits-path KL kernels (argument ``kl``) for
-an sm_90 (H100/H200) target without a GPU: Triton's own frontend, optimizer and ptxas, so type or lowering
+"""Compile the fused output-layer KD kernels (no argument), the logits-path KL kernels (argument ``kl``) or the
+student layer's RMSNorm / RoPE / SwiGLU kernels (argument ``layers``) for an sm_90 (H100/H200) target without a GPU: Triton's own frontend, optimizer and ptxas, so type or lowering
 errors that the interpreter never sees fail on CPU. Run with TRITON_INTERPRET=0 (the test does). Prints
 COMPILED <n> or API_UNSUPPORTED <reason>."""
 import inspect
@@ -10,6 +10,20 @@ import triton
 
 def _configurations(which: str):
     """(kernel, constexpr flags, logits dtype) to compile: the configurations with the most code, and the plainest."""
+    if which == "layers":
+        from megatron_minitron.kernels import rmsnorm_triton, rope_triton, swiglu_triton
+
+        for dtype in ("bf16", "fp32"):
+            for zero_centered in (False, True):
+                for fn in (rmsnorm_triton._rms_norm_forward_kernel, rmsnorm_triton._rms_norm_backward_kernel):
+                    yield rmsnorm_triton, fn, {"ZERO_CENTERED": zero_centered, "BLOCK": 4096}, dtype
+            # full rotation (no tail: BLOCK_TAIL 0) and rotary_percent 0.5 (a 64-wide tail), forward and backward
+            for backward, tail in ((False, 0), (True, 0), (False, 64)):
+                yield rope_triton, rope_triton._rope_kernel, {"BACKWARD": backward, "BLOCK_HALF": 32,
+                                                              "BLOCK_TAIL": tail}, dtype
+            for fn in (swiglu_triton._swiglu_forward_kernel, swiglu_triton._swiglu_backward_kernel):
+                yield swiglu_triton, fn, {"BLOCK": swiglu_triton.MAX_BLOCK}, dtype
+        return
     if which == "kl":
         from megatron_minitron.distill import kl_triton as kernels
 
@@ -36,7 +50,8 @@ def main(which: str = "kd_linear"):
     target = GPUTarget("cuda", 90, 32)
     pointers = {"labels_ptr": "*i64", "max_ptr": "*fp32", "sums_ptr": "*fp32", "lse_s_ptr": "*fp32",
                 "lse_t_ptr": "*fp32", "kl_ptr": "*fp32", "kd_scale_ptr": "*fp32", "lse_1_ptr": "*fp32",
-                "lm_scale_ptr": "*fp32", "row_scale_ptr": "*fp32", "inv_tau": "fp32"}
+                "lm_scale_ptr": "*fp32", "row_scale_ptr": "*fp32", "inv_tau": "fp32",
+                "rstd_ptr": "*fp32", "dw_partial_ptr": "*fp32", "eps": "fp32"}
     count = 0
     for kernels, fn, flags, dtype in _configurations(which):
         names = list(inspect.signature(fn.fn).parameters)
@@ -48,7 +63,8 @@ def main(which: str = "kd_linear"):
         except TypeError as exc:
             print(f"API_UNSUPPORTED {exc}")
             return
-        compiled = triton.compile(source, target=target, options={"num_warps": kernels.DEFAULT_NUM_WARPS})
+        compiled = triton.compile(source, target=target,
+                                  options={"num_warps": getattr(kernels, "DEFAULT_NUM_WARPS", 4)})
         assert compiled.asm.get("cubin"), f"{fn.fn.__name__}: no cubin"
         count += 1
     print(f"COMPILED {count}")

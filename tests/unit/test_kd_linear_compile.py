@@ -1,5 +1,5 @@
 """The Triton KD kernels (fused output-layer epilogue, and the logits-path KL kernels that share its per-block
-device functions) compile for sm_90 through Triton's real pipeline (ptxas included) on a CPU-only machine: the
+device functions) and the student layer's RMSNorm / RoPE / SwiGLU kernels compile for sm_90 through Triton's real pipeline (ptxas included) on a CPU-only machine: the
 interpreter used by the other tests does not type-check or lower the kernels."""
 import os
 import subprocess
@@ -35,3 +35,10 @@ def test_kl_kernels_compile_for_sm90(tmp_path):
     proc = _compile_check(tmp_path, "kl")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "COMPILED 4" in proc.stdout, out[-4000:]
+
+
+def test_layer_kernels_compile_for_sm90(tmp_path):
+    """train.fused_kernels' RMSNorm, RoPE and SwiGLU kernels, in bf16 and fp32, every constexpr branch."""
+    proc = _compile_check(tmp_path, "layers")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "COMPILED 18" in proc.stdout, out[-4000:]
