@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -46,6 +45,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from ..kernels.fp8 import FP8Weight, fp8_gemm, quantize_fp8, quantize_weight
 from ..kernels.fp8_fused import attention_output_quantize, norm_quantize, swiglu_quantize
+from ..model.builder import dense_mlp_parts
 from ..model.layers import Norm, SDPAttention
 
 NO_LINEARS_MESSAGE = ("teacher_precision=fp8 found no megatron linear layers to quantize (the Transformer Engine "
@@ -292,7 +292,7 @@ def fp8_layer_spec(spec: ModuleSpec, config, options: FP8Options = FP8Options(),
             att.core_attention = _with_class(att.core_attention, FP8SDPAttention)
         layer.self_attention = dataclasses.replace(attention, submodules=att)
         swapped += qkv + proj
-    mlp_parts = _dense_mlp_parts(getattr(layer, "mlp", None))
+    mlp_parts = dense_mlp_parts(getattr(layer, "mlp", None))
     if mlp_parts is not None:
         sub, rebuild = mlp_parts
         sub.linear_fc1, fc1 = _fp8_linear(sub.linear_fc1, options)
@@ -305,29 +305,6 @@ def fp8_layer_spec(spec: ModuleSpec, config, options: FP8Options = FP8Options(),
     if swapped == 0:
         raise ValueError(NO_LINEARS_MESSAGE)
     return spec
-
-
-def _dense_mlp_parts(mlp):
-    """(a copy of the MLP's submodules, rebuild(cls, submodules) -> the layer's mlp entry) for megatron's dense
-    MLP, None for anything else. megatron-core <= 0.18 spells it ``ModuleSpec(module=MLP, submodules=...)``;
-    0.19's local spec gives ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (and would call a
-    ModuleSpec of another class as a function), so the entry is rebuilt in the form it came in."""
-    if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
-        def rebuild(cls, sub):
-            if hasattr(cls, "as_mlp_submodule"):  # 0.19 rewraps only MLP itself: hand it the builder form
-                return functools.partial(cls.as_mlp_submodule, submodules=sub, **mlp.params)
-            return dataclasses.replace(mlp, module=cls, submodules=sub)
-
-        return dataclasses.replace(mlp.submodules), rebuild
-    if isinstance(mlp, functools.partial) and getattr(mlp.func, "__self__", None) is MLP \
-            and getattr(mlp.func, "__name__", "") == "as_mlp_submodule" and "submodules" in mlp.keywords:
-        others = {k: v for k, v in mlp.keywords.items() if k != "submodules"}
-
-        def rebuild(cls, sub):
-            return functools.partial(cls.as_mlp_submodule, *mlp.args, submodules=sub, **others)
-
-        return dataclasses.replace(mlp.keywords["submodules"]), rebuild
-    return None
 
 
 class _DropUnknownMLPWarning(logging.Filter):

@@ -160,11 +160,20 @@ def _swap_in_fused_modules(sub, arch: ModelArch) -> None:
 
 
 def _mlp_entry_with_class(mlp, cls):
-    """The local spec's dense-MLP entry building ``cls`` (an MLP subclass) instead; any other entry as is.
-    megatron-core <= 0.17 spells it ``ModuleSpec(module=MLP, ...)``, 0.18-0.19
-    ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (a classmethod: cls's builds a cls). From
-    0.18 the layer calls the entry and rewraps a ModuleSpec of MLP itself only, so a ModuleSpec becomes the
-    builder form wherever ``as_mlp_submodule`` exists."""
+    """The local spec's dense-MLP entry building ``cls`` (an MLP subclass) instead; any other entry as is."""
+    parts = dense_mlp_parts(mlp)
+    if parts is None:
+        return mlp
+    submodules, rebuild = parts
+    return rebuild(cls, submodules)
+
+
+def dense_mlp_parts(mlp):
+    """(a copy of the MLP's submodules, rebuild(cls, submodules) -> the layer's mlp entry) for megatron's dense
+    MLP, None for anything else. megatron-core <= 0.17 spells it ``ModuleSpec(module=MLP, submodules=...)``;
+    0.18-0.19 ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (a classmethod: cls's builds a cls).
+    From 0.18 the layer calls the entry and rewraps a ModuleSpec of MLP itself only, so a ModuleSpec becomes
+    the builder form wherever ``as_mlp_submodule`` exists."""
     import dataclasses
     import functools
 
@@ -172,13 +181,28 @@ def _mlp_entry_with_class(mlp, cls):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     if isinstance(mlp, ModuleSpec) and mlp.module is MLP:
-        if hasattr(cls, "as_mlp_submodule"):
-            return functools.partial(cls.as_mlp_submodule, submodules=mlp.submodules, **mlp.params)
-        return dataclasses.replace(mlp, module=cls)
-    if (isinstance(mlp, functools.partial) and getattr(mlp.func, "__self__", None) is MLP
-            and getattr(mlp.func, "__name__", "") == "as_mlp_submodule"):
-        return functools.partial(cls.as_mlp_submodule, *mlp.args, **mlp.keywords)
-    return mlp
+        def rebuild(cls, sub):
+            if hasattr(cls, "as_mlp_submodule"):
+                return functools.partial(cls.as_mlp_submodule, submodules=sub, **mlp.params)
+            return dataclasses.replace(mlp, module=cls, submodules=sub)
+
+        return _copy(mlp.submodules), rebuild
+    if isinstance(mlp, functools.partial) and getattr(mlp.func, "__self__", None) is MLP \
+            and getattr(mlp.func, "__name__", "") == "as_mlp_submodule" and "submodules" in mlp.keywords:
+        others = {k: v for k, v in mlp.keywords.items() if k != "submodules"}
+
+        def rebuild(cls, sub):
+            return functools.partial(cls.as_mlp_submodule, *mlp.args, submodules=sub, **others)
+
+        return _copy(mlp.keywords["submodules"]), rebuild
+    return None
+
+
+def _copy(submodules):
+    """A shallow copy of a submodules dataclass (the caller may swap its entries), anything else as it is."""
+    import dataclasses
+
+    return dataclasses.replace(submodules) if dataclasses.is_dataclass(submodules) else submodules
 
 
 def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.float32,
