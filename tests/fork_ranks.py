@@ -1,4 +1,5 @@
-"""`python tests/fork_ranks.py NPROC SCRIPT [ARGS...]`: run SCRIPT on NPROC CPU ranks as torchrun would for the
+"""`python tests/fork_ranks.py NPROC SCRIPT [ARGS...]` (or `NPROC -m MODULE [ARGS...]`): run SCRIPT (MODULE) on
+NPROC CPU ranks as torchrun would for the
 tests' worker scripts, but each rank a fork of this process after it imported torch and megatron-core once
 (tests/procs.py's torchrun uses it; on 2 CPU cores every rank otherwise spends ~8 s importing them, and the
 torchrun agent ~3 s more).
@@ -36,10 +37,15 @@ def run_rank(rank: int, nproc: int, port: int, script: str, args: list) -> int:
                       GROUP_RANK="0", GROUP_WORLD_SIZE="1", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(nproc),
                       ROLE_NAME="default", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0", TORCHELASTIC_RUN_ID="none")
-    sys.argv = [script, *args]
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
     try:
-        runpy.run_path(script, run_name="__main__")
+        if script == "-m":  # as `python -m MODULE ARGS`: sys.argv[0] becomes the module's file, sys.path[0] the cwd
+            sys.argv = [script, *args[1:]]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(args[0], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = [script, *args]
+            sys.path[0] = os.path.dirname(os.path.abspath(script))
+            runpy.run_path(script, run_name="__main__")
         return 0
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):

@@ -25,7 +25,6 @@ measured on 2 lightly shared cores).
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -63,15 +62,14 @@ def minitron(*argv):
 
 
 def minitron_torchrun(nproc, *argv):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """`torchrun -m megatron_minitron.cli ARGV` on nproc CPU ranks, forked from one process that imported torch
+    and megatron-core once (tests/fork_ranks.py gives them torchrun's worker environment)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(name, None)  # set by the in-process runs
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                           f"--master-port={port}", "--master-addr=127.0.0.1", "-m", "megatron_minitron.cli",
-                           *map(str, argv)], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "fork_ranks.py"), str(nproc),
+                           "-m", "megatron_minitron.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=ROOT, start_new_session=True)
     if proc.returncode != 0:
         pytest.fail(f"torchrun minitron {' '.join(map(str, argv))} failed:\n{(proc.stdout + proc.stderr)[-6000:]}")
 
