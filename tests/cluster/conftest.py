@@ -7,8 +7,9 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cluster_helpers import (ROOT, TOKENS_PER_ITER, indexed_dataset_tokens, launch_distill,  # noqa: E402
-                             minitron)
+from cluster_helpers import (BASE_ENV, ROOT, TOKENS_PER_ITER, indexed_dataset_tokens,  # noqa: E402
+                             launch_distill, minitron)
+from procs import PreloadedMinitron  # noqa: E402
 from slurm_harness import LocalSlurm, unavailable_reason  # noqa: E402
 
 
@@ -16,20 +17,33 @@ from slurm_harness import LocalSlurm, unavailable_reason  # noqa: E402
 def tiny(tmp_path_factory):
     """Data, a teacher trained briefly from examples/tiny_cpu.yaml, and its width-pruned student."""
     d = tmp_path_factory.mktemp("tiny")
+    # train and prune below run in forks of one process that imported everything once (tests/procs.py), not in
+    # two more fresh interpreters; it imports while preprocess (a plain process) runs
+    server = PreloadedMinitron(BASE_ENV, str(tmp_path_factory.mktemp("cli_server")))
     prefix = str(d / "stdlib")
     # 600 kB: one epoch holds ~1200 iterations of 8 x 32 tokens. Runs compared with each other must stay
     # within one epoch: megatron's GPTDataset shuffles all epochs it builds together, so the sample order of a
     # multi-epoch run depends on its length.
-    minitron("preprocess", "--corpus", "stdlib", "--corpus-bytes", "600000", "--train-tokenizer",
-             "--vocab-size", "512", "--output-prefix", prefix)
+    try:
+        minitron("preprocess", "--corpus", "stdlib", "--corpus-bytes", "600000", "--train-tokenizer",
+                 "--vocab-size", "512", "--output-prefix", prefix)
+    except BaseException:
+        server.close()
+        raise
     train, valid = prefix + "_train", prefix + "_valid"
     train_tokens = indexed_dataset_tokens(train)
     teacher, student = str(d / "teacher"), str(d / "student")
-    minitron("train", os.path.join(ROOT, "examples", "tiny_cpu.yaml"), f"data.train_data=[{train}]",
-             f"data.valid_data=[{valid}]", "train.train_iters=10", "train.eval_interval=0",
-             f"train.save={teacher}", "train.progress_bar=false")
-    minitron("prune", "--load", teacher, "--save", student, "--data", train, "--num-samples", "16",
-             "--target", "hidden_size=48", "ffn_hidden_size=128")
+    try:
+        for args in (["train", os.path.join(ROOT, "examples", "tiny_cpu.yaml"), f"data.train_data=[{train}]",
+                      f"data.valid_data=[{valid}]", "train.train_iters=10", "train.eval_interval=0",
+                      f"train.save={teacher}", "train.progress_bar=false"],
+                     ["prune", "--load", teacher, "--save", student, "--data", train, "--num-samples", "16",
+                      "--target", "hidden_size=48", "ffn_hidden_size=128"]):
+            proc = server.run(*args)
+            if proc.returncode != 0:
+                pytest.fail(f"minitron {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    finally:
+        server.close()
     return {"dir": str(d), "train": train, "valid": valid, "teacher": teacher, "student": student,
             "iters_per_epoch": train_tokens // TOKENS_PER_ITER}
 
