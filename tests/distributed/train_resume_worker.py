@@ -1,8 +1,7 @@
 """4 ranks at TP1PP2 (DP2, distributed optimizer), dropout on: a run stopped at iteration 3 (exit_interval) and
 resumed from its checkpoint reproduces the uninterrupted run's loss, grad-norm and validation sequence exactly
 (bitwise), which needs the model, optimizer, LR schedule, RNG and data position all restored. In fp32 and in
-bf16 (megatron's fp32 main weights live in the optimizer state; the resumed model is built without a random
-init, so nothing but the checkpoint can set them)."""
+bf16 (where megatron's fp32 main weights, kept in the optimizer state, must come back too)."""
 import os
 import sys
 
