@@ -10,6 +10,7 @@ the local spec's norm keys onto TE's fused ``layer_norm_weight`` names. train.fu
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, Optional
 
 import torch
@@ -76,9 +77,6 @@ def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype =
         autocast_dtype=dtype,
         # identical initial weights whatever the TP size (the master weight is built, then split)
         use_cpu_initialization=True,
-        # False: weights stay torch.empty for a caller that loads all of them next (loads are strict); the
-        # random init runs on the CPU and takes seconds per billion parameters
-        perform_initialization=initialize,
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -90,6 +88,13 @@ def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype =
         # construction to decide its own 1/DP scaling, so it must be set here, not later).
         calculate_per_token_loss=True,
     )
+    if not initialize:
+        # for a caller that loads every weight next (loads are strict): megatron's init helpers still run, since
+        # they also mark each weight's TP attributes (the optimizer's grad norm reads them; perform_initialization
+        # =False would skip that too), but draw no random numbers, which on the CPU take seconds per 1B params
+        names = {f.name for f in dataclasses.fields(TransformerConfig)}
+        kwargs.update({name: _leave_uninitialised for name in
+                       ("init_method", "output_layer_init_method", "embedding_init_method") if name in names})
     if recompute:
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if fp8:  # Transformer Engine's FP8 (megatron wraps the TE layers in fp8_autocast with this recipe)
@@ -98,6 +103,11 @@ def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype =
         kwargs.update(fp8=fp8["format"], fp8_recipe=fp8["recipe"], fp8_amax_history_len=fp8["amax_history_len"],
                       fp8_amax_compute_algo=fp8["amax_compute_algo"])
     return TransformerConfig(**kwargs)
+
+
+def _leave_uninitialised(tensor):
+    """An init_method that leaves the tensor as allocated (``build_gpt(initialize=False)``)."""
+    return tensor
 
 
 def fused_kernels_usable(requested: bool, use_te: bool, device: Optional[torch.device]) -> bool:
@@ -174,7 +184,6 @@ def dense_mlp_parts(mlp):
     0.18-0.19 ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` (a classmethod: cls's builds a cls).
     From 0.18 the layer calls the entry and rewraps a ModuleSpec of MLP itself only, so a ModuleSpec becomes
     the builder form wherever ``as_mlp_submodule`` exists."""
-    import dataclasses
     import functools
 
     from megatron.core.transformer.mlp import MLP
@@ -200,8 +209,6 @@ def dense_mlp_parts(mlp):
 
 def _copy(submodules):
     """A shallow copy of a submodules dataclass (the caller may swap its entries), anything else as it is."""
-    import dataclasses
-
     return dataclasses.replace(submodules) if dataclasses.is_dataclass(submodules) else submodules
 
 

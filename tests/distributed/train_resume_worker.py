@@ -1,7 +1,8 @@
 """4 ranks at TP1PP2 (DP2, distributed optimizer), dropout on: a run stopped at iteration 3 (exit_interval) and
 resumed from its checkpoint reproduces the uninterrupted run's loss, grad-norm and validation sequence exactly
 (bitwise), which needs the model, optimizer, LR schedule, RNG and data position all restored. In fp32 and in
-bf16 (where megatron's fp32 main weights, kept in the optimizer state, must come back too)."""
+bf16 (where megatron's fp32 main weights, kept in the optimizer state, must come back too). The resumed model
+is built without a random init (build_gpt(initialize=False)): only the checkpoint sets its weights."""
 import os
 import sys
 

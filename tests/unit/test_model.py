@@ -95,6 +95,11 @@ def test_uninitialised_build_loads_to_the_same_model_without_random_init(name, t
         assert torch.equal(torch.get_rng_state(), rng)  # no init drew from the generator
     initialised = build_gpt(arch, Parallel())
     assert not torch.equal(torch.get_rng_state(), rng)
+    # the same TP attributes on every weight (megatron's grad norm counts TP-split weights by them)
+    attrs = ("tensor_model_parallel", "partition_dim", "partition_stride")
+    marks = lambda m: {n: tuple(getattr(p, a, None) for a in attrs) for n, p in m.named_parameters()}  # noqa: E731
+    assert marks(empty) == marks(initialised)
+    assert any(mark[0] for mark in marks(empty).values())
     for model in (empty, initialised):
         checkpoint.load_weights(str(tmp_path / "ckpt"), [model], arch=arch)
     want = saved.state_dict()
