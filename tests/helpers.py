@@ -116,3 +116,22 @@ def plain_reference_step(model, batch, train_cfg):
                             eps=train_cfg.adam_eps)
     opt.step()
     return loss.item(), {n: p.detach() for n, p in params.items()}
+
+
+def count_kernel_calls(calls: dict) -> list:
+    """Wrap train.fused_kernels' RoPE and SwiGLU entry points (the modules import them at call time) so that
+    each call adds one to ``calls["rope"]`` / ``calls["swiglu"]``; returns [(module, name, original)] to undo."""
+    from megatron_minitron.kernels import rope_triton, swiglu_triton
+
+    def counted(key, fn):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    patched = [(rope_triton, "triton_apply_rotary_pos_emb", "rope"), (swiglu_triton, "triton_swiglu", "swiglu")]
+    originals = []
+    for module, name, key in patched:
+        originals.append((module, name, getattr(module, name)))
+        setattr(module, name, counted(key, getattr(module, name)))
+    return originals

@@ -73,10 +73,11 @@ class Trainer:
         fp8 = (dict(format=t.fp8, recipe=t.fp8_recipe, amax_history_len=t.fp8_amax_history_len,
                     amax_compute_algo=t.fp8_amax_compute_algo) if t.fp8 else None)
         self.arch = self._model_arch()
+        self._resumes = self._resuming()  # train.save holds a checkpoint: read once, used twice
         # a resume or train.load sets every weight next: no random init (on the CPU, seconds per 1B parameters)
         model = build_gpt(self.arch, par, self.dtype, attention_backend=t.attention_backend,
                           use_te=t.transformer_engine, recompute=t.recompute, device=self.rt.device, fp8=fp8,
-                          fused_kernels=t.fused_kernels, initialize=not (self._resuming() or t.load))
+                          fused_kernels=t.fused_kernels, initialize=not (self._resumes or t.load))
         model = self.objective.wrap_model(self, model)  # e.g. co-locate a frozen teacher
         self.model = [wrap_ddp(model, par)]
         self.optimizer = build_optimizer(self.model, cfg.train, par, self.dtype)
@@ -108,7 +109,7 @@ class Trainer:
 
         tcfg = self.cfg.train
         chunks = self.unwrapped()
-        if self._resuming():
+        if self._resumes:
             extra = checkpoint.load_checkpoint(tcfg.save, chunks, optimizer=self.optimizer,
                                                scheduler=self.scheduler, arch=self.arch)
             self.state.iteration = int(extra["iteration"])

@@ -5,30 +5,24 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
 
+import sys  # noqa: E402
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_minitron.config import ModelArch, Parallel  # noqa: E402
-from megatron_minitron.kernels import rope_triton, swiglu_triton  # noqa: E402
 from megatron_minitron.model.builder import build_gpt, layer_spec  # noqa: E402
 from megatron_minitron.model.attention import FusedRoPESelfAttention  # noqa: E402
 from megatron_minitron.model.mlp import FusedSwiGLUMLP  # noqa: E402
 from megatron_minitron.runtime.distributed import init_distributed, set_seed  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from helpers import count_kernel_calls  # noqa: E402
+
 ARCH = ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4, num_query_groups=2,
                  vocab_size=256, seq_length=8, rotary_percent=0.5, layernorm_zero_centered_gamma=True)
 CALLS = {"rope": 0, "swiglu": 0}
-
-
-def counted(name, fn):
-    def wrapper(*args, **kwargs):
-        CALLS[name] += 1
-        return fn(*args, **kwargs)
-    return wrapper
-
-
-rope_triton.triton_apply_rotary_pos_emb = counted("rope", rope_triton.triton_apply_rotary_pos_emb)
-swiglu_triton.triton_swiglu = counted("swiglu", swiglu_triton.triton_swiglu)
+count_kernel_calls(CALLS)
 
 
 def step(model, tokens, positions):

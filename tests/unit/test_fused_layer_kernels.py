@@ -16,7 +16,6 @@ import torch  # noqa: E402
 try:
     import triton  # noqa: F401, E402
     from megatron_minitron.kernels.rmsnorm_triton import BACKWARD_ROWS_PER_PROGRAM, triton_rms_norm  # noqa: E402
-    from megatron_minitron.kernels import rope_triton, swiglu_triton  # noqa: E402
     from megatron_minitron.kernels.rope_triton import triton_apply_rotary_pos_emb  # noqa: E402
     from megatron_minitron.kernels.swiglu_triton import MAX_BLOCK, triton_swiglu  # noqa: E402
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -228,20 +227,15 @@ def test_swiglu_rejects_an_odd_width():
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch):
+def kernel_calls():
     """How often the modules called our RoPE / SwiGLU kernels (they import the functions at call time)."""
+    from helpers import count_kernel_calls
+
     calls = {"rope": 0, "swiglu": 0}
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(rope_triton, "triton_apply_rotary_pos_emb",
-                        counted("rope", rope_triton.triton_apply_rotary_pos_emb))
-    monkeypatch.setattr(swiglu_triton, "triton_swiglu", counted("swiglu", swiglu_triton.triton_swiglu))
-    return calls
+    originals = count_kernel_calls(calls)
+    yield calls
+    for module, name, original in originals:
+        setattr(module, name, original)
 
 
 def _mlp_submodules(entry):
