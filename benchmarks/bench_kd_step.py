@@ -9,7 +9,7 @@ The planner's estimate for the same job and layout is printed next to the measur
 
     python benchmarks/bench_kd_step.py                            # bf16 teacher, KD fused with the output layers
     python benchmarks/bench_kd_step.py --teacher-precision fp8 --teacher-fp8-fast-accum
-    python benchmarks/bench_kd_step.py --kd-loss-backend auto     # logits + the Triton KL kernel (more memory)
+    python benchmarks/bench_kd_step.py --kd-loss-backend triton   # logits + the Triton KL kernel (more memory)
     python benchmarks/bench_kd_step.py --smoke                    # tiny sizes on CPU: checks that it runs
 
 No checkpoint is written: the teacher is built uninitialised and filled with N(0, 0.02) on the GPU (its speed
@@ -115,8 +115,7 @@ def main():
     planned = estimate(Job("distill", student, student.seq_length, mbs, teacher=teacher,
                            param_bytes=4 if args.smoke else 2,
                            teacher_bytes=1 if args.teacher_precision == "fp8" else (4 if args.smoke else 2),
-                           kd_loss=args.kd_loss_backend if args.kd_loss_backend in ("naive", "fused_linear")
-                           else "chunked"),
+                           kd_loss="fused_linear" if kd.objective.fused_output else "chunked"),
                        Layout(tp=1, pp=1, dp=1, micro_batch_size=mbs, recompute=args.recompute))
     teacher_desc = f"{args.teacher_precision}" + (" fast-accum" if args.teacher_fp8_fast_accum else "")
     print(header(f"bench_kd_step: teacher {teacher.num_parameters() / 1e9:.2f}B ({teacher.num_layers} layers, "

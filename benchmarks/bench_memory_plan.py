@@ -90,8 +90,9 @@ def run_layout(args, layout, student, teacher, root, ds):
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         measured = peak.item()
     dp = world // (tp * pp)
+    kd_loss = "fused_linear" if objective is not None and objective.fused_output else "chunked"  # what ran
     job = Job(args.job, student, student.seq_length, gbs, teacher=teacher if args.job == "distill" else None,
-              param_bytes=4 if args.smoke else 2, teacher_bytes=4 if args.smoke else 2)
+              param_bytes=4 if args.smoke else 2, teacher_bytes=4 if args.smoke else 2, kd_loss=kd_loss)
     est = estimate(job, Layout(tp=tp, pp=pp, dp=dp, micro_batch_size=mbs, recompute=bool(recompute),
                                sequence_parallel=tp > 1))
     del trainer

@@ -26,8 +26,9 @@ class Distill:
     teacher_precision: str = "auto"
     # fp8 only: Hopper's fast FP8 accumulation in the teacher's GEMMs (Transformer Engine's forward default)
     teacher_fp8_fast_accum: bool = False
-    # auto: the fused Triton kernel for forward/reverse KL on GPU, the chunked torch path otherwise;
-    # fused_linear: KD (+ LM) loss fused with both output layers, no [T, V] logits (distill/kd_linear.py)
+    # auto: on GPU, forward/reverse KL fused with both output layers (no [T, V] logits, distill/kd_linear.py),
+    # MSE/cosine from the logits; on CPU the chunked torch path. fused_linear forces the fused path (also on
+    # CPU); triton / torch: the logits path with the Triton KL kernel / in torch.
     kd_loss_backend: str = "auto"
 
     def validate(self) -> None:

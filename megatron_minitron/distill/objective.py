@@ -9,9 +9,10 @@ the dynamic alpha is computed per micro-batch (where both losses are known), so 
 parallel layout as long as the micro-batch size is kept.
 All terms are token sums over the micro-batch (megatron divides by the global token count) and each is
 reported separately.
-With ``distill.kd_loss_backend=fused_linear`` (KL losses only) L_logit and L_CLM come from
-``kd_linear.linear_kd_loss``: computed tile by tile from both models' final hidden states and output
-weights, never materialising their [T, V] logits; the value and gradients are those of the logits path.
+With the output layers fused in (``kd_loss_backend=fused_linear``, and ``auto`` for the KL losses on GPU)
+L_logit and L_CLM come from ``kd_linear.linear_kd_loss``: computed tile by tile from both models' final
+hidden states and output weights, never materialising their [T, V] logits; the value and gradients are
+those of the logits path.
 """
 from __future__ import annotations
 
@@ -23,12 +24,20 @@ import torch.distributed as dist
 from ..train.objective import BaseObjective, per_token_report
 from .config import Distill
 from .intermediate import dynamic_alpha, hidden_state_loss
-from .losses import logit_kd_loss
+from .kinds import KL_LOSSES
+from .losses import logit_kd_loss, triton_available
 
 
-def uses_fused_output_layer(distill: Distill) -> bool:
-    """Whether the KD (and LM) loss is computed with the output layers fused in (``kd_linear``)."""
-    return distill.kd_loss_backend == "fused_linear"
+def uses_fused_output_layer(distill: Distill, device: torch.device, multi_token_prediction: bool = False) -> bool:
+    """Whether the KD (and LM) loss is computed with the output layers fused in (``kd_linear``): when asked
+    (``fused_linear``), and by default (``auto``) on a GPU for the KL losses, where it saves both models'
+    [T, V] logits (4 GB at Llama-3 vocabulary and 8k tokens) for the same GEMM work. MSE / cosine logit
+    losses and multi-token-prediction layers need the logits, and without Triton the fused path's epilogue
+    would run in torch: those keep the logits path."""
+    if distill.kd_loss_backend == "fused_linear":
+        return True
+    return (distill.kd_loss_backend == "auto" and device.type == "cuda" and distill.logit_loss in KL_LOSSES
+            and not multi_token_prediction and triton_available())
 
 
 class KDObjective(BaseObjective):
@@ -40,15 +49,17 @@ class KDObjective(BaseObjective):
         if distill.intermediate_pairs:
             names.insert(2, "is_loss")
         self.metric_names = tuple(names)
+        self.fused_output = False  # decided in wrap_model, which knows the device
 
     # -- hooks called by the Trainer
     def wrap_model(self, trainer, student):
         from .teacher import DistillationModel
 
         teacher = self.build_teacher(trainer)
+        mtp = any(getattr(m.config, "mtp_num_layers", None) for m in (student, teacher))
+        self.fused_output = uses_fused_output_layer(self.cfg, trainer.rt.device, mtp)
         self.model = DistillationModel(student, teacher, self.cfg.intermediate_pairs,
-                                       trainer.cfg.parallel.sequence_parallel,
-                                       fused_output=uses_fused_output_layer(self.cfg))
+                                       trainer.cfg.parallel.sequence_parallel, fused_output=self.fused_output)
         return self.model
 
     def build_teacher(self, trainer):
@@ -88,8 +99,10 @@ class KDObjective(BaseObjective):
         return {"adjust_tensor_shapes_fn": self.model.adjust_tensor_shapes} if pipeline_parallel else {}
 
     def describe(self, arch) -> str:
+        kd_path = ("fused with both output layers, no logits" if self.fused_output
+                   else "from both models' logits")
         return (f"distill: student {arch.num_parameters():,} parameters from a teacher of "
-                f"{self.teacher_arch.num_parameters():,}")
+                f"{self.teacher_arch.num_parameters():,}; {self.cfg.logit_loss} {kd_path}")
 
     # -- megatron forward step
     def forward_step(self, data_iterator, model):

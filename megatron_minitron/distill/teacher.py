@@ -6,9 +6,9 @@ activation sent is ``cat([student_hidden, teacher_hidden], -1)``, so the p2p sha
 teacher's hidden size (``adjust_tensor_shapes``); the teacher half carries no gradient. The last stage
 returns both models' vocab-parallel logits (and captured hidden states) for the KD loss.
 
-With ``fused_output`` (``distill.kd_loss_backend=fused_linear``) the last stage skips both output layers and
-returns the final hidden states and the output weights instead, for ``distill.kd_linear`` to compute the
-loss tile by tile without either model's [T, V] logits.
+With ``fused_output`` (``distill.kd_loss_backend=fused_linear``, or ``auto`` for KL losses on GPU) the last
+stage skips both output layers and returns the final hidden states and the output weights instead, for
+``distill.kd_linear`` to compute the loss tile by tile without either model's [T, V] logits.
 
 The teacher is deliberately *not* a registered submodule: DDP, the optimizer and checkpoints only ever
 see the student and the KD projection layers, so the teacher has no grads, no optimizer state and is
@@ -87,7 +87,7 @@ class DistillationModel(MegatronModule):
         self.fused_output = fused_output
         if fused_output and any(getattr(m.config, "mtp_num_layers", None) for m in (student, teacher)):
             raise ValueError("distill.kd_loss_backend=fused_linear does not support multi-token prediction layers; "
-                             "use kd_loss_backend=auto")
+                             "use kd_loss_backend=triton (the logits path)")
         object.__setattr__(self, "teacher", teacher)  # unregistered on purpose (see module docstring)
         teacher.eval()
         for p in teacher.parameters():

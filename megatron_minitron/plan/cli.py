@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .memory import GIB, Job, Layout, estimate, num_microbatches
+from .memory import GIB, KD_LOSSES, Job, Layout, estimate, num_microbatches
 
 PRECISION_BYTES = {"bf16": 2, "fp32": 4, "fp8": 1}
 COLUMNS = (("weights", "weights"), ("grads", "grads"), ("optimizer", "optim"), ("activations", "activ"),
@@ -35,9 +35,11 @@ def register(subparsers) -> None:
     p.add_argument("--teacher", help="teacher checkpoint directory or YAML with a model section")
     p.add_argument("--teacher-precision", choices=("auto", "bf16", "fp8", "fp32"), default="auto",
                    help="teacher weight storage (auto: distill.teacher_precision, else the student's)")
-    p.add_argument("--kd-loss", choices=("chunked", "naive", "fused_linear"), default="chunked",
-                   help="chunked: our KD loss; naive: fp32 log_softmax copies of the full logits; fused_linear: "
-                        "distill.kd_loss_backend=fused_linear (no [T, V] logits)")
+    p.add_argument("--kd-loss", choices=("auto",) + KD_LOSSES, default="auto",
+                   help="auto: what distill runs on GPUs for the config (fused_linear for forward/reverse KL "
+                        "unless distill.kd_loss_backend is triton/torch, else chunked); chunked: the KD loss on "
+                        "both models' logits; naive: fp32 log_softmax copies of the full logits; fused_linear: "
+                        "KD fused with the output layers (no [T, V] logits)")
     p.add_argument("--top", type=int, default=8, help="rows of the table (default 8)")
     p.set_defaults(handler=run)
 
@@ -54,6 +56,19 @@ def _arch_from(path: str, what: str):
     if "model" not in data:
         raise ValueError(f"{what} {path} has no `model` section")
     return from_dict(ModelArch, data["model"], "model.")
+
+
+def planned_kd_loss(choice: str, distill) -> str:
+    """The planner's KD-loss memory model for ``--kd-loss`` (auto: what ``distill`` picks on a GPU, where
+    Triton is part of torch's CUDA wheels; ``distill.objective.uses_fused_output_layer``)."""
+    if choice != "auto":
+        return choice
+    from ..distill.kinds import KL_LOSSES
+
+    backend = distill.kd_loss_backend if distill is not None else "auto"
+    if backend == "fused_linear" or (backend == "auto" and distill is not None and distill.logit_loss in KL_LOSSES):
+        return "fused_linear"
+    return "chunked"
 
 
 def load_job(args):
@@ -86,7 +101,8 @@ def load_job(args):
     job = Job(kind=kind, model=student, teacher=teacher, seq_length=student.seq_length,
               global_batch_size=cfg.data.global_batch_size, param_bytes=param_bytes,
               teacher_bytes=param_bytes if teacher_precision == "auto" else PRECISION_BYTES[teacher_precision],
-              distributed_optimizer=cfg.parallel.use_distributed_optimizer, kd_loss=args.kd_loss,
+              distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+              kd_loss=planned_kd_loss(args.kd_loss, getattr(cfg, "distill", None)),
               lm_loss=bool(kind == "distill" and getattr(cfg, "distill", None) and cfg.distill.lm_loss_weight))
     job.validate()
     return job, cfg
@@ -120,8 +136,8 @@ def run(args) -> int:
     m = job.model
     print(f"{job.kind}: {m.num_parameters() / 1e9:.2f}B params (layers {m.num_layers}, hidden {m.hidden_size}, "
           f"ffn {m.ffn_hidden_size}, heads {m.num_attention_heads}/{m.query_groups}, vocab {m.vocab_size})"
-          + (f", teacher {job.teacher.num_parameters() / 1e9:.2f}B ({job.teacher_bytes} B/param)"
-             if job.teacher else "")
+          + (f", teacher {job.teacher.num_parameters() / 1e9:.2f}B ({job.teacher_bytes} B/param), KD loss "
+             f"{job.kd_loss}" if job.teacher else "")
           + f"; seq {job.seq_length}, global batch {job.global_batch_size}; {args.nodes} x {args.gpus_per_node}"
           f" GPUs of {args.gpu_memory_gb:g} GiB, margin {args.margin:.0%}, overhead {args.overhead_gb:g} GiB")
     own = config_layout(cfg, world)

@@ -36,7 +36,7 @@ KD_CHUNK_ELEMENTS = 1 << 24  # distill/vocab_parallel.DEFAULT_CHUNK_ELEMENTS: fp
 KD_CHUNK_BUFFERS = 3  # fp32 chunk temporaries alive at once in the chunked KD loss (a, b, softmax)
 NAIVE_KD_COPIES = 5  # fp32 [T, V/t] copies of a naive log_softmax + kl_div (measured: +21.5 GB at 4.2 GB each)
 KD_LINEAR_CHUNK_LOGITS = 1 << 27  # distill/kd_linear.DEFAULT_CHUNK_LOGITS: logits per chunk and model, fused KD
-KD_LOSSES = ("chunked", "naive", "fused_linear")  # fused_linear: distill.kd_loss_backend=fused_linear
+KD_LOSSES = ("chunked", "naive", "fused_linear")  # fused_linear: distill's GPU default for KL (kd_linear)
 JOB_KINDS = ("train", "distill", "prune")
 
 

@@ -95,7 +95,7 @@ def distill_step_checks():
             cfg = Distill(teacher="unused", kd_loss_backend=backend, lm_loss_weight=0.5, temperature=1.5)
             objective = KDObjective(cfg, teacher_arch, "unused")
             objective.model = DistillationModel(student, teacher, sequence_parallel=sp,
-                                                fused_output=uses_fused_output_layer(cfg))
+                                                fused_output=uses_fused_output_layer(cfg, torch.device("cpu")))
             out = objective.model(tokens[:, :-1], positions, None)
             total, _, report = objective.loss_func(tokens[:, 1:], loss_mask, out)
             total.backward()

@@ -35,7 +35,7 @@ def distill_step(weights, backend, **distill_kwargs):
     cfg = Distill(teacher="unused", kd_loss_backend=backend, **distill_kwargs)
     cfg.validate()
     objective = KDObjective(cfg, TEACHER, "unused")
-    model = DistillationModel(student, teacher, cfg.intermediate_pairs, fused_output=uses_fused_output_layer(cfg))
+    model = DistillationModel(student, teacher, cfg.intermediate_pairs, fused_output=uses_fused_output_layer(cfg, torch.device("cpu")))
     objective.model = model
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, STUDENT.vocab_size, (BATCH, SEQ + 1), generator=gen)
@@ -70,3 +70,21 @@ def test_fused_linear_step_equals_logits_step(weights, distill_kwargs):
 def test_fused_linear_needs_a_kl_loss():
     with pytest.raises(ValueError, match="implements forward_kl and reverse_kl"):
         Distill(teacher="t", kd_loss_backend="fused_linear", logit_loss="mse").validate()
+
+
+def test_auto_fuses_the_output_layers_for_kl_losses_on_gpu_only(monkeypatch):
+    from megatron_minitron.distill import objective as objective_module
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")  # a device object needs no GPU
+
+    def fused(device, mtp=False, **kwargs):
+        return uses_fused_output_layer(Distill(teacher="t", **kwargs), device, mtp)
+
+    assert fused(gpu) and fused(gpu, logit_loss="reverse_kl", intermediate_pairs=[[0, 1]])
+    assert not fused(cpu)  # the chunked torch path on CPU
+    assert not fused(gpu, logit_loss="mse") and not fused(gpu, logit_loss="cosine")  # they need the logits
+    assert not fused(gpu, mtp=True)
+    assert not fused(gpu, kd_loss_backend="triton") and not fused(gpu, kd_loss_backend="torch")
+    assert fused(cpu, kd_loss_backend="fused_linear")  # asked for: also on CPU (torch epilogue)
+    monkeypatch.setattr(objective_module, "triton_available", lambda: False)
+    assert not fused(gpu)  # without Triton the epilogue would be fp32 torch copies: keep the logits path

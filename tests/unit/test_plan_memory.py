@@ -193,3 +193,28 @@ def test_plan_cli_table(tmp_path, capsys):
     args = parser.parse_args(["plan", os.path.join(ROOT, "examples", "mn_minitron_8b_distill.yaml"), "--nodes", "1"])
     with pytest.raises(ValueError, match="--teacher"):
         args.handler(args)
+
+
+def test_plan_kd_loss_follows_what_distill_runs_on_gpu(capsys):
+    from megatron_minitron.distill.config import Distill
+    from megatron_minitron.plan import cli
+
+    assert cli.planned_kd_loss("auto", Distill(teacher="t")) == "fused_linear"  # forward KL, auto backend
+    assert cli.planned_kd_loss("auto", Distill(teacher="t", logit_loss="mse")) == "chunked"  # needs logits
+    assert cli.planned_kd_loss("auto", Distill(teacher="t", kd_loss_backend="triton")) == "chunked"
+    assert cli.planned_kd_loss("auto", None) == "chunked"
+    assert cli.planned_kd_loss("naive", Distill(teacher="t")) == "naive"
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    config = os.path.join(ROOT, "examples", "mn_minitron_8b_distill.yaml")
+    teacher = os.path.join(ROOT, "examples", "mistral_nemo_12b_teacher_correction.yaml")
+    base = ["plan", config, "--teacher", teacher, "--nodes", "1"]
+    runs = {"default": base, "--kd-loss chunked": base + ["--kd-loss", "chunked"],
+            "triton backend": base[:2] + ["distill.kd_loss_backend=triton"] + base[2:]}
+    plans = {}
+    for name, argv in runs.items():
+        job, _ = cli.load_job(parser.parse_args(argv))
+        plans[name] = (job.kd_loss, estimate(job, Layout(tp=8, sequence_parallel=True)).total)
+    assert plans["default"][0] == "fused_linear"
+    assert plans["--kd-loss chunked"][0] == plans["triton backend"][0] == "chunked"
+    assert plans["default"][1] < plans["--kd-loss chunked"][1] == plans["triton backend"][1]
