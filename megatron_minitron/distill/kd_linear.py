@@ -267,6 +267,8 @@ def linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, t
     device = student_hidden.device
     n = leading.numel()
     student_flat = student_hidden.reshape(n, student_hidden.shape[-1]).contiguous()
+    if not torch.is_grad_enabled():  # validation: the forward's gradient GEMMs and buffers would be wasted
+        student_flat, student_weight = student_flat.detach(), student_weight.detach()
     teacher_flat = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1]).contiguous()
     if loss_mask is None:
         token_weight = torch.ones(n, dtype=torch.float32, device=device)

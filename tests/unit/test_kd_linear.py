@@ -132,9 +132,24 @@ def test_bf16_within_bf16_error(small_triton_block, backend, kind, tau):
 
 
 def test_no_grad_reports_losses_without_gradients():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulCounter(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                MatmulCounter.calls += 1
+            return func(*args, **(kwargs or {}))
+
     h_s, w_s, h_t, w_t, labels, weights = make_linear_inputs(SEQ * BATCH, H_S, H_T, VOCAB, seed=3)
-    with torch.no_grad():
-        out = linear_kd_loss(h_s, w_s, h_t, w_t, labels=labels, loss_mask=weights, group=None, backend="torch")
+    h_s, w_s = h_s.requires_grad_(True), w_s.requires_grad_(True)  # as in validation: trainable, grad off
+    chunk = 5
+    with torch.no_grad(), MatmulCounter():
+        out = linear_kd_loss(h_s, w_s, h_t, w_t, labels=labels, loss_mask=weights, group=None, backend="torch",
+                             chunk_tokens=chunk)
+    chunks = -(-SEQ * BATCH // chunk)
+    assert MatmulCounter.calls == 2 * chunks  # both logit GEMMs per chunk, no gradient GEMMs
     kd, lm, total, _, _ = reference_linear_kd(h_s, w_s, h_t, w_t, "forward_kl", token_weight=weights, labels=labels)
     assert not out.loss.requires_grad
     torch.testing.assert_close(out.kd.double(), kd, rtol=2e-5, atol=2e-6)
