@@ -33,11 +33,13 @@ def _configurations(which: str):
         return
     from megatron_minitron.distill import kd_linear_triton as kernels
 
-    # (reverse, lm, lm_separate) x logits dtype
-    for dtype, reverse, lm, separate in (("bf16", True, True, True), ("bf16", False, True, False),
-                                         ("fp32", False, False, False)):
+    # (reverse, lm, lm_separate) x logits dtype; last: a bf16 student under an fp32 teacher (teacher_precision=fp32)
+    for dtype, reverse, lm, separate, teacher in (("bf16", True, True, True, None), ("bf16", False, True, False, None),
+                                                  ("fp32", False, False, False, None),
+                                                  ("bf16", False, True, True, "*fp32")):
         for fn in (kernels._stats_kernel, kernels._grad_kernel):
-            yield kernels, fn, {"REVERSE": reverse, "LM": lm, "LM_SEPARATE": separate, "BLOCK": kernels.DEFAULT_BLOCK}, dtype
+            yield (kernels, fn, {"REVERSE": reverse, "LM": lm, "LM_SEPARATE": separate, "BLOCK": kernels.DEFAULT_BLOCK},
+                   dtype, {"teacher_ptr": teacher} if teacher else {})
 
 
 def main(which: str = "kd_linear"):
@@ -53,9 +55,10 @@ def main(which: str = "kd_linear"):
                 "lm_scale_ptr": "*fp32", "row_scale_ptr": "*fp32", "inv_tau": "fp32",
                 "rstd_ptr": "*fp32", "dw_partial_ptr": "*fp32", "eps": "fp32"}
     count = 0
-    for kernels, fn, flags, dtype in _configurations(which):
+    for kernels, fn, flags, dtype, *overrides in _configurations(which):
         names = list(inspect.signature(fn.fn).parameters)
-        signature = {n: "constexpr" if n in flags else pointers.get(n, f"*{dtype}" if n.endswith("_ptr") else "i32")
+        typed = {**pointers, **(overrides[0] if overrides else {})}
+        signature = {n: "constexpr" if n in flags else typed.get(n, f"*{dtype}" if n.endswith("_ptr") else "i32")
                      for n in names}
         try:
             source = ASTSource(fn=fn, signature=signature,

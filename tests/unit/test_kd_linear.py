@@ -131,6 +131,22 @@ def test_bf16_within_bf16_error(small_triton_block, backend, kind, tau):
     assert relative(grad_h, grad_h_u) < 1e-2 and relative(grad_w, grad_w_u) < 1e-2
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_bf16_student_with_fp32_teacher(small_triton_block, backend):
+    """distill.teacher_precision=fp32 under a bf16 student: each model's logits keep their own dtype."""
+    inputs = make_linear_inputs(SEQ * BATCH, H_S, H_T, VOCAB, seed=9)
+    inputs[0], inputs[1] = inputs[0].bfloat16(), inputs[1].bfloat16()
+    out, grad_h, grad_w = run_fused(inputs, "forward_kl", backend, temperature=1.5, lm_weight=0.3)
+    h_s, w_s, h_t, w_t, labels, weights = inputs
+    kd, lm, _, ref_h, ref_w = reference_linear_kd(h_s, w_s, h_t, w_t, "forward_kl", temperature=1.5,
+                                                  token_weight=weights, labels=labels, lm_weight=0.3)
+    assert grad_h.dtype == grad_w.dtype == torch.bfloat16
+    for name, value, expected in (("kd", out.kd.reshape(-1), kd), ("lm", out.lm.reshape(-1), lm),
+                                  ("grad_h", grad_h, ref_h), ("grad_w", grad_w, ref_w)):
+        error = ((value.double() - expected).norm() / expected.norm()).item()
+        assert error < 2e-2, (name, error)  # the student's logits are bf16 (2^-8)
+
+
 def test_no_grad_reports_losses_without_gradients():
     from torch.utils._python_dispatch import TorchDispatchMode
 
