@@ -1,5 +1,6 @@
-"""Compile the fused output-layer KD kernels (no argument), the logits-path KL kernels (argument ``kl``) or the
-student layer's RMSNorm / RoPE / SwiGLU kernels (argument ``layers``) for an sm_90 (H100/H200) target without a GPU: Triton's own frontend, optimizer and ptxas, so type or lowering
+"""Compile the fused output-layer KD kernels (no argument), the logits-path KL kernels (argument ``kl``), the
+student layer's RMSNorm / RoPE / SwiGLU kernels (argument ``layers``) or the FP8 teacher's fused
+produce-and-quantize kernels (argument ``fp8``) for an sm_90 (H100/H200) target without a GPU: Triton's own frontend, optimizer and ptxas, so type or lowering
 errors that the interpreter never sees fail on CPU. Run with TRITON_INTERPRET=0 (the test does). Prints
 COMPILED <n> or API_UNSUPPORTED <reason>."""
 import inspect
@@ -23,6 +24,21 @@ def _configurations(which: str):
                                                               "BLOCK_TAIL": tail}, dtype
             for fn in (swiglu_triton._swiglu_forward_kernel, swiglu_triton._swiglu_backward_kernel):
                 yield swiglu_triton, fn, {"BLOCK": swiglu_triton.MAX_BLOCK}, dtype
+        return
+    if which == "fp8":
+        from megatron_minitron.kernels import fp8_fused as kernels
+
+        norm = kernels._norm_quantize_kernel
+        for dtype, rms, bias, zero_centered, one_chunk in (("bf16", True, False, False, True),
+                                                           ("bf16", False, True, True, False),
+                                                           ("fp32", True, False, True, False)):
+            yield kernels, norm, {"RMS": rms, "HAS_BIAS": bias, "ZERO_CENTERED": zero_centered, "BLOCK": 4096,
+                                  "ONE_CHUNK": one_chunk}, dtype
+        for one_chunk in (True, False):
+            for fn in (kernels._swiglu_quantize_kernel, kernels._quantize_rows_kernel):
+                yield kernels, fn, {"BLOCK": 4096, "ONE_CHUNK": one_chunk}, "bf16"
+            yield kernels, kernels._attention_output_quantize_kernel, {"BLOCK_H": 8, "BLOCK_D": 128,
+                                                                        "ONE_CHUNK": one_chunk}, "bf16"
         return
     if which == "kl":
         from megatron_minitron.distill import kl_triton as kernels
@@ -53,7 +69,8 @@ def main(which: str = "kd_linear"):
     pointers = {"labels_ptr": "*i64", "max_ptr": "*fp32", "sums_ptr": "*fp32", "lse_s_ptr": "*fp32",
                 "lse_t_ptr": "*fp32", "kl_ptr": "*fp32", "kd_scale_ptr": "*fp32", "lse_1_ptr": "*fp32",
                 "lm_scale_ptr": "*fp32", "row_scale_ptr": "*fp32", "inv_tau": "fp32",
-                "rstd_ptr": "*fp32", "dw_partial_ptr": "*fp32", "eps": "fp32"}
+                "rstd_ptr": "*fp32", "dw_partial_ptr": "*fp32", "eps": "fp32",
+                "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
     count = 0
     for kernels, fn, flags, dtype, *overrides in _configurations(which):
         names = list(inspect.signature(fn.fn).parameters)

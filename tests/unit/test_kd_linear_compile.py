@@ -1,5 +1,6 @@
-"""The Triton KD kernels (fused output-layer epilogue, and the logits-path KL kernels that share its per-block
-device functions) and the student layer's RMSNorm / RoPE / SwiGLU kernels compile for sm_90 through Triton's real pipeline (ptxas included) on a CPU-only machine: the
+"""The Triton kernels compile for sm_90 through Triton's real pipeline (ptxas included) on a CPU-only machine:
+the KD kernels (fused output-layer epilogue, and the logits-path KL kernels that share its per-block device
+functions), the student layer's RMSNorm / RoPE / SwiGLU kernels and the FP8 teacher's quantize kernels. The
 interpreter used by the other tests does not type-check or lower the kernels."""
 import os
 import subprocess
@@ -42,3 +43,11 @@ def test_layer_kernels_compile_for_sm90(tmp_path):
     proc = _compile_check(tmp_path, "layers")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "COMPILED 18" in proc.stdout, out[-4000:]
+
+
+def test_fp8_quantize_kernels_compile_for_sm90(tmp_path):
+    """The FP8 teacher's produce-and-quantize kernels (norm, SwiGLU, attention output, rows -> e4m3 + row
+    scales), both the one-chunk and the streamed form: e4m3 stores lower only on a real target."""
+    proc = _compile_check(tmp_path, "fp8")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "COMPILED 9" in proc.stdout, out[-4000:]
