@@ -65,9 +65,25 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
 
     def _sdpa(self, q, k, v, mask, causal, dropout):
+        gqa = self.heads != self.groups
+        if gqa and not fused_kernel_takes_gqa(q.device.type, q.dtype, mask is not None):
+            # one kv head per query head (megatron's grouping: query head i reads group i // (heads / groups))
+            k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
+            gqa = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              is_causal=causal, scale=self.softmax_scale,
-                                              enable_gqa=self.heads != self.groups)
+                                              is_causal=causal, scale=self.softmax_scale, enable_gqa=gqa)
+
+
+def fused_kernel_takes_gqa(device_type: str, dtype: torch.dtype, has_mask: bool) -> bool:
+    """Whether SDPA can run grouped-query attention (fewer kv heads, ``enable_gqa``) in a fused kernel. On CUDA
+    flash attention takes it for fp16/bf16 without a mask. For fp32 (an fp32 teacher, a prune of an fp32
+    checkpoint) or with a mask, torch releases whose memory-efficient / cuDNN kernels require equal head
+    counts fall back to the unfused math kernel, which materialises [b, heads, s, s] fp32 scores (8.6 GB per
+    sequence at 32 heads and 8k tokens); repeating the kv heads (2 x [b, heads, s, d]) lets a fused kernel
+    run on every release. On CPU the flash kernel takes GQA in fp32 and bf16."""
+    if device_type != "cuda":
+        return True
+    return dtype in (torch.float16, torch.bfloat16) and not has_mask
 
 
 class Norm(torch.nn.Module):

@@ -106,3 +106,39 @@ def test_uninitialised_build_loads_to_the_same_model_without_random_init(name, t
     for key, value in empty.state_dict().items():
         if isinstance(value, torch.Tensor) and not key.endswith("_extra_state"):
             assert torch.equal(value, want[key]) and torch.equal(value, initialised.state_dict()[key]), key
+
+
+def test_sdpa_repeats_kv_heads_where_no_fused_kernel_takes_gqa(monkeypatch):
+    """The kv-head repeat (fp32 / masked GQA on CUDA) gives the enable_gqa result: the same layer, forced
+    down that branch on CPU, against itself with enable_gqa, forward and gradients."""
+    from megatron_minitron.model import layers
+
+    assert layers.fused_kernel_takes_gqa("cuda", torch.bfloat16, False)
+    assert not layers.fused_kernel_takes_gqa("cuda", torch.float32, False)
+    assert not layers.fused_kernel_takes_gqa("cuda", torch.bfloat16, True)
+    assert layers.fused_kernel_takes_gqa("cpu", torch.float32, False)
+    arch = ARCHS["llama_gqa"]
+    set_seed(6)
+    model = build_gpt(arch, Parallel(), attention_backend="sdpa")
+    tokens = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(24).expand(2, 24)
+    calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kwargs):
+        calls.append((k.shape[1], kwargs["enable_gqa"]))
+        return real_sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", recording_sdpa)
+    results = []
+    for takes_gqa in (True, False):
+        monkeypatch.setattr(layers, "fused_kernel_takes_gqa", lambda *args, takes=takes_gqa: takes)
+        model.zero_grad()
+        logits = model(tokens, positions, None)
+        logits.float().square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    groups, heads = arch.num_query_groups, arch.num_attention_heads
+    assert calls == [(groups, True)] * arch.num_layers + [(heads, False)] * arch.num_layers
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
