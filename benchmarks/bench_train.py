@@ -6,6 +6,13 @@ Transformer Engine, each timed against the plain step of the same backend in the
     python benchmarks/bench_train.py             # ~886M GPT: 16 layers, hidden 2048, GQA 16/8, seq 2048, bf16
     python benchmarks/bench_train.py --smoke     # tiny, CPU, checks that it runs
     python benchmarks/bench_train.py --backends sdpa --fused-kernels --compile --liger   # all variants (GPU)
+    python benchmarks/bench_train.py --shape llama8b --backends sdpa --fused-kernels  # Llama-3.1-8B layers
+
+Shapes: ``886m`` (the default above) and ``llama8b``: Llama-3.1-8B's layer (hidden 4096, FFN 14336, GQA 32/8,
+RoPE theta 500000), its vocabulary (128256) and seq 8192 at micro-batch 1, with ``--layers`` of them (default 8:
+the whole 32 with optimizer states do not fit one GPU; the output layer's share of the FLOPs grows as layers
+drop). The "attention" column names the SDPA kernels that ran (profiler op names: cudnn, flash, efficient,
+math), so a slow row shows whether attention was fused.
 
 Variants (each flag adds rows; the plain step of every backend always runs first):
   --fused-kernels  train.fused_kernels=true: RMSNorm, RoPE and SwiGLU through our Triton kernels
@@ -33,8 +40,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (RandomTokens, header, timed_median_ms, timing_args, median_ms, peak_memory_gb,  # noqa: E402
-                    reset_peak_memory, time_steps)
+from common import (RandomTokens, attention_kernels, header, timed_median_ms, timing_args, median_ms,  # noqa: E402
+                    peak_memory_gb, reset_peak_memory, time_steps)
 
 
 def liger_modules():
@@ -151,6 +158,9 @@ def kernel_rows(arch, mbs, dtype, device, with_liger, iters, warmup):
 def main():
     p = timing_args(micro_batch_size=4)
     p.add_argument("--backends", default="unfused,sdpa")
+    p.add_argument("--shape", choices=("886m", "llama8b"), default="886m",
+                   help="886m: the 886M GPT; llama8b: Llama-3.1-8B layers, vocabulary and seq 8192 (micro-batch 1)")
+    p.add_argument("--layers", type=int, default=None, help="number of layers (default: 16 for 886m, 8 for llama8b)")
     p.add_argument("--fused-kernels", action="store_true",
                    help="also time train.fused_kernels=true, megatron's fused SwiGLU, and each kernel alone")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of each transformer layer")
@@ -180,8 +190,12 @@ def main():
         arch = ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                          num_query_groups=2, vocab_size=512, seq_length=64)
         mbs, iters, warmup = 2, 2, 1
+    elif args.shape == "llama8b":
+        arch = ModelArch(num_layers=args.layers or 8, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                         num_query_groups=8, vocab_size=128256, seq_length=8192, rotary_base=500000.0)
+        mbs, iters, warmup = 1, args.iters, args.warmup
     else:
-        arch = ModelArch(num_layers=16, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
+        arch = ModelArch(num_layers=args.layers or 16, hidden_size=2048, ffn_hidden_size=5632, num_attention_heads=16,
                          num_query_groups=8, vocab_size=32000, seq_length=2048)
         mbs, iters, warmup = args.micro_batch_size, args.iters, args.warmup
     extra = ((["fused kernels", "megatron fused swiglu"] if args.fused_kernels else [])
@@ -205,17 +219,21 @@ def main():
             tok_s = tokens_per_step / seconds
             peak = peak_flops(trainer.rt.device)
             mfu = training_flops_per_token(arch) * tok_s / peak if peak else float("nan")
-            rows.append((backend, variant, modules, median_ms(times), tok_s, mfu, peak_memory_gb()))
+            peak_gb = peak_memory_gb()
+            kernels = attention_kernels(lambda: trainer.train_step(batches))
+            rows.append((backend, variant, modules, kernels, median_ms(times), tok_s, mfu, peak_gb))
             device, dtype = trainer.rt.device, trainer.dtype
             del trainer
-    print(header(f"bench_train: GPT {arch.num_parameters() / 1e6:.0f}M, seq {arch.seq_length}, "
-                 f"micro-batch {mbs}"))
-    print("| backend | variant | modules | ms/step | tokens/s | MFU | peak GB |\n|---|---|---|---|---|---|---|")
-    for backend, variant, modules, ms, tok_s, mfu, gb in rows:
-        print(f"| {backend} | {variant} | {modules} | {ms:.1f} | {tok_s:,.0f} | {mfu:.1%} | {gb:.1f} |")
-    plain = {backend: ms for backend, variant, _, ms, *_ in rows if variant == "plain"}
+    shape = "smoke" if args.smoke else args.shape
+    print(header(f"bench_train: GPT {arch.num_parameters() / 1e6:.0f}M ({shape} shape, {arch.num_layers} "
+                 f"layers), seq {arch.seq_length}, micro-batch {mbs}"))
+    print("| backend | variant | modules | attention | ms/step | tokens/s | MFU | peak GB |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for backend, variant, modules, kernels, ms, tok_s, mfu, gb in rows:
+        print(f"| {backend} | {variant} | {modules} | {kernels} | {ms:.1f} | {tok_s:,.0f} | {mfu:.1%} | {gb:.1f} |")
+    plain = {backend: ms for backend, variant, _, _, ms, *_ in rows if variant == "plain"}
     print()
-    for backend, variant, _, ms, *_ in rows:
+    for backend, variant, _, _, ms, *_ in rows:
         if variant != "plain":
             print(f"speed-up {backend}: plain -> {variant}: {plain[backend] / ms:.2f}x")
     if not extra and len(plain) == 2:

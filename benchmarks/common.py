@@ -77,6 +77,20 @@ def timed_median_ms(fn, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def attention_kernels(step) -> str:
+    """Which SDPA kernels one call of ``step()`` ran (cudnn / flash / efficient / math / flash_for_cpu): the
+    profiler's aten op names, so an MFU row says whether attention was fused."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        step()
+        synchronize()
+    prefix = "aten::_scaled_dot_product_"
+    names = {e.key[len(prefix):].replace("_backward", "").replace("attention_", "").replace("_attention", "")
+             for e in prof.key_averages() if e.key.startswith(prefix)}
+    return "+".join(sorted(names)) or "none"
+
+
 def median_ms(times: list) -> float:
     return 1000 * statistics.median(times)
 

@@ -17,6 +17,7 @@ QUEUE=(
   "8+6 headline KD step, FP8 teacher   |170| kd_step:--teacher-precision,fp8,--teacher-fp8-fast-accum"
   "1 KD fused with the output layer    |100| kd_linear"
   "2 student step, fused kernels       |240| train:--fused-kernels,--backends,sdpa"
+  "2 student step, Llama-3.1-8B layers |200| train:--shape,llama8b,--fused-kernels,--backends,sdpa"
   "2 student step, compile and Liger   |240| train:--compile,--liger,--backends,sdpa"
   "3+4 importance pass, rewrite        |200| prune"
   "6 FP8 teacher KD loss, fast accum   |170| fp8_distill:--parts,accuracy"
