@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from ..config import ModelArch
@@ -152,6 +153,26 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
         result["consumed_samples"] = int(getattr(loaded.get("args"), "consumed_train_samples", 0) or 0)
     result["iteration"] = int(loaded.get("iteration", 0))
     return result
+
+
+def read_weights(path: str, model_chunks: list, arch: Optional[ModelArch] = None) -> list:
+    """The checkpoint's weights for this rank's shards of ``model_chunks``, read into new tensors (one state
+    dict per chunk, the models' own keys); the models are only the template and keep their values. Cheaper
+    than building a second model to load into (a read-back check)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    info = _prepare(path, model_chunks, arch)
+    state = model_sharded_state(model_chunks)
+
+    def into_new_tensor(entry):
+        if isinstance(entry, (ShardedTensor, ShardedTensorFactory)):
+            entry.data = torch.empty_like(entry.data)  # the load writes here, not into the model's parameter
+        return entry
+
+    dict_list_map_inplace(into_new_tensor, state)
+    loaded = _dist_load(state, info.directory, validate_access_integrity=True)
+    return [loaded[key] for key in model_keys(len(model_chunks))]
 
 
 def load_weights(path: str, model_chunks: list, arch: Optional[ModelArch] = None, optimizer=None,

@@ -355,10 +355,9 @@ def run(cfg: PruneConfig, depth_metrics: Optional[Mapping[str, DepthMetric]] = N
         _write_text(os.path.join(directory, PLAN_FILE), plan.to_json())
 
     if job.rewrite is not None:
-        out = save_and_swap(job.rewrite, pruned, arch=plan.target, parallel=target_par, dtype=dtype,
-                            device=rt.device, iteration=source.iteration,
-                            provenance=provenance, tokenizer=tokenizer, add_files=add_files, timer=timer,
-                            format=job.save_format)
+        out = save_and_swap(job.rewrite, pruned, arch=plan.target, parallel=target_par, device=rt.device,
+                            iteration=source.iteration, provenance=provenance, tokenizer=tokenizer,
+                            add_files=add_files, timer=timer, format=job.save_format)
     else:
         with timer("save"):
             # the source's iteration, as --in-place keeps it (a weights-only checkpoint: a run started from

@@ -9,8 +9,8 @@ interrupted one (``checkpoint.resolve_checkpoint_dir`` falls back to the aside c
 
 1. every rank saves the pruned model to the staged name (an ordinary atomic ``save_checkpoint_to``: the
    staged copy is committed, i.e. complete, or absent); rank 0 adds the tokenizer files, plan and summary
-2. every rank loads the staged copy into a freshly built model at the target architecture and compares all
-   of its tensors with the pruned model (bitwise); any difference aborts with SRC untouched
+2. every rank reads the staged copy's weights (into new tensors, the pruned model as the template) and
+   compares all of them with the pruned model (bitwise); any difference aborts with SRC untouched
 3. rank 0 renames SRC -> aside, staged -> SRC, then deletes the aside copy (delete = rename to a .trash name
    first, so no half-deleted directory keeps a loadable name)
 
@@ -107,19 +107,18 @@ def on_rank0(step: Callable[[], None], what: str) -> None:
     run_on_rank0(step, what, error=OSError, prefix="prune: ")
 
 
-def verify_checkpoint(directory: str, model, arch, parallel, dtype, device) -> None:
-    """Load ``directory`` into a new model built at ``arch`` and require every tensor to equal ``model``'s
-    (bitwise, this rank's shard); collective. Raises OSError naming the first differing tensor."""
+def verify_checkpoint(directory: str, model, arch, device) -> None:
+    """Read ``directory``'s weights (this rank's shards, into new tensors, ``model`` as the template) and
+    require every tensor to equal ``model``'s, bitwise; collective. Raises OSError naming the first differing
+    tensor."""
     from .. import checkpoint
-    from ..model.builder import build_gpt
 
-    fresh = build_gpt(arch, parallel, dtype, device=device, initialize=False)
-    checkpoint.load_weights(directory, [fresh], arch=arch)
+    read, = checkpoint.read_weights(directory, [model], arch=arch)
     want = model.state_dict()
     bad = None
-    for key, value in fresh.state_dict().items():
+    for key, value in want.items():
         if isinstance(value, torch.Tensor) and not key.endswith("_extra_state"):
-            if key not in want or not torch.equal(value, want[key]):
+            if key not in read or not torch.equal(read[key], value):
                 bad = key
                 break
     if not all_ranks_agree(bad is None, device):
@@ -127,7 +126,7 @@ def verify_checkpoint(directory: str, model, arch, parallel, dtype, device) -> N
                       f"model (first difference on this rank: {bad}); the source checkpoint was not touched")
 
 
-def save_and_swap(paths: layout.SavePaths, model, *, arch, parallel, dtype, device, iteration: int,
+def save_and_swap(paths: layout.SavePaths, model, *, arch, parallel, device, iteration: int,
                   provenance: dict, tokenizer, add_files: Optional[Callable[[str], None]] = None,
                   timer=None, format: str = "minitron") -> str:
     """Steps 1-3 of the module docstring, collective. ``add_files(staged_dir)`` runs on rank 0 before the
@@ -144,7 +143,7 @@ def save_and_swap(paths: layout.SavePaths, model, *, arch, parallel, dtype, devi
         if add_files is not None:
             on_rank0(lambda: add_files(staged), f"adding files to {staged}")
     with phase("verify"):
-        verify_checkpoint(staged, model, arch, parallel, dtype, device)
+        verify_checkpoint(staged, model, arch, device)
     with phase("swap"):
         on_rank0(lambda: swap_in(paths), f"moving {staged} to {paths.final} (the source is still loadable)")
     return paths.final

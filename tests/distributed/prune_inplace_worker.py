@@ -103,6 +103,33 @@ def run_in_place(src, scores, point):
     prune_cli.run(parse(["--load", src, "--in-place", "--scores", scores, "--target", *TARGETS]))
 
 
+def run_with_a_bad_write(src, scores):
+    """The staged copy is written from the pruned model with its first weight perturbed (the model itself
+    keeps its values), so it cannot read back equal: the run must refuse it before the swap."""
+    real_save = checkpoint.save_checkpoint_to
+
+    def perturbed_save(path, model_chunks, **kwargs):
+        weight = next(model_chunks[0].parameters())
+        kept = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(1.0)
+        try:
+            return real_save(path, model_chunks, **kwargs)
+        finally:
+            with torch.no_grad():
+                weight.copy_(kept)
+
+    checkpoint.save_checkpoint_to = perturbed_save
+    init_distributed(1, 1)
+    try:
+        prune_cli.run(parse(["--load", src, "--in-place", "--scores", scores, "--target", *TARGETS]))
+    except OSError as error:
+        assert "does not read back equal to the pruned model" in str(error), error
+        print(f"read-back refused: {error}", flush=True)
+        return
+    raise AssertionError("prune --in-place swapped in a staged copy that differs from the pruned model")
+
+
 def loaded_state(path):
     arch = checkpoint.read_arch(path)
     model = build_gpt(arch, Parallel())
@@ -127,8 +154,15 @@ def crash(work):
         shutil.copytree(os.path.join(work, "src"), dirs[point])
         code = in_child(lambda: run_in_place(dirs[point], scores, point))
         assert code == (0 if point is None else 86), f"{point}: exit code {code}"
+    mismatch = os.path.join(work, "case_mismatch", "SRC")
+    shutil.copytree(os.path.join(work, "src"), mismatch)
+    assert in_child(lambda: run_with_a_bad_write(mismatch, scores)) == 0, "the bad write was not refused"
     init_distributed(1, 1)
     old_arch, old = loaded_state(os.path.join(work, "src"))
+    assert same(loaded_state(mismatch)[1], old), "a refused rewrite changed SRC"
+    assert prune_cli.run(parse(["--load", mismatch, "--in-place", "--scores", scores, "--target", *TARGETS])) == 0
+    assert entries(os.path.dirname(mismatch)) == ["SRC"], entries(os.path.dirname(mismatch))
+    print("read-back mismatch: SRC untouched; a re-run replaced it and left nothing behind", flush=True)
     new_arch, new = loaded_state(os.path.join(work, "ref"))
     for point, expect in POINTS.items():
         arch, state = loaded_state(dirs[point])

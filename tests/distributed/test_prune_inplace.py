@@ -1,5 +1,6 @@
 """`prune --in-place` is crash-safe (a killed run leaves the source or the pruned checkpoint loadable under
-the source's name, and a re-run settles it) and works on a checkpoint root at TP2."""
+the source's name, and a re-run settles it), refuses a staged copy that does not read back equal to the pruned
+model (the source stays as it was), and works on a checkpoint root at TP2."""
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ def test_in_place_survives_crashes_at_every_step(tmp_path):
     if proc.returncode != 0:
         pytest.fail(f"crash worker failed (rc={proc.returncode}):\n{out[-6000:]}")
     assert out.count("settled to the pruned one") == 5, out[-3000:]
+    assert "read-back mismatch: SRC untouched" in out, out[-3000:]
 
 
 def test_in_place_on_a_root_at_tp2(tmp_path):
