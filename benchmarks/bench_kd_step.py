@@ -23,8 +23,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RandomTokens, attention_kernels, header, median_ms, peak_memory_gb, reset_peak_memory, \
-    time_steps, timing_args  # noqa: E402
+from common import RandomTokens, breakdown_table, header, median_ms, peak_memory_gb, profile_step, \
+    reset_peak_memory, time_steps, timing_args  # noqa: E402
 
 ANCHOR = "ModelOpt 9B -> 7B: ~2.9k tokens/s per H100, ~23% MFU"
 
@@ -105,7 +105,7 @@ def main():
     reset_peak_memory()
     times = time_steps(lambda: kd.train_step(it), warmup, iters)
     peak_gb = peak_memory_gb()
-    kernels = attention_kernels(lambda: kd.train_step(it))  # after the peak: the profiler holds host memory
+    kernels, breakdown = profile_step(lambda: kd.train_step(it))  # after the peak: the profiler holds memory
 
     ms = median_ms(times)
     tokens = mbs * student.seq_length
@@ -129,6 +129,8 @@ def main():
     print(f"| {ms:.1f} | {tokens / (ms / 1e3):,.0f} | {mfu:.1%} | {peak_gb:.1f} | "
           f"{planned.total / GIB:.1f} |")
     print(f"\nFLOPs per step {flops / 1e12:.1f} TFLOP; SDPA kernels: {kernels}; anchor: {ANCHOR}; goal >= 40% MFU")
+    if breakdown:
+        print("\n" + breakdown_table([("KD step", breakdown)]))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ Shapes: ``886m`` (the default above) and ``llama8b``: Llama-3.1-8B's layer (hidd
 RoPE theta 500000), its vocabulary (128256) and seq 8192 at micro-batch 1, with ``--layers`` of them (default 8:
 the whole 32 with optimizer states do not fit one GPU; the output layer's share of the FLOPs grows as layers
 drop). The "attention" column names the SDPA kernels that ran (profiler op names: cudnn, flash, efficient,
-math), so a slow row shows whether attention was fused.
+math), so a slow row shows whether attention was fused; on a GPU a second table splits one profiled step's
+kernel time into GEMM, attention, our Triton kernels, optimizer, copies, reductions and elementwise.
 
 Variants (each flag adds rows; the plain step of every backend always runs first):
   --fused-kernels  train.fused_kernels=true: RMSNorm, RoPE and SwiGLU through our Triton kernels
@@ -40,8 +41,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (RandomTokens, attention_kernels, header, timed_median_ms, timing_args, median_ms,  # noqa: E402
-                    peak_memory_gb, reset_peak_memory, time_steps)
+from common import (RandomTokens, breakdown_table, header, timed_median_ms, timing_args, median_ms,  # noqa: E402
+                    peak_memory_gb, profile_step, reset_peak_memory, time_steps)
 
 
 def liger_modules():
@@ -202,7 +203,7 @@ def main():
              + (["compile"] if args.compile else []) + (["liger"] if args.liger else []))
     tokens_per_step = mbs * arch.seq_length
     data = RandomTokens(mbs * (iters + warmup + 2), arch.seq_length, arch.vocab_size)
-    rows = []
+    rows, breakdowns = [], []
     for backend in args.backends.split(","):
         for variant in ["plain"] + extra:
             cfg = TrainConfig(model=arch, parallel=Parallel(),
@@ -220,7 +221,8 @@ def main():
             peak = peak_flops(trainer.rt.device)
             mfu = training_flops_per_token(arch) * tok_s / peak if peak else float("nan")
             peak_gb = peak_memory_gb()
-            kernels = attention_kernels(lambda: trainer.train_step(batches))
+            kernels, breakdown = profile_step(lambda: trainer.train_step(batches))
+            breakdowns.append((f"{backend} {variant}", breakdown))
             rows.append((backend, variant, modules, kernels, median_ms(times), tok_s, mfu, peak_gb))
             device, dtype = trainer.rt.device, trainer.dtype
             del trainer
@@ -232,6 +234,9 @@ def main():
     for backend, variant, modules, kernels, ms, tok_s, mfu, gb in rows:
         print(f"| {backend} | {variant} | {modules} | {kernels} | {ms:.1f} | {tok_s:,.0f} | {mfu:.1%} | {gb:.1f} |")
     plain = {backend: ms for backend, variant, _, _, ms, *_ in rows if variant == "plain"}
+    if any(b for _, b in breakdowns):
+        print("\nWhere one profiled step's GPU time went (benchmarks/common.py KERNEL_CATEGORIES):\n")
+        print(breakdown_table(breakdowns))
     print()
     for backend, variant, _, _, ms, *_ in rows:
         if variant != "plain":

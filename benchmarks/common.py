@@ -77,18 +77,63 @@ def timed_median_ms(fn, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def attention_kernels(step) -> str:
-    """Which SDPA kernels one call of ``step()`` ran (cudnn / flash / efficient / math / flash_for_cpu): the
-    profiler's aten op names, so an MFU row says whether attention was fused."""
-    from torch.profiler import profile
+# CUDA kernel name -> what it does, first match wins (cuBLAS Hopper GEMMs are "nvjet_*", cuDNN attention
+# "cudnn_generated_*sdpa*", torch's foreach / fused Adam "multi_tensor_apply_kernel" / "*adam*")
+KERNEL_CATEGORIES = (
+    ("ours", r"^_(rms_norm|rope|swiglu|stats|grad|kl|norm_quantize|quantize_rows|attention_output)_?\w*kernel"),
+    ("attention", r"flash|fmha|sdpa|attn|attention"),  # before gemm: cuDNN's attention kernels say "wgmma"
+    ("gemm", r"gemm|nvjet|cutlass|xmma|wgmma|cublas|splitK"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("nccl", r"nccl"),
+    ("copy", r"copy|memcpy|memset|CatArray|cat_"),
+    ("reduce/softmax", r"reduce|softmax|norm|cross_entropy|nll|log_softmax"),
+    ("elementwise", r"elementwise"),
+)
 
-    with profile() as prof:
+
+def kernel_breakdown(kernels) -> dict:
+    """ms per category (KERNEL_CATEGORIES, else "other") of (kernel name, microseconds) pairs."""
+    import re
+
+    totals = {name: 0.0 for name, _ in KERNEL_CATEGORIES}
+    totals["other"] = 0.0
+    for name, us in kernels:
+        category = next((c for c, pattern in KERNEL_CATEGORIES if re.search(pattern, name, re.IGNORECASE)), "other")
+        totals[category] += us / 1e3
+    return totals
+
+
+def profile_step(step) -> tuple:
+    """One profiled call of ``step()``: (the SDPA kernels it ran - cudnn / flash / efficient / math /
+    flash_for_cpu, from the aten op names - and on a GPU the kernel ms per category, else None), so an MFU
+    row says whether attention was fused and where the step's GPU time went."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
         step()
         synchronize()
+    events = prof.key_averages()
     prefix = "aten::_scaled_dot_product_"
     names = {e.key[len(prefix):].replace("_backward", "").replace("attention_", "").replace("_attention", "")
-             for e in prof.key_averages() if e.key.startswith(prefix)}
-    return "+".join(sorted(names)) or "none"
+             for e in events if e.key.startswith(prefix)}
+    breakdown = None
+    if torch.cuda.is_available():  # kernels (and memcpy / memset) are the events with self device time
+        breakdown = kernel_breakdown((e.key, e.self_device_time_total) for e in events
+                                     if e.self_device_time_total > 0 and not e.key.startswith("aten::"))
+    return "+".join(sorted(names)) or "none", breakdown
+
+
+def breakdown_table(rows) -> str:
+    """Markdown: one row per (label, breakdown dict) with the categories that took any time."""
+    rows = [(label, b) for label, b in rows if b]
+    if not rows:
+        return ""
+    columns = [c for c in rows[0][1] if any(b[c] > 0 for _, b in rows)]
+    lines = ["| step | GPU kernel ms | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for label, b in rows:
+        lines.append(f"| {label} | {sum(b.values()):.1f} | " + " | ".join(f"{b[c]:.1f}" for c in columns) + " |")
+    return "\n".join(lines)
 
 
 def median_ms(times: list) -> float:
