@@ -24,6 +24,8 @@ Variants (each flag adds rows; the plain step of every backend always runs first
                    RowParallelLinear (linear_proj, fc2) calls its GEMM with tp_group=None, whose lookup warns on
                    every call (megatron/core/utils.py, get_tensor_model_parallel_group_if_none); dynamo cannot
                    trace the warning, so each layer's graph breaks there (TORCH_LOGS=graph_breaks shows them).
+  --fused-adam     torch's fused Adam (one kernel per step) instead of the foreach Adam megatron uses when
+                   neither Apex nor TE is installed (the optimizer step is memory-bound: ~28 bytes per parameter)
   --liger          liger-kernel's RMSNorm (fp32 "gemma" casting, like ours) and fused gate-up SwiGLU in the same
                    modules (needs ``liger_kernel`` importable: ``pip install --no-deps liger-kernel``, pure Python).
                    Not its RoPE: Liger's kernel takes HF's q/k layout ([b, heads, s, d] viewing [b, s, heads, d]
@@ -67,7 +69,24 @@ def liger_modules():
     return LigerRMSNorm, LigerSwiGLUMLP
 
 
-def prepare_variant(variant: str, model) -> str:
+def fused_adam(optimizer) -> int:
+    """Switch the torch Adam(W) that megatron falls back to without Apex / TE from its foreach to its fused
+    CUDA implementation (before the first step, so its step counters are created on the GPU, as fused
+    wants); returns how many parameter groups switched. A measurement only: the product keeps megatron's."""
+    import torch
+
+    switched = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam) or isinstance(inner, torch.optim.AdamW):
+            inner.defaults.update(fused=True, foreach=False)
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
+                switched += 1
+    return switched
+
+
+def prepare_variant(variant: str, trainer) -> str:
     """Turn the built (plain or train.fused_kernels) model into ``variant``; say which modules took its path."""
     from megatron.core.transformer.mlp import MLP
 
@@ -75,6 +94,9 @@ def prepare_variant(variant: str, model) -> str:
     from megatron_minitron.model.layers import FusedRMSNorm, Norm
     from megatron_minitron.model.mlp import FusedSwiGLUMLP, swiglu_kernel_covers
 
+    model = trainer.unwrapped()[0]
+    if variant == "fused adam":
+        return f"{fused_adam(trainer.optimizer)} param groups"
     modules = list(model.modules())
 
     def count(cls):
@@ -166,6 +188,8 @@ def main():
                    help="also time train.fused_kernels=true, megatron's fused SwiGLU, and each kernel alone")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of each transformer layer")
     p.add_argument("--liger", action="store_true", help="also time liger-kernel's RMSNorm and SwiGLU (GPU)")
+    p.add_argument("--fused-adam", action="store_true",
+                   help="also time torch's fused Adam in place of the foreach one megatron falls back to")
     args = p.parse_args()
     import torch
 
@@ -200,7 +224,8 @@ def main():
                          num_query_groups=8, vocab_size=32000, seq_length=2048)
         mbs, iters, warmup = args.micro_batch_size, args.iters, args.warmup
     extra = ((["fused kernels", "megatron fused swiglu"] if args.fused_kernels else [])
-             + (["compile"] if args.compile else []) + (["liger"] if args.liger else []))
+             + (["compile"] if args.compile else []) + (["liger"] if args.liger else [])
+             + (["fused adam"] if args.fused_adam else []))
     tokens_per_step = mbs * arch.seq_length
     data = RandomTokens(mbs * (iters + warmup + 2), arch.seq_length, arch.vocab_size)
     rows, breakdowns = [], []
@@ -212,7 +237,7 @@ def main():
                                           eval_iters=0, eval_interval=0, attention_backend=backend,
                                           fused_kernels=variant == "fused kernels", progress_bar=False))
             trainer = Trainer(cfg, datasets=(data, None)).setup()
-            modules = prepare_variant(variant, trainer.unwrapped()[0])
+            modules = prepare_variant(variant, trainer)
             batches = trainer._batches(data, 0)
             reset_peak_memory()
             times = time_steps(lambda: trainer.train_step(batches), warmup, iters)

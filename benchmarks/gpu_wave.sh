@@ -16,7 +16,7 @@ QUEUE=(
   "8 headline KD step, bf16 teacher    |200| kd_step"
   "8+6 headline KD step, FP8 teacher   |170| kd_step:--teacher-precision,fp8,--teacher-fp8-fast-accum"
   "1 KD fused with the output layer    |100| kd_linear"
-  "2 student step, fused kernels       |240| train:--fused-kernels,--backends,sdpa"
+  "2 student step, fused kernels, Adam |240| train:--fused-kernels,--fused-adam,--backends,sdpa"
   "2 student step, Llama-3.1-8B layers |200| train:--shape,llama8b,--fused-kernels,--backends,sdpa"
   "2 student step, compile and Liger   |240| train:--compile,--liger,--backends,sdpa"
   "3+4 importance pass, rewrite        |200| prune"
