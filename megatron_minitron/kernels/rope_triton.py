@@ -8,7 +8,8 @@ are computed by torch exactly as megatron does (fp32 ``cos(freqs) * mscale`` rou
 the only difference from megatron is that the kernel forms y in fp32 and rounds once, where megatron's
 bf16 path rounds after each product.
 
-One program per (position, batch, head) row reads the row once and writes it once (megatron's path
+One program per (position, batch) row rotates a block of its heads (all of them at Llama shapes: 32 x 128
+channels), reading each element once, writing it once, and cos / sin once per row (megatron's path
 materialises the rotated half, two products and two concatenations). The input may be a strided view
 (megatron's q and k are slices of the fused qkv output): the kernel reads it in place instead of copying. The backward is the same kernel
 with the transposed rotation: d x1 = dy1 cos1 + dy2 sin2, d x2 = dy2 cos2 - dy1 sin1, the tail's gradient is dy.
@@ -26,24 +27,33 @@ import triton.language as tl
 from .triton_support import check_interpretable
 
 
+# elements of one half-rotation tile (heads x rot_dim / 2) a program handles: all of a (position, batch)
+# row's heads at Llama shapes (32 x 64), so cos / sin are read once per row, not once per head
+MAX_TILE = 2048
+
+
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, stride_s, stride_b, stride_h, head_dim, half,
-                 rot_dim, BACKWARD: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_TAIL: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    position = row // (batch * heads)
-    within = row % (batch * heads)
-    # x may be a strided view (megatron's q / k are slices of the fused qkv projection); y is contiguous
-    x_offset = position * stride_s + (within // heads) * stride_b + (within % heads) * stride_h
-    offset = row * head_dim
+                 rot_dim, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                 BLOCK_TAIL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # a (position, batch) row; axis 1 walks its heads in BLOCK_H blocks
+    position = row // batch
+    hs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = (hs < heads)[:, None]
+    # x may be a strided view (megatron's q / k are slices of the fused qkv output); y is contiguous
+    x_rows = x_ptr + position * stride_s + (row % batch) * stride_b + hs[:, None] * stride_h
+    y_rows = y_ptr + (row * heads + hs[:, None]) * head_dim
     cols = tl.arange(0, BLOCK_HALF)
-    valid = cols < half
-    x1 = tl.load(x_ptr + x_offset + cols, mask=valid, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_offset + half + cols, mask=valid, other=0.0).to(tl.float32)
-    trig = position * rot_dim
-    cos1 = tl.load(cos_ptr + trig + cols, mask=valid, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_ptr + trig + half + cols, mask=valid, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_ptr + trig + cols, mask=valid, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_ptr + trig + half + cols, mask=valid, other=0.0).to(tl.float32)
+    col_ok = cols < half
+    valid = head_ok & col_ok[None, :]
+    x1 = tl.load(x_rows + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+    x2 = tl.load(x_rows + half + cols[None, :], mask=valid, other=0.0).to(tl.float32)
+    trig = cos_ptr + position * rot_dim + cols
+    cos1 = tl.load(trig, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    cos2 = tl.load(trig + half, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    trig = sin_ptr + position * rot_dim + cols
+    sin1 = tl.load(trig, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    sin2 = tl.load(trig + half, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_ty = y_ptr.dtype.element_ty
     if BACKWARD:  # x holds dy: the transposed rotation
         y1 = x1 * cos1 + x2 * sin2
@@ -51,13 +61,12 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, batch, heads, stride_s, stride_
     else:
         y1 = x1 * cos1 - x2 * sin1
         y2 = x2 * cos2 + x1 * sin2
-    tl.store(y_ptr + offset + cols, y1.to(out_ty), mask=valid)
-    tl.store(y_ptr + offset + half + cols, y2.to(out_ty), mask=valid)
+    tl.store(y_rows + cols[None, :], y1.to(out_ty), mask=valid)
+    tl.store(y_rows + half + cols[None, :], y2.to(out_ty), mask=valid)
     if BLOCK_TAIL > 0:  # rotary_percent < 1: the remaining channels pass through
         tail = rot_dim + tl.arange(0, BLOCK_TAIL)
-        in_tail = tail < head_dim
-        tl.store(y_ptr + offset + tail, tl.load(x_ptr + x_offset + tail, mask=in_tail, other=0.0),
-                 mask=in_tail)
+        in_tail = head_ok & (tail < head_dim)[None, :]
+        tl.store(y_rows + tail[None, :], tl.load(x_rows + tail[None, :], mask=in_tail, other=0.0), mask=in_tail)
 
 
 def _cos_sin(freqs: torch.Tensor, t: torch.Tensor, mscale: float):
@@ -81,13 +90,16 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     s, b, h, d = x.shape
     rot_dim = cos.shape[1]
     y = torch.empty((s, b, h, d), dtype=x.dtype, device=x.device)
-    n_rows = s * b * h
-    if n_rows:
+    if s * b * h:
         tail = d - rot_dim
-        _rope_kernel[(n_rows,)](x, cos, sin, y, b, h, x.stride(0), x.stride(1), x.stride(2), d, rot_dim // 2,
-                                rot_dim, BACKWARD=backward,
-                                BLOCK_HALF=triton.next_power_of_2(max(1, rot_dim // 2)),
-                                BLOCK_TAIL=triton.next_power_of_2(tail) if tail else 0, num_warps=1)
+        block_half = triton.next_power_of_2(max(1, rot_dim // 2))
+        block_h = min(triton.next_power_of_2(h), max(1, MAX_TILE // block_half))
+        tile = block_h * block_half
+        _rope_kernel[(s * b, triton.cdiv(h, block_h))](
+            x, cos, sin, y, b, h, x.stride(0), x.stride(1), x.stride(2), d, rot_dim // 2, rot_dim,
+            BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=block_half,
+            BLOCK_TAIL=triton.next_power_of_2(tail) if tail else 0,
+            num_warps=8 if tile >= 2048 else 4 if tile >= 512 else 2 if tile >= 128 else 1)  # ~8 per thread
     return y
 
 

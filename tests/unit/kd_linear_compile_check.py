@@ -20,7 +20,7 @@ def _configurations(which: str):
                     yield rmsnorm_triton, fn, {"ZERO_CENTERED": zero_centered, "BLOCK": 4096}, dtype
             # full rotation (no tail: BLOCK_TAIL 0) and rotary_percent 0.5 (a 64-wide tail), forward and backward
             for backward, tail in ((False, 0), (True, 0), (False, 64)):
-                yield rope_triton, rope_triton._rope_kernel, {"BACKWARD": backward, "BLOCK_HALF": 32,
+                yield rope_triton, rope_triton._rope_kernel, {"BACKWARD": backward, "BLOCK_H": 32, "BLOCK_HALF": 64,
                                                               "BLOCK_TAIL": tail}, dtype
             for fn in (swiglu_triton._swiglu_forward_kernel, swiglu_triton._swiglu_backward_kernel):
                 yield swiglu_triton, fn, {"BLOCK": swiglu_triton.MAX_BLOCK}, dtype

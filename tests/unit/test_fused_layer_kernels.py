@@ -457,3 +457,20 @@ def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls):
     torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
     for name, grad in outputs[0][1].items():
         torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("tile", [8, 16])
+def test_rope_splits_heads_over_programs(monkeypatch, tile):
+    """Heads that do not fit one program's tile (MAX_TILE) are split over the second grid axis, the last block
+    masked (3 heads in blocks of 1 or 2): the same result as megatron's, forward and backward."""
+    from megatron_minitron.kernels import rope_triton
+
+    monkeypatch.setattr(rope_triton, "MAX_TILE", tile)  # rot_dim 16: half 8, so 1 or 2 heads per program
+    torch.manual_seed(8)
+    s, b, h, d = 4, 2, 3, 20
+    freqs = torch.randn(s, 1, 1, 16, device=DEVICE) * 3
+    t, upstream = torch.randn(s, b, h, d, device=DEVICE), torch.randn(s, b, h, d, device=DEVICE)
+    ref = _rope_forward_backward(_megatron_rope, t, freqs, upstream)
+    fused = _rope_forward_backward(triton_apply_rotary_pos_emb, t, freqs, upstream)
+    for name, r, f in zip(("y", "dt"), ref, fused):
+        torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-6, msg=name)
