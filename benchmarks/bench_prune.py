@@ -78,7 +78,13 @@ def bench_importance(model, arch, args):
         plain = timed(lambda: run_forward([model], batches), args.repeats)
         with PeakAbove() as peak:
             hooked = timed(lambda: estimate_importance([model], batches, ImportanceSettings()), args.repeats)
-    return tokens, hooked, plain, peak.bytes
+        # where the extra time goes (GPU only): one profiled call of each
+        from common import profile_step
+
+        breakdown = [("plain forward", profile_step(lambda: run_forward([model], batches))[1]),
+                     ("importance pass", profile_step(
+                         lambda: estimate_importance([model], batches, ImportanceSettings()))[1])]
+    return tokens, hooked, plain, peak.bytes, breakdown
 
 
 class PeakAbove:
@@ -175,11 +181,14 @@ def main(argv=None):
     print("| date | device | measurement | size | ms | floor ms | ratio | goal | command |")
     print("|---|---|---|---|---|---|---|---|---|")
     weights, copy, calibration = planned_prune_bytes(arch, args)
-    memory_rows = []
+    memory_rows, importance_table = [], ""
     if "importance" not in args.skip:
-        tokens, ms, floor, peak = bench_importance(model, arch, args)
+        tokens, ms, floor, peak, breakdown = bench_importance(model, arch, args)
         print(f"| {date} | {device} | importance vs plain forward | {params}, {tokens} tokens | {ms:.1f} | "
               f"{floor:.1f} | {ms / floor:.2f}x | <= 1.2x | `{command}` |", flush=True)
+        from common import breakdown_table
+
+        importance_table = breakdown_table(breakdown)
         memory_rows.append(("importance pass, above the resident weights", peak, calibration))
     if "rewrite" not in args.skip:
         work = tempfile.mkdtemp(prefix="bench_prune_", dir=args.dir)
@@ -191,6 +200,9 @@ def main(argv=None):
               f"{ms:.1f} | {floor:.1f} | {ms / floor:.2f}x | <= 2x | `{command}` |", flush=True)
         # the rewrite loads its own source copy, trims it, and verifies: weights + pruned copy of the plan
         memory_rows.append(("prune --in-place (scores given), above the benchmark's model", peak, weights + copy))
+    if importance_table:
+        print("\nGPU kernel ms of one call each (benchmarks/common.py KERNEL_CATEGORIES):\n")
+        print(importance_table)
     if memory_rows and torch.cuda.is_available():
         print("\n| prune phase | measured peak GiB | planned GiB | planned / measured |\n|---|---|---|---|")
         for what, measured, planned in memory_rows:
