@@ -142,3 +142,33 @@ def test_sdpa_repeats_kv_heads_where_no_fused_kernel_takes_gqa(monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_run.sh kernel_tests)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_gqa_runs_a_fused_kernel_on_cuda(dtype):
+    """On the GPU, grouped-query attention never lands on SDPA's math kernel (its [b, heads, s, s] scores),
+    in fp32 (kv heads repeated) or bf16 (enable_gqa), and gives the math kernel's result."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import profile
+
+    from megatron_minitron.model.layers import SDPAttention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, heads, groups, s, d = 2, 8, 2, 256, 64
+    q = torch.randn(b, heads, s, d, device="cuda", generator=g).to(dtype)
+    k, v = (torch.randn(b, groups, s, d, device="cuda", generator=g).to(dtype) for _ in range(2))
+    attention = SimpleNamespace(heads=heads, groups=groups, softmax_scale=d ** -0.5)
+    with profile() as prof:
+        out = SDPAttention._sdpa(attention, q, k, v, None, True, 0.0)
+        torch.cuda.synchronize()
+    kernels = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product_")}
+    assert kernels and not any("math" in name for name in kernels), kernels
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double().repeat_interleave(heads // groups, 1), v.double().repeat_interleave(heads // groups, 1),
+            is_causal=True, scale=d ** -0.5)
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
