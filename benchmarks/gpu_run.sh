@@ -37,10 +37,10 @@ for item in ${1:-kd_loss fp8 train distill prune}; do
   case $name in
     memory_plan) cmd=(torchrun --nproc-per-node 1 benchmarks/bench_memory_plan.py --job train) ;;
     demo_gpu) cmd=(python3 -m megatron_minitron.cli demo --size tiny --output /tmp/demo_gpu) ;;
-    kernel_tests) cmd=(env TRITON_INTERPRET=0 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_fused.py tests/unit/test_kd_triton.py tests/unit/test_kd_linear.py tests/unit/test_fused_layer_kernels.py tests/unit/test_model.py::test_sdpa_gqa_runs_a_fused_kernel_on_cuda) ;;
+    kernel_tests) cmd=(env TRITON_INTERPRET=$([ -n "${SMOKE:-}" ] && echo 1 || echo 0) python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_fused.py tests/unit/test_kd_triton.py tests/unit/test_kd_linear.py tests/unit/test_fused_layer_kernels.py tests/unit/test_model.py::test_sdpa_gqa_runs_a_fused_kernel_on_cuda) ;;
     *) cmd=(python3 benchmarks/bench_$name.py)
        [ -n "${SMOKE:-}" ] && extra+=(--smoke) ;;  # SMOKE=1: check the queue on a CPU (times nothing)
   esac
-  timeout "${BENCH_TIMEOUT:-240}" "${cmd[@]}" "${extra[@]}" 2>&1 | grep -v "UserWarning\|warnings.warn" | tee "$out/${OUT_PREFIX:-}$name.md"
+  timeout --kill-after=15 "${BENCH_TIMEOUT:-240}" "${cmd[@]}" "${extra[@]}" 2>&1 | grep -v "UserWarning\|warnings.warn" | tee "$out/${OUT_PREFIX:-}$name.md"
   echo "=== bench_$name exit ${PIPESTATUS[0]} $(date +%T)"
 done

@@ -8,7 +8,8 @@
 It ends with a table of validation LM loss / perplexity and a PNG of the validation curves. Each step is
 one of the project's own jobs (preprocess, ``Trainer``, ``prune.run``, ``distill.job.run``) called in-process,
 so the demo doubles as an end-to-end check. It runs on a CPU in minutes (``--size tiny``) and at a larger
-size on a GPU (``--size small``, the default there).
+size on a GPU (``--size small``, the default there). An exit signal (SIGTERM / SIGUSR1) during a training
+stage saves that stage's checkpoint and stops the demo (exit 0); the same command resumes it.
 """
 from __future__ import annotations
 
@@ -92,6 +93,15 @@ def run(args) -> int:
 
     curves = {}
 
+    def finished(state, iters, what) -> bool:
+        """False, saying so, when a stage stopped early: an exit signal (SIGTERM / SIGUSR1) made it save and
+        return, so the demo stops too instead of building on a half-trained model; a rerun resumes it."""
+        if state.iteration >= iters:
+            return True
+        rank0_print(f"\ndemo: the {what} stopped at iteration {state.iteration} of {iters} (exit signal; its "
+                    f"checkpoint is saved); rerun the same command to resume")
+        return False
+
     def record(name, state, start=None):
         curves[name] = ([(0, start)] if start is not None else []) + [
             (h["iteration"], h["val_lm_loss"]) for h in state.history if "val_lm_loss" in h]
@@ -100,7 +110,10 @@ def run(args) -> int:
     step(f"teacher: {teacher_arch.num_parameters():,} parameters, {teacher_iters} iterations")
     teacher_dir = os.path.join(out, "teacher")
     trainer = Trainer(train_cfg(teacher_iters, teacher_dir)).setup()
-    record("teacher", trainer.run())
+    state = trainer.run()
+    if not finished(state, teacher_iters, "teacher's training"):
+        return 0
+    record("teacher", state)
     results = {"teacher": trainer.evaluate()["val_lm_loss"]}
 
     # 3. importance + prune to about half (width and depth at once)
@@ -125,6 +138,8 @@ def run(args) -> int:
     cfg = dataclasses.replace(train_cfg(student_iters, os.path.join(out, "pruned_kd"), lr=1e-3, cls=DistillConfig,
                                         **kd), model=student_arch)
     trainer, state = distill_run(cfg)
+    if not finished(state, student_iters, "distillation of the pruned student"):
+        return 0
     record("pruned + KD", state, results["pruned, before distillation"])
     results["pruned + KD"] = trainer.evaluate()["val_lm_loss"]
 
@@ -138,13 +153,18 @@ def run(args) -> int:
                                         distill=Distill(teacher=teacher_dir, student=random_dir)),
                               model=student_arch)
     trainer, state = distill_run(cfg)
+    if not finished(state, student_iters, "distillation of the random-init baseline"):
+        return 0
     record("random init + KD", state)
     results["random init + KD"] = trainer.evaluate()["val_lm_loss"]
     step("baseline: the pruned student trained with the plain LM loss instead of KD")
     cfg = dataclasses.replace(train_cfg(student_iters, os.path.join(out, "pruned_lm"), load=pruned_dir, lr=1e-3),
                               model=student_arch)
     trainer = Trainer(cfg).setup()
-    record("pruned + LM loss", trainer.run(), results["pruned, before distillation"])
+    state = trainer.run()
+    if not finished(state, student_iters, "LM-loss training of the pruned student"):
+        return 0
+    record("pruned + LM loss", state, results["pruned, before distillation"])
     results["pruned + LM loss"] = trainer.evaluate()["val_lm_loss"]
 
     if rt.is_rank0:
