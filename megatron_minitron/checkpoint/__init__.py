@@ -13,8 +13,8 @@ from .metadata import (FORMAT_VERSION, MEGATRON_LM_FORMAT, SAVE_FORMATS, arch_di
 from .save import save_checkpoint, save_checkpoint_to
 
 __all__ = [
-    "save_checkpoint", "save_checkpoint_to", "load_checkpoint", "load_weights", "read_weights", "read_metadata", "read_arch",
-    "resolve_checkpoint_dir", "latest_iteration", "committed_iterations", "iter_dir_name", "check_arch",
+    "save_checkpoint", "save_checkpoint_to", "load_checkpoint", "load_weights", "read_weights", "read_metadata",
+    "read_arch", "resolve_checkpoint_dir", "latest_iteration", "committed_iterations", "iter_dir_name", "check_arch",
     "arch_differences", "arch_from_metadata", "FORMAT_VERSION", "COMMIT_FILE", "LATEST_FILE", "METADATA_FILE",
     "TRACKER_FILE", "RELEASE_DIR", "MEGATRON_LM_FORMAT", "SAVE_FORMATS", "checkpoint_format",
     "CheckpointInfo", "Contents", "SavedLayout", "describe_checkpoint", "describe_directory",

@@ -35,7 +35,8 @@ def distill_step(weights, backend, **distill_kwargs):
     cfg = Distill(teacher="unused", kd_loss_backend=backend, **distill_kwargs)
     cfg.validate()
     objective = KDObjective(cfg, TEACHER, "unused")
-    model = DistillationModel(student, teacher, cfg.intermediate_pairs, fused_output=uses_fused_output_layer(cfg, torch.device("cpu")))
+    model = DistillationModel(student, teacher, cfg.intermediate_pairs,
+                              fused_output=uses_fused_output_layer(cfg, torch.device("cpu")))
     objective.model = model
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, STUDENT.vocab_size, (BATCH, SEQ + 1), generator=gen)

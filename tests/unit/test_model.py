@@ -166,9 +166,9 @@ def test_sdpa_gqa_runs_a_fused_kernel_on_cuda(dtype):
         torch.cuda.synchronize()
     kernels = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product_")}
     assert kernels and not any("math" in name for name in kernels), kernels
+    k64, v64 = (t.double().repeat_interleave(heads // groups, 1) for t in (k, v))
     with sdpa_kernel(SDPBackend.MATH):
-        expected = torch.nn.functional.scaled_dot_product_attention(
-            q.double(), k.double().repeat_interleave(heads // groups, 1), v.double().repeat_interleave(heads // groups, 1),
-            is_causal=True, scale=d ** -0.5)
+        expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k64, v64, is_causal=True,
+                                                                    scale=d ** -0.5)
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
