@@ -41,31 +41,10 @@ def test_demo_prunes_and_distills(tmp_path):
         assert int(table[name][rows[0].index("params")].replace(",", "")) == summary["parameters"][name]
 
 
-def test_demo_stops_at_an_exit_signal_and_resumes(tmp_path):
-    """SIGTERM during the teacher's training: the teacher saves, the demo stops there (exit 0) instead of
-    pruning a half-trained teacher, and the same command resumes the teacher from its checkpoint."""
+def _run_until_training_starts_then_sigterm(command, env) -> str:
+    """Start ``command``, send SIGTERM once a training stage prints its start line; its whole output."""
     import signal
 
-    from megatron_minitron import checkpoint
-
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "megatron_minitron.cli", "demo", "--output", str(tmp_path), "--size", "tiny",
-               "--teacher-iters", "5000", "--student-iters", "2", "--corpus-bytes", "200000"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=ROOT)
-    lines = []
-    for line in proc.stdout:  # the teacher's start line, then a few steps
-        lines.append(line)
-        if "tokens per step" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    out = "".join(lines) + proc.stdout.read()
-    assert proc.wait(timeout=300) == 0, out[-3000:]
-    assert "the teacher's training stopped at iteration" in out, out[-3000:]
-    saved = checkpoint.latest_iteration(str(tmp_path / "teacher"))
-    assert saved is not None and 0 < saved < 5000, out[-3000:]
-    assert not (tmp_path / "pruned").exists() and not (tmp_path / "results.json").exists()
-    # the same command again: the teacher resumes where it stopped (stopped again here, to keep it short)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=ROOT)
     lines = []
@@ -76,5 +55,23 @@ def test_demo_stops_at_an_exit_signal_and_resumes(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out = "".join(lines) + proc.stdout.read()
     assert proc.wait(timeout=300) == 0, out[-3000:]
+    return out
+
+
+def test_demo_stops_at_an_exit_signal_and_resumes(tmp_path):
+    """SIGTERM during the teacher's training: the teacher saves, the demo stops there (exit 0) instead of
+    pruning a half-trained teacher, and the same command resumes the teacher from its checkpoint."""
+    from megatron_minitron import checkpoint
+
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "megatron_minitron.cli", "demo", "--output", str(tmp_path), "--size", "tiny",
+               "--teacher-iters", "5000", "--student-iters", "2", "--corpus-bytes", "200000"]
+    out = _run_until_training_starts_then_sigterm(command, env)
+    assert "the teacher's training stopped at iteration" in out, out[-3000:]
+    saved = checkpoint.latest_iteration(str(tmp_path / "teacher"))
+    assert saved is not None and 0 < saved < 5000, out[-3000:]
+    assert not (tmp_path / "pruned").exists() and not (tmp_path / "results.json").exists()
+    # the same command again: the teacher resumes where it stopped (stopped again here, to keep it short)
+    out = _run_until_training_starts_then_sigterm(command, env)
     assert f"resumed from {tmp_path / 'teacher'} at iteration {saved}" in out, out[-3000:]
     assert checkpoint.latest_iteration(str(tmp_path / "teacher")) > saved
