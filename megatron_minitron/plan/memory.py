@@ -131,6 +131,15 @@ def layer_activation_bytes(arch: ModelArch, tokens: int, tp: int, sequence_paral
     return stored
 
 
+def boundary_state_bytes(arch: ModelArch, layout: Layout, stage: int, tokens: int, act_bytes: int = 2) -> int:
+    """What block importance (prune/importance.py ``_Probes``) keeps on top of a plain forward: the hidden
+    state at every layer boundary of the stage (its layers + 1) for the whole micro-batch, until the batch's
+    cosines are taken."""
+    t_sp = layout.tp if layout.sequence_parallel else 1
+    layers = layers_on_stage(arch.num_layers, layout.pp, stage)
+    return (layers + 1) * act_bytes * tokens * arch.hidden_size // t_sp
+
+
 def stage_activation_bytes(arch: ModelArch, layout: Layout, stage: int, seq_length: int, num_microbatches: int,
                            act_bytes: int = 2) -> int:
     """Activations of stage ``stage``: 1F1B keeps min(PP - stage, M) micro-batches in flight."""
@@ -219,7 +228,13 @@ def estimate_stage(job: Job, layout: Layout, stage: int, overhead_bytes: int = 0
     if job.kind == "prune":
         parts["pruned_copy"] = n * job.param_bytes  # trimmed shards built while the source is alive
         tokens = layout.micro_batch_size * job.seq_length
-        parts["activations"] = layer_activation_bytes(arch, tokens, tp, layout.sequence_parallel, act_bytes)
+        # one layer's working set, the boundary states block importance holds, and two of those cast for the
+        # cosines (half precision -> fp32, fp32 -> float64: importance._Boundaries)
+        t_sp = tp if layout.sequence_parallel else 1
+        cast_bytes = 4 if act_bytes < 4 else 8
+        parts["activations"] = (layer_activation_bytes(arch, tokens, tp, layout.sequence_parallel, act_bytes)
+                                + boundary_state_bytes(arch, layout, stage, tokens, act_bytes)
+                                + 2 * cast_bytes * tokens * arch.hidden_size // t_sp)
     else:
         parts["grads"] = n * 4
         state = (12 if job.param_bytes < 4 else 8) * n
