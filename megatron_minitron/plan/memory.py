@@ -131,13 +131,14 @@ def layer_activation_bytes(arch: ModelArch, tokens: int, tp: int, sequence_paral
     return stored
 
 
-def boundary_state_bytes(arch: ModelArch, layout: Layout, stage: int, tokens: int, act_bytes: int = 2) -> int:
-    """What block importance (prune/importance.py ``_Probes``) keeps on top of a plain forward: the hidden
-    state at every layer boundary of the stage (its layers + 1) for the whole micro-batch, until the batch's
-    cosines are taken."""
+def boundary_state_bytes(arch: ModelArch, layout: Layout, tokens: int, act_bytes: int = 2,
+                         block_size: int = 1) -> int:
+    """The most layer-boundary hidden states block importance (prune/importance.py ``_Probes``) holds at once
+    for a micro-batch: a block of ``block_size`` layers is scored when its last state arrives, so the states
+    of the last ``block_size`` boundaries wait next to the arriving one (default settings: size 1, two states;
+    blocks that cross pipeline stages keep their states to the batch's end, not counted here)."""
     t_sp = layout.tp if layout.sequence_parallel else 1
-    layers = layers_on_stage(arch.num_layers, layout.pp, stage)
-    return (layers + 1) * act_bytes * tokens * arch.hidden_size // t_sp
+    return (block_size + 1) * act_bytes * tokens * arch.hidden_size // t_sp
 
 
 def stage_activation_bytes(arch: ModelArch, layout: Layout, stage: int, seq_length: int, num_microbatches: int,
@@ -228,13 +229,11 @@ def estimate_stage(job: Job, layout: Layout, stage: int, overhead_bytes: int = 0
     if job.kind == "prune":
         parts["pruned_copy"] = n * job.param_bytes  # trimmed shards built while the source is alive
         tokens = layout.micro_batch_size * job.seq_length
-        # one layer's working set, the boundary states block importance holds, and two of those cast for the
+        # one layer's working set, the boundary states block importance holds, and their casts for the
         # cosines (half precision -> fp32, fp32 -> float64: importance._Boundaries)
-        t_sp = tp if layout.sequence_parallel else 1
-        cast_bytes = 4 if act_bytes < 4 else 8
+        states = boundary_state_bytes(arch, layout, tokens, act_bytes)
         parts["activations"] = (layer_activation_bytes(arch, tokens, tp, layout.sequence_parallel, act_bytes)
-                                + boundary_state_bytes(arch, layout, stage, tokens, act_bytes)
-                                + 2 * cast_bytes * tokens * arch.hidden_size // t_sp)
+                                + states + states * (4 if act_bytes < 4 else 8) // act_bytes)
     else:
         parts["grads"] = n * 4
         state = (12 if job.param_bytes < 4 else 8) * n

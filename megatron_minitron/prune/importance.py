@@ -52,6 +52,9 @@ class _Probes:
         self.neurons: Dict[int, RunningAggregate] = {}
         self.hidden: Dict[str, RunningAggregate] = {}
         self.hiddens: Dict[int, torch.Tensor] = {}  # h_j of the current batch, j = global boundary index
+        self.stage_of_layer: Optional[List[int]] = None  # set by ready(): then blocks are scored eagerly
+        self.boundaries: Optional[_Boundaries] = None  # this batch's casts and norms (eager scoring)
+        self.scored: set = set()  # (i, k): blocks scored during this batch's forward
         self.bi_sizes = settings.all_block_sizes() if "bi" in settings.depth_metrics else []
         # on the model's device: NCCL reduces only CUDA tensors, and no .item() sync per block per batch
         self.device = model_device([model])
@@ -102,14 +105,40 @@ class _Probes:
         return lambda x: self.neurons[lid].update(x.detach(), magnitude=True)
 
     def _on_layer_input(self, lid):
-        def fn(x):
-            self.hiddens[lid] = x.detach()
-        return fn
+        return lambda x: self._boundary(lid, x.detach())
 
     def _on_last_output(self, lid):
-        def fn(module, args, out):
-            self.hiddens[lid + 1] = out[0].detach()
-        return fn
+        return lambda module, args, out: self._boundary(lid + 1, out[0].detach())
+
+    def ready(self, stage_of_layer: List[int], my_stage: int) -> None:
+        """The layer -> stage map. From here on a block whose two boundary states are both on this stage is
+        scored as soon as its last state arrives, and a state is dropped once nothing later needs it: a batch
+        holds max(block size) + 1 states instead of every boundary of the stage. States that cross stages
+        (a block starting on one stage and ending on another) are kept for the batch's end."""
+        L = self.num_layers
+        owner = lambda j: stage_of_layer[j] if j < L else stage_of_layer[L - 1]  # noqa: E731
+        self.stage_of_layer, self.my_stage = stage_of_layer, my_stage
+        self.local_blocks = {(i, k) for k in self.bi_sizes for i in range(L - k + 1)
+                             if stage_of_layer[i + k - 1] == my_stage}
+        crossing = {(i, k) for k in self.bi_sizes for i in range(L - k + 1) if owner(i) != stage_of_layer[i + k - 1]}
+        self.keep = ({i for i, k in crossing if owner(i) == my_stage}  # another stage needs our h_i
+                     | {i + k for i, k in crossing & self.local_blocks})  # our end of a block we score late
+
+    def _boundary(self, j: int, h: torch.Tensor) -> None:
+        self.hiddens[j] = h
+        self.state_like = (h.shape, h.dtype, h.device)  # for the buffers of states other stages send
+        if self.stage_of_layer is None:
+            return
+        if self.boundaries is None:
+            self.boundaries = _Boundaries(self.hiddens)
+        for k in self.bi_sizes:
+            if (j - k, k) in self.local_blocks and j - k in self.hiddens:
+                self.bi_sums[k][j - k] += (1 - self.boundaries.cosine(j - k, j)).sum()
+                self.scored.add((j - k, k))
+        for i in [i for i in self.hiddens if i not in self.keep]:
+            if all((i, k) in self.scored or (i, k) not in self.local_blocks for k in self.bi_sizes):
+                del self.hiddens[i]
+                self.boundaries.release(i)
 
     def remove(self):
         for h in self.handles:
@@ -125,20 +154,22 @@ class _Probes:
         # every rank walks the same list, so the broadcasts pair up across the PP group
         needed = sorted({i for k in self.bi_sizes for i in range(L - k + 1)
                          if owner(i) != stage_of_layer[i + k - 1]})
-        sample = next(iter(self.hiddens.values()))
+        shape, dtype, device = self.state_like
         received = {}
         for j in needed:
-            buf = self.hiddens[j] if owner(j) == my_stage else torch.empty_like(sample)
+            buf = self.hiddens[j] if owner(j) == my_stage else torch.empty(shape, dtype=dtype, device=device)
             dist.broadcast(buf, src=pp_ranks[owner(j)], group=pp_group)
             received[j] = buf
         boundaries = _Boundaries({**received, **self.hiddens})
         for i in range(L):  # ascending start, so h_i is done with once its blocks are scored
             for k in self.bi_sizes:
-                if i + k <= L and stage_of_layer[i + k - 1] == my_stage:
+                if i + k <= L and stage_of_layer[i + k - 1] == my_stage and (i, k) not in self.scored:
                     self.bi_sums[k][i] += (1 - boundaries.cosine(i, i + k)).sum()
             boundaries.release(i)
-        self.tokens += sample.shape[0] * sample.shape[1]
+        self.tokens += shape[0] * shape[1]
         self.hiddens.clear()
+        self.scored.clear()
+        self.boundaries = None
 
 
 class _Boundaries:
@@ -269,6 +300,7 @@ def _estimate(model, chunks, batches, settings: ImportanceSettings, L: int,
                 cached.append(b)
             yield b
 
+    probes.ready(stage_of_layer, my_stage)
     try:
         run_forward(chunks, batch_source(),
                     after_batch=lambda: probes.block_importance_step(stage_of_layer, pp_group, pp_ranks,

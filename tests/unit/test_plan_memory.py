@@ -220,36 +220,39 @@ def test_plan_kd_loss_follows_what_distill_runs_on_gpu(capsys):
     assert plans["default"][1] < plans["--kd-loss chunked"][1] == plans["triton backend"][1]
 
 
-def test_prune_plan_counts_the_boundary_states_block_importance_holds(monkeypatch):
-    """The planner's boundary-state bytes equal what the importance pass really holds when it takes the
-    batch's cosines (a tiny GPT, one calibration batch, the held tensors' bytes summed)."""
+@pytest.mark.parametrize("block_sizes", [[], [2]])
+def test_prune_plan_counts_the_boundary_states_block_importance_holds(monkeypatch, block_sizes):
+    """The planner's boundary-state bytes equal the most the importance pass really holds at once (a tiny GPT,
+    one calibration batch: the held states' bytes at every arrival), for blocks of 1 and of 2 layers; and the
+    prune estimate counts them."""
     import torch
 
     from megatron_minitron.config import Parallel
     from megatron_minitron.model.builder import build_gpt
-    from megatron_minitron.plan.memory import boundary_state_bytes
+    from megatron_minitron.plan.memory import boundary_state_bytes, layer_activation_bytes
     from megatron_minitron.prune import ImportanceSettings, estimate_importance, importance
     from megatron_minitron.runtime.distributed import init_distributed
 
     init_distributed(1, 1)
-    arch = tiny(num_layers=3, seq_length=8)
+    arch = tiny(num_layers=4, seq_length=8)
     model = build_gpt(arch, Parallel())
     held = []
-    real_step = importance._Probes.block_importance_step
+    real_boundary = importance._Probes._boundary
 
-    def spy(self, *args, **kwargs):
-        held.append(sum(t.numel() * t.element_size() for t in self.hiddens.values()))
-        return real_step(self, *args, **kwargs)
+    def spy(self, j, h):
+        held.append(sum(t.numel() * t.element_size() for t in self.hiddens.values()) + h.numel() * h.element_size())
+        return real_boundary(self, j, h)
 
-    monkeypatch.setattr(importance._Probes, "block_importance_step", spy)
+    monkeypatch.setattr(importance._Probes, "_boundary", spy)
     batch, seq = 2, 8
     tokens = torch.randint(0, arch.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    estimate_importance([model], [{"tokens": tokens}], ImportanceSettings())
+    estimate_importance([model], [{"tokens": tokens}], ImportanceSettings(block_sizes=block_sizes))
     act_bytes = next(model.parameters()).element_size()
-    assert held == [boundary_state_bytes(arch, Layout(micro_batch_size=batch), 0, batch * seq, act_bytes)]
-    with_states = estimate_stage(Job("prune", arch, seq, batch, param_bytes=act_bytes),
+    assert len(held) == arch.num_layers + 1
+    largest_block = max([1, *block_sizes])
+    assert max(held) == boundary_state_bytes(arch, Layout(micro_batch_size=batch), batch * seq, act_bytes,
+                                             block_size=largest_block)
+    activations = estimate_stage(Job("prune", arch, seq, batch, param_bytes=act_bytes),
                                  Layout(micro_batch_size=batch), 0).parts["activations"]
-    from megatron_minitron.plan.memory import layer_activation_bytes
-
     one_layer = layer_activation_bytes(arch, batch * seq, 1, False, act_bytes)
-    assert with_states - one_layer >= held[0]  # the prune estimate counts them
+    assert activations - one_layer >= boundary_state_bytes(arch, Layout(), batch * seq, act_bytes)
