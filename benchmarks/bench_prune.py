@@ -25,6 +25,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import breakdown_table, profile_step  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,8 +82,6 @@ def bench_importance(model, arch, args):
         with PeakAbove() as peak:
             hooked = timed(lambda: estimate_importance([model], batches, ImportanceSettings()), args.repeats)
         # where the extra time goes (GPU only): one profiled call of each
-        from common import profile_step
-
         breakdown = [("plain forward", profile_step(lambda: run_forward([model], batches))[1]),
                      ("importance pass", profile_step(
                          lambda: estimate_importance([model], batches, ImportanceSettings()))[1])]
@@ -186,8 +187,6 @@ def main(argv=None):
         tokens, ms, floor, peak, breakdown = bench_importance(model, arch, args)
         print(f"| {date} | {device} | importance vs plain forward | {params}, {tokens} tokens | {ms:.1f} | "
               f"{floor:.1f} | {ms / floor:.2f}x | <= 1.2x | `{command}` |", flush=True)
-        from common import breakdown_table
-
         importance_table = breakdown_table(breakdown)
         memory_rows.append(("importance pass, above the resident weights", peak, calibration))
     if "rewrite" not in args.skip:

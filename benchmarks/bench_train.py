@@ -78,7 +78,7 @@ def fused_adam(optimizer) -> int:
     switched = 0
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Adam) or isinstance(inner, torch.optim.AdamW):
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             inner.defaults.update(fused=True, foreach=False)
             for group in inner.param_groups:
                 group.update(fused=True, foreach=False)
@@ -259,9 +259,9 @@ def main():
     for backend, variant, modules, kernels, ms, tok_s, mfu, gb in rows:
         print(f"| {backend} | {variant} | {modules} | {kernels} | {ms:.1f} | {tok_s:,.0f} | {mfu:.1%} | {gb:.1f} |")
     plain = {backend: ms for backend, variant, _, _, ms, *_ in rows if variant == "plain"}
-    if any(b for _, b in breakdowns):
-        print("\nWhere one profiled step's GPU time went (benchmarks/common.py KERNEL_CATEGORIES):\n")
-        print(breakdown_table(breakdowns))
+    table = breakdown_table(breakdowns)
+    if table:
+        print(f"\nWhere one profiled step's GPU time went (benchmarks/common.py KERNEL_CATEGORIES):\n\n{table}")
     print()
     for backend, variant, _, _, ms, *_ in rows:
         if variant != "plain":

@@ -28,16 +28,22 @@ from .kinds import KL_LOSSES
 from .losses import logit_kd_loss, triton_available
 
 
+def wants_fused_output_layer(distill: Distill) -> bool:
+    """What the config asks for on a GPU: ``fused_linear``, or ``auto`` with a forward / reverse KL loss, where
+    fusing saves both models' [T, V] logits (4 GB at Llama-3 vocabulary and 8k tokens) for the same GEMM work
+    (MSE / cosine need the logits)."""
+    return distill.kd_loss_backend == "fused_linear" or (distill.kd_loss_backend == "auto"
+                                                          and distill.logit_loss in KL_LOSSES)
+
+
 def uses_fused_output_layer(distill: Distill, device: torch.device, multi_token_prediction: bool = False) -> bool:
-    """Whether the KD (and LM) loss is computed with the output layers fused in (``kd_linear``): when asked
-    (``fused_linear``), and by default (``auto``) on a GPU for the KL losses, where it saves both models'
-    [T, V] logits (4 GB at Llama-3 vocabulary and 8k tokens) for the same GEMM work. MSE / cosine logit
-    losses and multi-token-prediction layers need the logits, and without Triton the fused path's epilogue
-    would run in torch: those keep the logits path."""
+    """Whether the KD (and LM) loss is computed with the output layers fused in (``kd_linear``): always when
+    asked (``fused_linear``); under ``auto`` when wanted and on a GPU, unless multi-token-prediction layers
+    need the logits or Triton is missing (the fused path's epilogue would then run in torch)."""
     if distill.kd_loss_backend == "fused_linear":
         return True
-    return (distill.kd_loss_backend == "auto" and device.type == "cuda" and distill.logit_loss in KL_LOSSES
-            and not multi_token_prediction and triton_available())
+    return (wants_fused_output_layer(distill) and device.type == "cuda" and not multi_token_prediction
+            and triton_available())
 
 
 class KDObjective(BaseObjective):

@@ -59,16 +59,13 @@ def _arch_from(path: str, what: str):
 
 
 def planned_kd_loss(choice: str, distill) -> str:
-    """The planner's KD-loss memory model for ``--kd-loss`` (auto: what ``distill`` picks on a GPU, where
-    Triton is part of torch's CUDA wheels; ``distill.objective.uses_fused_output_layer``)."""
+    """The planner's KD-loss memory model for ``--kd-loss`` (auto: what ``distill`` runs on a GPU, where
+    Triton is part of torch's CUDA wheels)."""
     if choice != "auto":
         return choice
-    from ..distill.kinds import KL_LOSSES
+    from ..distill.objective import wants_fused_output_layer
 
-    backend = distill.kd_loss_backend if distill is not None else "auto"
-    if backend == "fused_linear" or (backend == "auto" and distill is not None and distill.logit_loss in KL_LOSSES):
-        return "fused_linear"
-    return "chunked"
+    return "fused_linear" if distill is not None and wants_fused_output_layer(distill) else "chunked"
 
 
 def load_job(args):

@@ -52,8 +52,7 @@ class _Probes:
         self.neurons: Dict[int, RunningAggregate] = {}
         self.hidden: Dict[str, RunningAggregate] = {}
         self.hiddens: Dict[int, torch.Tensor] = {}  # h_j of the current batch, j = global boundary index
-        self.stage_of_layer: Optional[List[int]] = None  # set by ready(): then blocks are scored eagerly
-        self.boundaries: Optional[_Boundaries] = None  # this batch's casts and norms (eager scoring)
+        self.boundaries: Optional[_Boundaries] = None  # this batch's casts and norms
         self.scored: set = set()  # (i, k): blocks scored during this batch's forward
         self.bi_sizes = settings.all_block_sizes() if "bi" in settings.depth_metrics else []
         # on the model's device: NCCL reduces only CUDA tensors, and no .item() sync per block per batch
@@ -111,24 +110,24 @@ class _Probes:
         return lambda module, args, out: self._boundary(lid + 1, out[0].detach())
 
     def ready(self, stage_of_layer: List[int], my_stage: int) -> None:
-        """The layer -> stage map. From here on a block whose two boundary states are both on this stage is
-        scored as soon as its last state arrives, and a state is dropped once nothing later needs it: a batch
-        holds max(block size) + 1 states instead of every boundary of the stage. States that cross stages
-        (a block starting on one stage and ending on another) are kept for the batch's end."""
+        """The layer -> stage map, before the first batch. A block whose two boundary states are both on this
+        stage is scored as soon as its last state arrives, and a state is dropped once nothing later needs it:
+        a batch holds max(block size) + 1 states instead of every boundary of the stage. The states of blocks
+        that cross stages (start on one, end on another) wait for the batch's end (block_importance_step)."""
         L = self.num_layers
-        owner = lambda j: stage_of_layer[j] if j < L else stage_of_layer[L - 1]  # noqa: E731
-        self.stage_of_layer, self.my_stage = stage_of_layer, my_stage
-        self.local_blocks = {(i, k) for k in self.bi_sizes for i in range(L - k + 1)
-                             if stage_of_layer[i + k - 1] == my_stage}
-        crossing = {(i, k) for k in self.bi_sizes for i in range(L - k + 1) if owner(i) != stage_of_layer[i + k - 1]}
-        self.keep = ({i for i, k in crossing if owner(i) == my_stage}  # another stage needs our h_i
+        self.my_stage = my_stage
+        self.owner = stage_of_layer + [stage_of_layer[L - 1]]  # the stage holding boundary state j (h_L: last)
+        blocks = [(i, k) for k in self.bi_sizes for i in range(L - k + 1)]
+        self.local_blocks = {(i, k) for i, k in blocks if stage_of_layer[i + k - 1] == my_stage}
+        crossing = {(i, k) for i, k in blocks if self.owner[i] != stage_of_layer[i + k - 1]}
+        # every rank walks the same list at the batch's end, so the broadcasts pair up across the PP group
+        self.sent_states = sorted({i for i, _ in crossing})
+        self.keep = ({i for i in self.sent_states if self.owner[i] == my_stage}  # another stage needs our h_i
                      | {i + k for i, k in crossing & self.local_blocks})  # our end of a block we score late
 
     def _boundary(self, j: int, h: torch.Tensor) -> None:
         self.hiddens[j] = h
         self.state_like = (h.shape, h.dtype, h.device)  # for the buffers of states other stages send
-        if self.stage_of_layer is None:
-            return
         if self.boundaries is None:
             self.boundaries = _Boundaries(self.hiddens)
         for k in self.bi_sizes:
@@ -145,27 +144,20 @@ class _Probes:
             h.remove()
 
     # --------------------------------------------------------------- BI after each batch
-    def block_importance_step(self, stage_of_layer: List[int], pp_group, pp_ranks: List[int], my_stage: int):
-        """Score every block whose last layer this stage owns; fetch h_in from its owner stage if needed."""
+    def block_importance_step(self, pp_group, pp_ranks: List[int]):
+        """After each batch: score the blocks that cross stages, with h_in fetched from its owner stage."""
         if not self.bi_sizes:
             return
-        L = self.num_layers
-        owner = lambda j: stage_of_layer[j] if j < L else stage_of_layer[L - 1]  # noqa: E731
-        # every rank walks the same list, so the broadcasts pair up across the PP group
-        needed = sorted({i for k in self.bi_sizes for i in range(L - k + 1)
-                         if owner(i) != stage_of_layer[i + k - 1]})
         shape, dtype, device = self.state_like
         received = {}
-        for j in needed:
-            buf = self.hiddens[j] if owner(j) == my_stage else torch.empty(shape, dtype=dtype, device=device)
-            dist.broadcast(buf, src=pp_ranks[owner(j)], group=pp_group)
+        for j in self.sent_states:
+            mine = self.owner[j] == self.my_stage
+            buf = self.hiddens[j] if mine else torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(buf, src=pp_ranks[self.owner[j]], group=pp_group)
             received[j] = buf
         boundaries = _Boundaries({**received, **self.hiddens})
-        for i in range(L):  # ascending start, so h_i is done with once its blocks are scored
-            for k in self.bi_sizes:
-                if i + k <= L and stage_of_layer[i + k - 1] == my_stage and (i, k) not in self.scored:
-                    self.bi_sums[k][i] += (1 - boundaries.cosine(i, i + k)).sum()
-            boundaries.release(i)
+        for i, k in sorted(self.local_blocks - self.scored):
+            self.bi_sums[k][i] += (1 - boundaries.cosine(i, i + k)).sum()
         self.tokens += shape[0] * shape[1]
         self.hiddens.clear()
         self.scored.clear()
@@ -303,8 +295,7 @@ def _estimate(model, chunks, batches, settings: ImportanceSettings, L: int,
     probes.ready(stage_of_layer, my_stage)
     try:
         run_forward(chunks, batch_source(),
-                    after_batch=lambda: probes.block_importance_step(stage_of_layer, pp_group, pp_ranks,
-                                                                     my_stage))
+                    after_batch=lambda: probes.block_importance_step(pp_group, pp_ranks))
     finally:
         probes.remove()
     batch = settings.batch_aggregation
