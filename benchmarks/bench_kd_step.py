@@ -9,6 +9,7 @@ The planner's estimate for the same job and layout is printed next to the measur
 
     python benchmarks/bench_kd_step.py                            # bf16 teacher, KD fused with the output layers
     python benchmarks/bench_kd_step.py --teacher-precision fp8 --teacher-fp8-fast-accum
+    python benchmarks/bench_kd_step.py --fused-kernels --fused-adam   # the opt-in student kernels and Adam
     python benchmarks/bench_kd_step.py --kd-loss-backend triton   # logits + the Triton KL kernel (more memory)
     python benchmarks/bench_kd_step.py --smoke                    # tiny sizes on CPU: checks that it runs
 
@@ -75,6 +76,7 @@ def main():
     p.add_argument("--kd-loss-backend", default="fused_linear", help="distill.kd_loss_backend")
     p.add_argument("--recompute", action="store_true", help="train.recompute (full, uniform, 1 layer)")
     p.add_argument("--fused-kernels", action="store_true", help="train.fused_kernels")
+    p.add_argument("--fused-adam", action="store_true", help="train.fused_adam")
     p.set_defaults(iters=5, warmup=2)
     args = p.parse_args()
 
@@ -96,7 +98,8 @@ def main():
                       teacher_precision=args.teacher_precision, teacher_fp8_fast_accum=args.teacher_fp8_fast_accum)
     distill.validate()
     train = Train(train_iters=1000, lr=1e-4, min_lr=1e-5, lr_warmup_iters=1, eval_iters=0, eval_interval=0,
-                  progress_bar=False, recompute=args.recompute, fused_kernels=args.fused_kernels)
+                  progress_bar=False, recompute=args.recompute, fused_kernels=args.fused_kernels,
+                  fused_adam=args.fused_adam)
     cfg = TrainConfig(model=student, parallel=Parallel(), data=Data(micro_batch_size=mbs, global_batch_size=mbs),
                       train=train)
     data = RandomTokens(mbs * (iters + warmup + 2), student.seq_length, student.vocab_size)
@@ -122,7 +125,7 @@ def main():
     print(header(f"bench_kd_step: teacher {teacher.num_parameters() / 1e9:.2f}B ({teacher.num_layers} layers, "
                  f"{teacher_desc}) -> student {student.num_parameters() / 1e9:.2f}B, seq {student.seq_length}, "
                  f"micro-batch {mbs}, kd_loss_backend={args.kd_loss_backend}, recompute={args.recompute}, "
-                 f"fused_kernels={args.fused_kernels}"))
+                 f"fused_kernels={args.fused_kernels}, fused_adam={args.fused_adam}"))
     print("| step ms (median of %d) | tokens/s | MFU (teacher fwd + student fwd/bwd) | peak GiB | planned GiB |"
           % iters)
     print("|---|---|---|---|---|")

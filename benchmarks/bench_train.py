@@ -24,7 +24,7 @@ Variants (each flag adds rows; the plain step of every backend always runs first
                    RowParallelLinear (linear_proj, fc2) calls its GEMM with tp_group=None, whose lookup warns on
                    every call (megatron/core/utils.py, get_tensor_model_parallel_group_if_none); dynamo cannot
                    trace the warning, so each layer's graph breaks there (TORCH_LOGS=graph_breaks shows them).
-  --fused-adam     torch's fused Adam (one kernel per step) instead of the foreach Adam megatron uses when
+  --fused-adam     train.fused_adam: torch's fused Adam (one kernel per group) instead of the foreach Adam megatron uses when
                    neither Apex nor TE is installed (the optimizer step is memory-bound: ~28 bytes per parameter)
   --liger          liger-kernel's RMSNorm (fp32 "gemma" casting, like ours) and fused gate-up SwiGLU in the same
                    modules (needs ``liger_kernel`` importable: ``pip install --no-deps liger-kernel``, pure Python).
@@ -69,23 +69,6 @@ def liger_modules():
     return LigerRMSNorm, LigerSwiGLUMLP
 
 
-def fused_adam(optimizer) -> int:
-    """Switch the torch Adam(W) that megatron falls back to without Apex / TE from its foreach to its fused
-    CUDA implementation (before the first step, so its step counters are created on the GPU, as fused
-    wants); returns how many parameter groups switched. A measurement only: the product keeps megatron's."""
-    import torch
-
-    switched = 0
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            inner.defaults.update(fused=True, foreach=False)
-            for group in inner.param_groups:
-                group.update(fused=True, foreach=False)
-                switched += 1
-    return switched
-
-
 def prepare_variant(variant: str, trainer) -> str:
     """Turn the built (plain or train.fused_kernels) model into ``variant``; say which modules took its path."""
     from megatron.core.transformer.mlp import MLP
@@ -96,7 +79,9 @@ def prepare_variant(variant: str, trainer) -> str:
 
     model = trainer.unwrapped()[0]
     if variant == "fused adam":
-        return f"{fused_adam(trainer.optimizer)} param groups"
+        from megatron_minitron.train.optim import set_adam_implementation  # what train.fused_adam=true runs
+
+        return f"{set_adam_implementation(trainer.optimizer, fused=True)} param groups"
     modules = list(model.modules())
 
     def count(cls):

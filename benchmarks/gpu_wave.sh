@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 # entry: "issue item | budget s | gpu_run.sh item (name:--flag,value,...)"
 QUEUE=(
   "8 headline KD step, bf16 teacher    |200| kd_step"
-  "8+6 headline KD step, FP8 teacher   |170| kd_step:--teacher-precision,fp8,--teacher-fp8-fast-accum"
+  "8+6 KD step, FP8 teacher, fused opt-ins |170| kd_step:--teacher-precision,fp8,--teacher-fp8-fast-accum,--fused-kernels,--fused-adam"
   "1 KD fused with the output layer    |100| kd_linear"
   "2 student step, fused kernels, Adam |240| train:--fused-kernels,--fused-adam,--backends,sdpa"
   "2 student step, Llama-3.1-8B layers |200| train:--shape,llama8b,--fused-kernels,--backends,sdpa"

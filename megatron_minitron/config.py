@@ -197,6 +197,10 @@ class Train:
     # RMSNorm through our fused Triton kernels (local spec, CUDA only; elsewhere the torch path runs).
     # Off until measured on a GPU: benchmarks/bench_train.py --fused-kernels compares the two.
     fused_kernels: bool = False
+    # torch's fused Adam (one kernel per param group) for the torch AdamW megatron-core uses without Apex / TE
+    # (with them, their FusedAdam runs and this changes nothing). Off until measured on a GPU:
+    # benchmarks/bench_train.py --fused-adam compares the two.
+    fused_adam: bool = False
     # FP8 training of the trained model through Transformer Engine (needs transformer_engine=true):
     # e4m3 | hybrid (e4m3 forward, e5m2 gradients); recipe "delayed" = TE's delayed scaling.
     fp8: Optional[str] = None
@@ -236,6 +240,8 @@ class Train:
             raise ValueError(f"train.save_format={self.save_format!r}: minitron or megatron-lm")
         if not isinstance(self.fused_kernels, bool):
             raise ValueError(f"train.fused_kernels={self.fused_kernels!r}: true or false")
+        if not isinstance(self.fused_adam, bool):
+            raise ValueError(f"train.fused_adam={self.fused_adam!r}: true or false")
 
 
 @dataclass

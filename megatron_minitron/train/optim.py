@@ -36,7 +36,35 @@ def build_optimizer(model_chunks, train: Train, parallel: Parallel, dtype: torch
         params_dtype=dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    set_adam_implementation(optimizer, fused=train.fused_adam)
+    return optimizer
+
+
+def set_adam_implementation(optimizer, fused: bool) -> int:
+    """Run the torch Adam(W) that megatron-core falls back to without Apex / Transformer Engine either fused
+    (one kernel for all of a group's tensors) or as torch's default (foreach on GPU). Called after the build
+    and again after every load: torch's load_state_dict restores the saved groups' flags, so a checkpoint
+    written with the other choice would otherwise switch this run's. Each step counter goes where that
+    implementation reads it: fused on the parameter's device, foreach on the CPU (a GPU counter there costs a
+    device sync per parameter). Returns how many param groups are torch Adam(W); Apex's and TE's FusedAdam are
+    fused already and are left alone (0)."""
+    groups = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        flags = dict(fused=True, foreach=False) if fused else dict(fused=None, foreach=None)
+        inner.defaults.update(flags)
+        for group in inner.param_groups:
+            group.update(flags)
+            groups += 1
+            for param in group["params"]:
+                state = inner.state.get(param, {})
+                if torch.is_tensor(state.get("step")):
+                    device = param.device if fused else torch.device("cpu")
+                    state["step"] = state["step"].to(device=device, dtype=torch.float32)
+    return groups
 
 
 def build_scheduler(optimizer, train: Train):

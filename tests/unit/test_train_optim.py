@@ -1,0 +1,96 @@
+"""train.fused_adam: set_adam_implementation switches the torch AdamW inside megatron-core's optimizer wrappers
+to torch's fused kernel and back, also after a load_state_dict that brings the other choice's flags back. The
+reference is a separate AdamW with torch's default (foreach) implementation, stepped on the same gradients."""
+import types
+from unittest import mock
+
+import pytest
+import torch
+
+from megatron_minitron.config import Train
+from megatron_minitron.train.optim import set_adam_implementation
+
+GRADS = [[torch.randn(shape, generator=torch.Generator().manual_seed(k)) for shape in ((37, 5), (5,))]
+         for k in range(6)]
+
+
+def params():
+    g = torch.Generator().manual_seed(3)
+    return [torch.nn.Parameter(torch.randn(37, 5, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+
+
+def adamw(ps, **kw):
+    return torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kw)
+
+
+def step(opt, ps, k):
+    for p, g in zip(ps, GRADS[k]):
+        p.grad = g.clone()
+    opt.step()
+
+
+def wrapped(inner):
+    """The shape of megatron-core's optimizers: a wrapper holding the torch optimizer as ``.optimizer``."""
+    return types.SimpleNamespace(optimizer=inner)
+
+
+def test_fused_steps_through_the_fused_kernel_and_matches_foreach():
+    ours, ref = params(), params()
+    opt, ref_opt = adamw(ours), adamw(ref, foreach=True)
+    assert set_adam_implementation(wrapped(opt), fused=True) == 1
+    assert opt.param_groups[0]["fused"] is True and opt.param_groups[0]["foreach"] is False
+    with mock.patch.object(torch, "_fused_adamw_", wraps=torch._fused_adamw_) as fused_kernel:
+        for k in range(4):
+            step(opt, ours, k)
+            step(ref_opt, ref, k)
+    assert fused_kernel.call_count == 4
+    for p, r, start in zip(ours, ref, params()):
+        assert (p - start).abs().max() > 1e-3  # it did step
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    assert all(opt.state[p]["step"].item() == 4 and opt.state[p]["step"].device == p.device for p in ours)
+
+
+def test_a_load_brings_back_the_saved_choice_and_the_switch_undoes_it():
+    """A checkpoint written fused, resumed with fused_adam off (and the other way): torch's load_state_dict
+    restores the saved groups' fused/foreach flags; the switch after the load makes this run's choice win, and
+    the continued run matches one that never stopped."""
+    for saved_fused in (True, False):
+        first, whole = params(), params()
+        opt, whole_opt = adamw(first), adamw(whole)
+        set_adam_implementation(wrapped(opt), fused=saved_fused)
+        for k in range(3):
+            step(opt, first, k)
+            step(whole_opt, whole, k)
+        resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
+        resumed_opt = adamw(resumed)
+        set_adam_implementation(wrapped(resumed_opt), fused=not saved_fused)
+        resumed_opt.load_state_dict(opt.state_dict())
+        assert bool(resumed_opt.param_groups[0]["fused"]) is saved_fused  # what the switch is there for
+        set_adam_implementation(wrapped(resumed_opt), fused=not saved_fused)
+        assert bool(resumed_opt.param_groups[0]["fused"]) is (not saved_fused)
+        for p in resumed:
+            s = resumed_opt.state[p]["step"]
+            assert s.item() == 3 and s.dtype == torch.float32
+            assert s.device == (p.device if not saved_fused else torch.device("cpu"))
+        with mock.patch.object(torch, "_fused_adamw_", wraps=torch._fused_adamw_) as fused_kernel:
+            for k in range(3, 6):
+                step(resumed_opt, resumed, k)
+                step(whole_opt, whole, k)
+        assert fused_kernel.call_count == (0 if saved_fused else 3)
+        for p, r in zip(resumed, whole):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+
+
+def test_chained_optimizers_and_other_optimizers():
+    a, b, c = params(), params(), params()
+    chained = types.SimpleNamespace(chained_optimizers=[wrapped(adamw(a)), wrapped(torch.optim.Adam(b)),
+                                                         wrapped(torch.optim.SGD(c, lr=0.1))])
+    assert set_adam_implementation(chained, fused=True) == 2  # SGD (or Apex's FusedAdam) is left as it is
+    assert [o.optimizer.defaults.get("fused") for o in chained.chained_optimizers] == [True, True, None]
+    assert set_adam_implementation(chained, fused=False) == 2
+    assert [o.optimizer.param_groups[0]["fused"] for o in chained.chained_optimizers[:2]] == [None, None]
+
+
+def test_fused_adam_must_be_a_bool():
+    with pytest.raises(ValueError, match="train.fused_adam"):
+        Train(fused_adam="yes").validate()
