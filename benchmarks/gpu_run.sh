@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_run.sh "fp8_distill:--parts,step"  # with arguments
 #   WAVE_CORE=0.19.2 bash benchmarks/gpu_run.sh kernel_tests   # with another megatron-core wheel from .whl/
 #   (demo_gpu: `minitron demo --size tiny` on the GPU, the whole recipe end to end)
-#   (kernel_tests: the fused FP8, KD and layer (RMSNorm, RoPE, SwiGLU) kernel tests, compiled for the GPU instead of interpreted)
+#   (kernel_tests: the fused FP8, KD and layer (RMSNorm, RoPE, SwiGLU) kernel tests, compiled for the GPU instead of
+#    interpreted, the SDPA and fused-Adam GPU tests)
 # Each benchmark gets its own time limit (BENCH_TIMEOUT, default 240 s) so one hang does not eat the rest;
 # its output goes to $OUT/<name>.md when OUT is set (else benchmarks/out/).
 set -uo pipefail
@@ -37,7 +38,7 @@ for item in ${1:-kd_loss fp8 train distill prune}; do
   case $name in
     memory_plan) cmd=(torchrun --nproc-per-node 1 benchmarks/bench_memory_plan.py --job train) ;;
     demo_gpu) cmd=(python3 -m megatron_minitron.cli demo --size tiny --output /tmp/demo_gpu) ;;
-    kernel_tests) cmd=(env TRITON_INTERPRET=$([ -n "${SMOKE:-}" ] && echo 1 || echo 0) python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_fused.py tests/unit/test_kd_triton.py tests/unit/test_kd_linear.py tests/unit/test_fused_layer_kernels.py tests/unit/test_model.py::test_sdpa_gqa_runs_a_fused_kernel_on_cuda) ;;
+    kernel_tests) cmd=(env TRITON_INTERPRET=$([ -n "${SMOKE:-}" ] && echo 1 || echo 0) python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_fused.py tests/unit/test_kd_triton.py tests/unit/test_kd_linear.py tests/unit/test_fused_layer_kernels.py tests/unit/test_model.py::test_sdpa_gqa_runs_a_fused_kernel_on_cuda tests/unit/test_train_optim.py) ;;
     *) cmd=(python3 benchmarks/bench_$name.py)
        [ -n "${SMOKE:-}" ] && extra+=(--smoke) ;;  # SMOKE=1: check the queue on a CPU (times nothing)
   esac

@@ -94,3 +94,27 @@ def test_chained_optimizers_and_other_optimizers():
 def test_fused_adam_must_be_a_bool():
     with pytest.raises(ValueError, match="train.fused_adam"):
         Train(fused_adam="yes").validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the step counters' devices differ only on a GPU")
+def test_on_cuda_a_foreach_checkpoint_resumes_fused_with_its_counters_on_the_gpu():
+    """A foreach state (step counters on the CPU) loaded into a fused run: fused reads them on the GPU, and
+    back. Run by benchmarks/gpu_run.sh kernel_tests."""
+    on_gpu = [torch.nn.Parameter(p.detach().cuda()) for p in params()]
+    foreach = adamw(on_gpu)
+    for k in range(2):
+        for p, g in zip(on_gpu, GRADS[k]):
+            p.grad = g.cuda()
+        foreach.step()
+    assert all(foreach.state[p]["step"].device.type == "cpu" for p in on_gpu)
+    fused = adamw(on_gpu)
+    fused.load_state_dict(foreach.state_dict())
+    set_adam_implementation(wrapped(fused), fused=True)
+    assert all(fused.state[p]["step"].device == p.device for p in on_gpu)
+    for p, g in zip(on_gpu, GRADS[2]):
+        p.grad = g.cuda()
+    fused.step()
+    back = adamw(on_gpu, fused=True)
+    back.load_state_dict(fused.state_dict())
+    set_adam_implementation(wrapped(back), fused=False)
+    assert all(back.state[p]["step"].device.type == "cpu" and back.state[p]["step"].item() == 3 for p in on_gpu)
