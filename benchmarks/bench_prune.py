@@ -8,7 +8,8 @@
                 the checkpoint once and saving it once to a new directory. Goal: <= 2x.
 
 Prints markdown rows: date, device, measurement, size, ms, floor ms, ratio, goal, command. On a GPU also the
-peak memory each phase adds next to `minitron plan --job prune`'s parts for it (issue 15 item 5: within 10%).
+peak memory each phase adds next to `minitron plan --job prune`'s parts for it (issue 15 item 5: within 10%), the
+importance pass at three calibration shapes (the timed one, twice the micro-batch, half the sequence).
 
 GPU:     python benchmarks/bench_prune.py                     (~1.2B-parameter Llama-like model, bf16)
 CPU run: python benchmarks/bench_prune.py --smoke             (tiny sizes: checks that everything runs)
@@ -88,6 +89,23 @@ def bench_importance(model, arch, args):
     return tokens, hooked, plain, peak.bytes, breakdown
 
 
+def importance_memory_sweep(model, arch, args):
+    """The importance pass's peak above the resident weights at two more calibration shapes than the timed one
+    (issue 15 item 5 wants three configurations per job), one untimed batch each: rows of (what, measured,
+    planned)."""
+    from megatron_minitron.prune import ImportanceSettings, estimate_importance
+
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    for seq, mbs in ((args.seq, 2 * args.micro_batch_size), (max(args.seq // 2, 1), args.micro_batch_size)):
+        batch = {"tokens": torch.randint(0, arch.vocab_size, (mbs, seq), generator=g)}
+        with torch.no_grad(), PeakAbove() as peak:
+            estimate_importance([model], [batch], ImportanceSettings())
+        rows.append((f"importance pass, seq {seq} x mbs {mbs}, above the resident weights", peak.bytes,
+                     planned_prune_bytes(arch, seq, mbs)[2]))
+    return rows
+
+
 class PeakAbove:
     """Peak CUDA allocation above what was allocated on entry (the benchmark's own model): the memory the
     measured step adds. 0 on CPU."""
@@ -107,14 +125,13 @@ class PeakAbove:
         return False
 
 
-def planned_prune_bytes(arch, args):
+def planned_prune_bytes(arch, seq, micro_batch_size):
     """`minitron plan --job prune`'s parts for this model (TP1 PP1, bf16): (weights + pruned copy, calibration
     activations + logits), to hold against the measured peaks of the rewrite and of the importance pass, each of
     which adds to the weights already resident (issue 15 item 5)."""
     from megatron_minitron.plan import Job, Layout, estimate
 
-    est = estimate(Job("prune", arch, args.seq, args.micro_batch_size, param_bytes=2),
-                   Layout(micro_batch_size=args.micro_batch_size))
+    est = estimate(Job("prune", arch, seq, micro_batch_size, param_bytes=2), Layout(micro_batch_size=micro_batch_size))
     copy = est.parts["pruned_copy"]
     calibration = est.total - est.parts["weights"] - copy
     return est.parts["weights"], copy, calibration
@@ -181,14 +198,16 @@ def main(argv=None):
     params = f"{n / 1e9:.2f}B params" if n >= 1e9 else f"{n / 1e6:.2f}M params"
     print("| date | device | measurement | size | ms | floor ms | ratio | goal | command |")
     print("|---|---|---|---|---|---|---|---|---|")
-    weights, copy, calibration = planned_prune_bytes(arch, args)
+    weights, copy, calibration = planned_prune_bytes(arch, args.seq, args.micro_batch_size)
     memory_rows, importance_table = [], ""
     if "importance" not in args.skip:
         tokens, ms, floor, peak, breakdown = bench_importance(model, arch, args)
         print(f"| {date} | {device} | importance vs plain forward | {params}, {tokens} tokens | {ms:.1f} | "
               f"{floor:.1f} | {ms / floor:.2f}x | <= 1.2x | `{command}` |", flush=True)
         importance_table = breakdown_table(breakdown)
-        memory_rows.append(("importance pass, above the resident weights", peak, calibration))
+        memory_rows.append((f"importance pass, seq {args.seq} x mbs {args.micro_batch_size}, above the resident "
+                            "weights", peak, calibration))
+        memory_rows += importance_memory_sweep(model, arch, args)
     if "rewrite" not in args.skip:
         work = tempfile.mkdtemp(prefix="bench_prune_", dir=args.dir)
         try:
