@@ -27,6 +27,7 @@ from megatron_minitron.plan import Job, Layout, estimate
 from megatron_minitron.plan.memory import GIB
 from megatron_minitron.runtime.distributed import init_distributed
 from megatron_minitron.train.loop import Trainer
+from megatron_minitron.train.optim import megatron_finds_fused_adam
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
@@ -93,7 +94,8 @@ def run_layout(args, layout, student, teacher, root, ds):
     dp = world // (tp * pp)
     kd_loss = "fused_linear" if objective is not None and objective.fused_output else "chunked"  # what ran
     job = Job(args.job, student, student.seq_length, gbs, teacher=teacher if args.job == "distill" else None,
-              param_bytes=4 if args.smoke else 2, teacher_bytes=4 if args.smoke else 2, kd_loss=kd_loss)
+              param_bytes=4 if args.smoke else 2, teacher_bytes=4 if args.smoke else 2, kd_loss=kd_loss,
+              foreach_adam=not megatron_finds_fused_adam())
     est = estimate(job, Layout(tp=tp, pp=pp, dp=dp, micro_batch_size=mbs, recompute=bool(recompute),
                                sequence_parallel=tp > 1))
     del trainer

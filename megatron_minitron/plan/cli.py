@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..train.optim import megatron_finds_fused_adam
 from .memory import GIB, KD_LOSSES, Job, Layout, estimate, num_microbatches
 
 PRECISION_BYTES = {"bf16": 2, "fp32": 4, "fp8": 1}
 COLUMNS = (("weights", "weights"), ("grads", "grads"), ("optimizer", "optim"), ("activations", "activ"),
            ("teacher_weights", "teacher"), ("teacher_activations", "t.act"), ("logits", "logits"),
-           ("kd_loss_buffers", "kd buf"), ("pruned_copy", "pruned"))
+           ("kd_loss_buffers", "kd buf"), ("optimizer_step", "opt.stp"), ("pruned_copy", "pruned"))
 
 
 def register(subparsers) -> None:
@@ -99,6 +100,7 @@ def load_job(args):
               global_batch_size=cfg.data.global_batch_size, param_bytes=param_bytes,
               teacher_bytes=param_bytes if teacher_precision == "auto" else PRECISION_BYTES[teacher_precision],
               distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+              foreach_adam=not (cfg.train.fused_adam or megatron_finds_fused_adam()),
               kd_loss=planned_kd_loss(args.kd_loss, getattr(cfg, "distill", None)),
               lm_loss=bool(kind == "distill" and getattr(cfg, "distill", None) and cfg.distill.lm_loss_weight))
     job.validate()

@@ -10,6 +10,9 @@ Weights and optimizer (megatron-core DDP with ``grad_reduce_in_fp32=True``):
     optim    N * (4 + 4 + 4) / DP             (fp32 master copy + Adam m, v, sharded by the distributed
                                                optimizer; fp32 params need no master copy: 8 bytes)
     teacher  N_teacher * teacher_bytes         (frozen: no grads, no optimizer state)
+    step     N * 4 / DP                       (torch's foreach Adam, megatron-core's without Apex / TE: its
+                                               sqrt(v) temporary for a whole param group; after backward, so
+                                               only what the freed activations and logits do not cover)
 
 Activations per transformer layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation
 Recomputation in Large Transformer Models", adapted): T = tokens in the micro-batch, t = TP, a = bytes of
@@ -69,6 +72,8 @@ class Job:
     param_bytes: int = 2  # bf16
     teacher_bytes: int = 2  # bf16; 1 for an fp8 teacher
     distributed_optimizer: bool = True
+    # torch's foreach AdamW steps the optimizer (megatron-core without Apex / TE, train.fused_adam off)
+    foreach_adam: bool = True
     kd_loss: str = "chunked"  # chunked (ours) | naive ([T, V/t] fp32 copies) | fused_linear (no [T, V] logits)
     lm_loss: bool = False  # distillation: backpropagate the CE term too (it is always reported)
 
@@ -112,6 +117,20 @@ def stage_parameters(arch: ModelArch, tp: int, pp: int, stage: int) -> int:
     not the first counts: megatron keeps one there)."""
     n = layers_on_stage(arch.num_layers, pp, stage) * layer_parameters(arch, tp)
     return n + params.outer_parameters_per_rank(arch, tp, first_stage=stage == 0, last_stage=stage == pp - 1)
+
+
+def optimizer_step_bytes(job: Job, layout: Layout, n: int) -> int:
+    """The temporary of one optimizer step on a rank holding ``n`` parameters: torch's foreach Adam computes
+    sqrt(v) for every element of a param group at once (``torch._foreach_sqrt``, fp32), one more copy of the
+    rank's largest group of master weights (the weight-decayed one: all but norms and biases; counted as all).
+    Fused Adam (train.fused_adam, Apex's, TE's) updates in place: nothing."""
+    if not job.foreach_adam:
+        return 0
+    return 4 * (n // layout.dp if job.distributed_optimizer else n)
+
+
+# What the backward pass has released by the time the optimizer steps.
+FREED_BEFORE_STEP = ("activations", "teacher_activations", "output_layer_input", "logits", "kd_loss_buffers")
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -255,6 +274,12 @@ def estimate_stage(job: Job, layout: Layout, stage: int, overhead_bytes: int = 0
                 parts["teacher_activations"] += in_flight * act_bytes * tokens * teacher.hidden_size // t_sp
     if stage == pp - 1:
         parts.update(logits_and_loss_bytes(job, layout, act_bytes))
+    if job.kind != "prune":
+        # the step's peak comes after backward's: count only what it needs beyond the memory backward freed
+        freed = sum(parts.get(name, 0) for name in FREED_BEFORE_STEP)
+        step = optimizer_step_bytes(job, layout, n)
+        if step > freed:
+            parts["optimizer_step"] = step - freed
     if overhead_bytes:
         parts["runtime_overhead"] = overhead_bytes
     return Estimate(layout=layout, stage=stage, parts=parts)

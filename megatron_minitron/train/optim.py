@@ -1,7 +1,7 @@
 """megatron-core DDP, optimizer and LR schedule from a ``Train`` config."""
 from __future__ import annotations
 
-import torch
+import importlib.util
 
 from ..config import Parallel, Train
 
@@ -20,7 +20,14 @@ def wrap_ddp(model, parallel: Parallel):
     return DistributedDataParallel(model.config, ddp_config, model)
 
 
-def build_optimizer(model_chunks, train: Train, parallel: Parallel, dtype: torch.dtype):
+def megatron_finds_fused_adam() -> bool:
+    """Whether megatron-core's optimizer will be Transformer Engine's or Apex's FusedAdam (it imports them in
+    that order) rather than torch's AdamW, judged from what is installed, without importing either."""
+    return any(importlib.util.find_spec(name) is not None for name in ("transformer_engine", "apex"))
+
+
+def build_optimizer(model_chunks, train: Train, parallel: Parallel, dtype):
+    import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     config = OptimizerConfig(
@@ -49,6 +56,8 @@ def set_adam_implementation(optimizer, fused: bool) -> int:
     implementation reads it: fused on the parameter's device, foreach on the CPU (a GPU counter there costs a
     device sync per parameter). Returns how many param groups are torch Adam(W); Apex's and TE's FusedAdam are
     fused already and are left alone (0)."""
+    import torch
+
     groups = 0
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)

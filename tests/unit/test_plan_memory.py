@@ -256,3 +256,76 @@ def test_prune_plan_counts_the_boundary_states_block_importance_holds(monkeypatc
                                  Layout(micro_batch_size=batch), 0).parts["activations"]
     one_layer = layer_activation_bytes(arch, batch * seq, 1, False, act_bytes)
     assert activations - one_layer >= boundary_state_bytes(arch, Layout(), batch * seq, act_bytes)
+
+
+def test_optimizer_step_counts_what_backward_did_not_free():
+    """torch's foreach Adam allocates sqrt(v) for a whole param group in its step: 4 bytes per master weight of
+    the rank. It comes after backward, so the plan adds only what the freed activations and logits lack: with
+    full recompute and a long vocabulary-free model it shows, without recompute it is covered."""
+    from megatron_minitron.plan.memory import FREED_BEFORE_STEP, optimizer_step_bytes
+
+    arch = tiny(num_layers=8, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
+                kv_channels=16, vocab_size=64, seq_length=4)
+    n = arch.num_parameters()
+    lay = Layout(dp=2, micro_batch_size=1, recompute=True)
+    job = Job("train", arch, 4, 2)
+    assert optimizer_step_bytes(job, lay, n) == 4 * n // 2
+    est = estimate(job, lay)
+    freed = sum(est.parts.get(k, 0) for k in FREED_BEFORE_STEP)
+    assert freed < 4 * n // 2 and est.parts["optimizer_step"] == 4 * n // 2 - freed
+    assert est.total == sum(v for k, v in est.parts.items() if k not in FREED_BEFORE_STEP + ("optimizer_step",)) \
+        + 4 * n // 2  # the step is the peak: resident state + its temporary
+    fused = estimate(Job("train", arch, 4, 2, foreach_adam=False), lay)
+    assert "optimizer_step" not in fused.parts and fused.total == est.total - est.parts["optimizer_step"]
+    unsharded = estimate(Job("train", arch, 4, 2, distributed_optimizer=False), lay)
+    assert unsharded.parts["optimizer_step"] == 4 * n - freed
+    long_seq = estimate(Job("train", arch, 4096, 1), Layout(micro_batch_size=1))  # activations cover it
+    assert "optimizer_step" not in long_seq.parts
+    assert "optimizer_step" not in estimate(Job("prune", arch, 4, 1), Layout()).parts
+
+
+def test_optimizer_step_bytes_are_the_temporary_megatrons_adam_really_allocates(monkeypatch):
+    """The planner's step temporary against a real step of megatron-core's optimizer (bf16 params, fp32
+    master weights, distributed optimizer) with torch's foreach AdamW, as on a GPU without Apex / TE: the
+    largest tensors ``torch._foreach_sqrt`` returns in one call, summed."""
+    import torch
+
+    from megatron_minitron.config import Data, Parallel, Train, TrainConfig
+    from megatron_minitron.plan.memory import optimizer_step_bytes
+    from megatron_minitron.train.loop import Trainer
+    from megatron_minitron.train.optim import set_adam_implementation
+
+    arch = tiny(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
+                kv_channels=16, vocab_size=256, seq_length=8)
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            t = torch.randint(0, arch.vocab_size, (arch.seq_length + 1,), generator=torch.Generator().manual_seed(i))
+            return {"tokens": t[:-1], "labels": t[1:], "loss_mask": torch.ones(arch.seq_length),
+                    "position_ids": torch.arange(arch.seq_length)}
+
+    cfg = TrainConfig(model=arch, parallel=Parallel(), data=Data(micro_batch_size=2, global_batch_size=2),
+                      train=Train(train_iters=1, lr_warmup_iters=0, eval_interval=0, eval_iters=0,
+                                  precision="bf16", progress_bar=False))
+    trainer = Trainer(cfg, datasets=(Tokens(), None)).setup()
+    set_adam_implementation(trainer.optimizer, fused=False)
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for group in opt.optimizer.param_groups:
+            group["foreach"] = True  # torch's default on CUDA; on the CPU it would loop per tensor
+    calls = []
+    real_sqrt = torch._foreach_sqrt
+
+    def spy(tensors):
+        out = real_sqrt(tensors)
+        calls.append(sum(t.numel() * t.element_size() for t in out))
+        return out
+
+    monkeypatch.setattr(torch, "_foreach_sqrt", spy)
+    trainer.train_step(trainer._batches(trainer.train_ds, 0))
+    assert len(calls) == 2  # megatron's two param groups: weight-decayed, and norms (no decay)
+    n = arch.num_parameters()
+    planned = optimizer_step_bytes(Job("train", arch, arch.seq_length, 2), Layout(micro_batch_size=2), n)
+    assert max(calls) <= planned <= 1.02 * max(calls)  # the planner counts the norms' few weights in too
