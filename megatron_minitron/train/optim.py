@@ -43,9 +43,50 @@ def build_optimizer(model_chunks, train: Train, parallel: Parallel, dtype):
         params_dtype=dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
+    install_multi_tensor_ops()
     optimizer = get_megatron_optimizer(config, model_chunks)
     set_adam_implementation(optimizer, fused=train.fused_adam)
     return optimizer
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for megatron-core's ``local_multi_tensor_l2_norm``, its gradient-norm kernel without TE / Apex:
+    the same sqrt(sum of squared per-tensor norms), through torch's multi-tensor norm and left on the device.
+    The fallback reads every per-tensor norm back to the host, one device sync per gradient tensor (~300 for a
+    32-layer model) on every step."""
+    import torch
+
+    if per_tensor:  # megatron-core never asks for per-tensor norms here; keep its answer if it ever does
+        from megatron.core.utils import local_multi_tensor_l2_norm
+        return local_multi_tensor_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args)
+    norms = torch._foreach_norm([t for tensors in tensor_lists for t in tensors])
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms])).reshape(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for megatron-core's ``local_multi_tensor_scale`` (dst = src * scale), used by gradient
+    clipping with src and dst the same gradients: scaled in place by torch's multi-tensor kernel, where the
+    fallback writes a temporary of each gradient and copies it back (twice the memory traffic)."""
+    import torch
+
+    src, dst = tensor_lists
+    if len(src) == len(dst) and all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+        return
+    for s, d in zip(src, dst):
+        d.copy_(s * scale)
+
+
+def install_multi_tensor_ops() -> None:
+    """Where megatron-core's gradient clipping runs its local fallbacks (neither TE nor Apex installed), run
+    ``foreach_l2_norm`` / ``foreach_scale`` instead. TE's and Apex's kernels are left as they are."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = foreach_l2_norm
+    if clip_grads.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = foreach_scale
 
 
 def set_adam_implementation(optimizer, fused: bool) -> int:

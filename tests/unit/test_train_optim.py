@@ -118,3 +118,53 @@ def test_on_cuda_a_foreach_checkpoint_resumes_fused_with_its_counters_on_the_gpu
     back.load_state_dict(fused.state_dict())
     set_adam_implementation(wrapped(back), fused=False)
     assert all(back.state[p]["step"].device.type == "cpu" and back.state[p]["step"].item() == 3 for p in on_gpu)
+
+
+def test_grad_norm_and_clip_through_megatron_use_the_foreach_kernels(monkeypatch):
+    """megatron-core's own get_grad_norm_fp32 / clip_grad_by_total_norm_fp32, once install_multi_tensor_ops
+    has replaced their TE-less fallbacks: the norm and the clipped gradients against float64 by hand, through
+    torch's multi-tensor kernels, the clip in place."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    from megatron_minitron.runtime.distributed import init_distributed
+    from megatron_minitron.train.optim import foreach_l2_norm, foreach_scale, install_multi_tensor_ops
+
+    init_distributed(1, 1)
+    if clip_grads.l2_norm_impl not in (utils.local_multi_tensor_l2_norm, foreach_l2_norm):
+        pytest.skip("Transformer Engine or Apex provides megatron's multi-tensor kernels here")
+    install_multi_tensor_ops()
+    install_multi_tensor_ops()  # idempotent
+    assert clip_grads.l2_norm_impl is foreach_l2_norm and clip_grads.multi_tensor_scale_impl is foreach_scale
+    g = torch.Generator().manual_seed(7)
+    grads = [torch.randn(shape, generator=g) for shape in ((300, 17), (17,), (5, 3, 2))]
+    expected = sum(t.double().pow(2).sum() for t in grads).sqrt()
+    calls = []
+    real_norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, **k: calls.append(len(ts)) or real_norm(ts, *a, **k))
+    norm = clip_grads.get_grad_norm_fp32(grads)
+    assert calls == [3]
+    assert abs(norm - expected.item()) <= 1e-5 * expected.item()
+    # megatron's own fallback gives the same number
+    reference, _ = utils.local_multi_tensor_l2_norm(2048, None, [grads], False)
+    assert abs(reference.item() - norm) <= 1e-5 * norm
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in grads]
+    for p, t in zip(params, grads):
+        p.grad = t.clone()
+    storages = [p.grad.data_ptr() for p in params]
+    clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=0.5, total_norm=norm)
+    coeff = 0.5 / (norm + 1e-6)
+    for p, t, ptr in zip(params, grads, storages):
+        torch.testing.assert_close(p.grad.double(), t.double() * coeff, rtol=1e-6, atol=0)
+        assert p.grad.data_ptr() == ptr  # scaled in place
+
+
+def test_foreach_scale_copies_between_different_lists():
+    from megatron_minitron.train.optim import foreach_scale
+
+    src = [torch.arange(6.0), torch.ones(2, 2)]
+    dst = [torch.zeros(6, dtype=torch.bfloat16), torch.zeros(2, 2)]
+    foreach_scale(2048, None, [src, dst], 1.0)
+    assert torch.equal(dst[0].float(), src[0]) and torch.equal(dst[1], src[1])
+    foreach_scale(2048, None, [src, dst], 0.5)
+    assert torch.equal(dst[0].float(), src[0] * 0.5) and torch.equal(src[0], torch.arange(6.0))
