@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (RandomTokens, breakdown_table, header, timed_median_ms, timing_args, median_ms,  # noqa: E402
-                    peak_memory_gb, profile_step, reset_peak_memory, time_steps)
+                    peak_memory_gb, profile_step, release_memory, reset_peak_memory, time_steps)
 
 
 def liger_modules():
@@ -214,6 +214,12 @@ def main():
     tokens_per_step = mbs * arch.seq_length
     data = RandomTokens(mbs * (iters + warmup + 2), arch.seq_length, arch.vocab_size)
     rows, breakdowns = [], []
+    shape = "smoke" if args.smoke else args.shape
+    # the header and each row as soon as it is measured: a run stopped by its time limit keeps what it measured
+    print(header(f"bench_train: GPT {arch.num_parameters() / 1e6:.0f}M ({shape} shape, {arch.num_layers} "
+                 f"layers), seq {arch.seq_length}, micro-batch {mbs}"))
+    print("| backend | variant | modules | attention | ms/step | tokens/s | MFU | peak GB |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
     for backend in args.backends.split(","):
         for variant in ["plain"] + extra:
             cfg = TrainConfig(model=arch, parallel=Parallel(),
@@ -234,15 +240,11 @@ def main():
             kernels, breakdown = profile_step(lambda: trainer.train_step(batches))
             breakdowns.append((f"{backend} {variant}", breakdown))
             rows.append((backend, variant, modules, kernels, median_ms(times), tok_s, mfu, peak_gb))
+            print(f"| {backend} | {variant} | {modules} | {kernels} | {median_ms(times):.1f} | {tok_s:,.0f} | "
+                  f"{mfu:.1%} | {peak_gb:.1f} |", flush=True)
             device, dtype = trainer.rt.device, trainer.dtype
             del trainer
-    shape = "smoke" if args.smoke else args.shape
-    print(header(f"bench_train: GPT {arch.num_parameters() / 1e6:.0f}M ({shape} shape, {arch.num_layers} "
-                 f"layers), seq {arch.seq_length}, micro-batch {mbs}"))
-    print("| backend | variant | modules | attention | ms/step | tokens/s | MFU | peak GB |\n"
-          "|---|---|---|---|---|---|---|---|")
-    for backend, variant, modules, kernels, ms, tok_s, mfu, gb in rows:
-        print(f"| {backend} | {variant} | {modules} | {kernels} | {ms:.1f} | {tok_s:,.0f} | {mfu:.1%} | {gb:.1f} |")
+            release_memory()  # else this variant's model and optimizer may still be allocated when the next builds
     plain = {backend: ms for backend, variant, _, _, ms, *_ in rows if variant == "plain"}
     table = breakdown_table(breakdowns)
     if table:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import statistics
 import sys
 import time
@@ -142,6 +143,20 @@ def median_ms(times: list) -> float:
 
 def peak_memory_gb() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def release_memory() -> None:
+    """Free a dropped Trainer's memory now, before the next one is built: its model is held in reference
+    cycles (megatron's DDP keeps grad hooks that refer back to it; the model config keeps DDP's no_sync), which
+    only Python's cyclic collector frees, at a time of its choosing; on a GPU the old model, grads and optimizer
+    states would still be allocated while the next variant allocates its own. Collected until nothing more is
+    found: freeing one pass's Python objects drops C++ references (autograd nodes hold parameters) that make
+    more of the model collectable only in the next pass."""
+    for _ in range(10):
+        if not gc.collect():
+            break
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def reset_peak_memory() -> None:
