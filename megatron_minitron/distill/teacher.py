@@ -98,10 +98,12 @@ class DistillationModel(MegatronModule):
         self.pairs = [tuple(p) for p in intermediate_pairs]
         self.kd_projections = torch.nn.ModuleDict()
         if self.post_process:
+            # on the student's device: nothing moves the wrapper after this (DDP wraps it where it is)
+            device = next(student.parameters()).device
             for s_layer, t_layer in self.pairs:
                 if self.student_hidden != self.teacher_hidden:
                     proj = torch.nn.Linear(self.student_hidden, self.teacher_hidden, bias=False,
-                                           dtype=student.config.params_dtype)
+                                           dtype=student.config.params_dtype, device=device)
                     init_projection(proj.weight, s_layer, t_layer)
                     for p in proj.parameters():  # grads summed over TP when states are sequence-split
                         setattr(p, "sequence_parallel", sequence_parallel)
