@@ -29,9 +29,7 @@ turns an already loaded bf16/fp32 GPTModel into the same FP8 teacher (its decode
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -47,6 +45,7 @@ from ..kernels.fp8 import FP8Weight, fp8_gemm, quantize_fp8, quantize_weight
 from ..kernels.fp8_fused import attention_output_quantize, norm_quantize, swiglu_quantize
 from ..model.builder import dense_mlp_parts
 from ..model.layers import Norm, SDPAttention
+from ..model.mlp import quiet_unknown_mlp_type
 
 NO_LINEARS_MESSAGE = ("teacher_precision=fp8 found no megatron linear layers to quantize (the Transformer Engine "
                       "spec's fused layers are not supported); build the teacher with the local spec "
@@ -307,25 +306,6 @@ def fp8_layer_spec(spec: ModuleSpec, config, options: FP8Options = FP8Options(),
     return spec
 
 
-class _DropUnknownMLPWarning(logging.Filter):
-    """megatron's TransformerLayer logs 'Unknown MLP type' for any MLP class but its own (FP8SwiGLUMLP gets
-    the default TP group, the one megatron would pass: the model-parallel state's)."""
-
-    def filter(self, record):
-        return not record.getMessage().startswith("Unknown MLP type")
-
-
-@contextlib.contextmanager
-def _quiet_mlp_type_warning():
-    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
-    quiet = _DropUnknownMLPWarning()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
-
-
 def build_fp8_teacher(arch, parallel, dtype: torch.dtype, attention_backend: str = "auto", use_te: bool = False,
                       device: Optional[torch.device] = None, options: FP8Options = FP8Options(),
                       fuse: bool = True, initialize: bool = True):
@@ -334,7 +314,7 @@ def build_fp8_teacher(arch, parallel, dtype: torch.dtype, attention_backend: str
     :func:`quantize_weights`. ``initialize=False`` skips the random init (the load sets every tensor)."""
     from ..model.builder import build_gpt
 
-    with _quiet_mlp_type_warning():
+    with quiet_unknown_mlp_type():
         return build_gpt(arch, parallel, dtype, attention_backend=attention_backend, use_te=use_te, device=device,
                          layer_spec_transform=partial(fp8_layer_spec, options=options, fuse=fuse),
                          initialize=initialize)
@@ -366,7 +346,7 @@ def _fp8_decoder(decoder, options: FP8Options, fuse: bool):
     from megatron.core.transformer.transformer_block import TransformerBlock
 
     specs = [fp8_layer_spec(spec, decoder.config, options, fuse) for spec in decoder.submodules.layer_specs]
-    with torch.random.fork_rng(devices=[]), _quiet_mlp_type_warning():  # its random init is overwritten
+    with torch.random.fork_rng(devices=[]), quiet_unknown_mlp_type():  # its random init is overwritten
         block = TransformerBlock(config=decoder.config,
                                  spec=dataclasses.replace(decoder.submodules, layer_specs=specs),
                                  post_layer_norm=decoder.post_layer_norm, pre_process=decoder.pre_process,

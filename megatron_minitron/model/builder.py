@@ -229,6 +229,7 @@ def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.fl
                                                              get_num_layers_to_build)
 
     from .layers import FusedRMSNorm, Norm
+    from .mlp import quiet_unknown_mlp_type
 
     use_te = use_te and attention_backend != "unfused"
     fused = fused_kernels_usable(fused_kernels, use_te, device)
@@ -240,21 +241,22 @@ def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.fl
         spec = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
                                           layer_norm=FusedRMSNorm if fused else Norm)
     tp = parallel.tensor_model_parallel_size
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=arch.padded_vocab_size(tp),
-        max_sequence_length=arch.seq_length,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
-        parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_embeddings,
-        position_embedding_type=arch.position_embedding,
-        rotary_percent=arch.rotary_percent,
-        rotary_base=int(arch.rotary_base),
-        rope_scaling=arch.rope_scaling,
-        rope_scaling_factor=arch.rope_scaling_factor,
-    )
+    with quiet_unknown_mlp_type():  # train.fused_kernels' FusedSwiGLUMLP, the FP8 teacher's MLP
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=arch.padded_vocab_size(tp),
+            max_sequence_length=arch.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
+            parallel_output=True,
+            share_embeddings_and_output_weights=arch.tie_embeddings,
+            position_embedding_type=arch.position_embedding,
+            rotary_percent=arch.rotary_percent,
+            rotary_base=int(arch.rotary_base),
+            rope_scaling=arch.rope_scaling,
+            rope_scaling_factor=arch.rope_scaling_factor,
+        )
     if device is not None:
         model.to(device)
     return model

@@ -15,8 +15,32 @@ where train.fused_kernels is usable (``builder.fused_kernels_usable``).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
+
+
+class _DropUnknownMLPWarning(logging.Filter):
+    """megatron's TransformerLayer logs 'Unknown MLP type ... Using default kwargs' once per layer for any MLP
+    class but its own. Ours (``FusedSwiGLUMLP``, the FP8 teacher's ``FP8SwiGLUMLP``) are ``MLP`` subclasses
+    whose default TP group is the one megatron would pass: the model-parallel state's."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+@contextlib.contextmanager
+def quiet_unknown_mlp_type():
+    """Build layers whose MLP is one of our ``MLP`` subclasses without megatron's per-layer notice."""
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    quiet = _DropUnknownMLPWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def swiglu_kernel_covers(config) -> bool:

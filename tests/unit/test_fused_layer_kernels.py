@@ -474,3 +474,25 @@ def test_rope_splits_heads_over_programs(monkeypatch, tile):
     fused = _rope_forward_backward(triton_apply_rotary_pos_emb, t, freqs, upstream)
     for name, r, f in zip(("y", "dt"), ref, fused):
         torch.testing.assert_close(f, r, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_building_with_our_mlp_class_drops_only_megatrons_unknown_mlp_notice(caplog, monkeypatch):
+    """megatron logs 'Unknown MLP type' per layer for any MLP class but its own; build_gpt keeps it out of the
+    output for ours (FusedSwiGLUMLP here, the FP8 teacher's too). Without the filter the notice is there."""
+    import contextlib
+    import logging
+
+    from megatron_minitron.model import mlp
+
+    init_distributed(1, 1)
+    arch = ModelArch(**TINY)
+
+    def notices():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megatron.core.transformer.transformer_layer"):
+            build_gpt(arch, Parallel(), layer_spec_transform=lambda spec, config: layer_spec(arch, fused_kernels=True))
+        return [r for r in caplog.records if r.getMessage().startswith("Unknown MLP type")]
+
+    assert notices() == []
+    monkeypatch.setattr(mlp, "quiet_unknown_mlp_type", contextlib.nullcontext)
+    assert len(notices()) == arch.num_layers
