@@ -13,8 +13,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import (RandomTokens, header, timing_args, median_ms, peak_memory_gb, reset_peak_memory,  # noqa: E402
-                    time_steps)
+from common import (RandomTokens, header, timing_args, median_ms, peak_memory_gb, release_memory,  # noqa: E402
+                    reset_peak_memory, time_steps)
 
 
 def main():
@@ -67,6 +67,7 @@ def main():
     kd_times = time_steps(lambda: kd.train_step(it), warmup, iters)
     kd_peak = peak_memory_gb()
     del kd
+    release_memory()  # before the student alone is built: the KD trainer is held in reference cycles
 
     # 2. the student's plain training step, 3. the teacher's forward, each alone
     student_trainer = Trainer(TrainConfig(model=student, parallel=Parallel(), data=batch, train=train),
@@ -74,6 +75,7 @@ def main():
     it = student_trainer._batches(data, 0)
     student_times = time_steps(lambda: student_trainer.train_step(it), warmup, iters)
     del student_trainer
+    release_memory()
     teacher_trainer = Trainer(TrainConfig(model=teacher, parallel=Parallel(), data=batch, train=train),
                               datasets=(data, None)).setup()
     it = teacher_trainer._batches(data, 0)

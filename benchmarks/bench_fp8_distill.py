@@ -17,7 +17,6 @@ KDObjective -> Trainer), two measurements:
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import sys
 import tempfile
@@ -25,7 +24,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import RandomTokens, header, median_ms, peak_memory_gb, reset_peak_memory, time_steps  # noqa: E402
+from common import (RandomTokens, header, median_ms, peak_memory_gb, release_memory, reset_peak_memory,  # noqa: E402
+                    time_steps)
 
 
 def kd_trainer(teacher_dir, student_dir, data, train, precision, backend, datasets=None, fast_accum=False):
@@ -79,6 +79,7 @@ def accuracy(args, tmp):
                              precision, "auto", fast_accum=fast)
         losses[name] = trainer.evaluate()["val_kd_loss"]
         del trainer
+        release_memory()
     tokens = args.eval_iters * data.micro_batch_size * teacher.seq_length
     print(header(f"bench_fp8_distill accuracy: teacher {teacher.num_parameters() / 1e6:.0f}M "
                  f"({iters[0]} iterations), student {student.num_parameters() / 1e6:.0f}M ({iters[1]}), "
@@ -131,7 +132,7 @@ def step_time(args, tmp):
         times = time_steps(lambda: trainer.train_step(it), warmup, iters)
         rows.append((precision + (", fast accum" if fast else ""), backend, median_ms(times), peak_memory_gb()))
         del trainer, it
-        gc.collect()  # the trainer holds reference cycles: free its memory before the next variant's peak
+        release_memory()  # the trainer holds reference cycles: free its memory before the next variant's peak
         reset_peak_memory()
     print(header(f"bench_fp8_distill step: teacher {teacher.num_parameters() / 1e9:.2f}B "
                  f"({teacher.num_layers} Llama-3.1-8B layers, V={teacher.vocab_size}), student "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import torch
@@ -28,6 +29,9 @@ from megatron_minitron.plan.memory import GIB
 from megatron_minitron.runtime.distributed import init_distributed
 from megatron_minitron.train.loop import Trainer
 from megatron_minitron.train.optim import megatron_finds_fused_adam
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import release_memory  # noqa: E402
 
 
 class SyntheticTokens(torch.utils.data.Dataset):
@@ -81,8 +85,8 @@ def run_layout(args, layout, student, teacher, root, ds):
         objective = KDObjective(cfg.distill, teacher_arch, cfg.distill.teacher)
     else:
         cfg = TrainConfig(model=student, parallel=par, data=data, train=train)
+    release_memory()  # the previous layout's trainer sits in reference cycles: not in this layout's peak
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trainer = Trainer(cfg, objective=objective, datasets=(ds, None)).setup()
     trainer.run()
