@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Minitron pruning under torchrun (GPUS = TP x PP x DP processes):
-#   GPUS=8 TP=1 LOAD=checkpoints/llama31_8b DATA=data/calib SCORES=scores.pt SCORES_ONLY=1 launch/prune.sh
+#   GPUS=8 TP=1 LOAD=checkpoints/llama31_8b DATA=data/calib SCORES=scores.pt SCORES_ONLY=1 launch/prune.sh \
+#       --seq-length 8192     # the calibration window (default: the checkpoint's maximum context)
 #   GPUS=8 TP=1 LOAD=... SCORES=scores.pt SAVE=checkpoints/pruned launch/prune.sh \
 #       --target hidden_size=3072 ffn_hidden_size=9216
 # Extra arguments (--target ..., --num-samples, --batch-agg, ...) pass through to `minitron prune`.

@@ -2,7 +2,8 @@
 # Minitron pruning on one node (importance from forward passes on calibration data, then trimming):
 #
 #   LOAD=ckpt/llama31_8b_corrected DATA=data/calib_text_document SCORES=ckpt/llama31_8b.scores.pt \
-#   SAVE=ckpt/llama31_4b_width_pruned sbatch slurm/prune.sh --target hidden_size=3072 ffn_hidden_size=9216
+#   SAVE=ckpt/llama31_4b_width_pruned sbatch slurm/prune.sh --seq-length 8192 --target hidden_size=3072 ffn_hidden_size=9216
+#   (--seq-length: the calibration window; without it, the checkpoint's maximum context, 131072 for Llama-3.1)
 #
 # With SCORES set, the first run writes the scores and later runs (other targets) reuse them; SCORES_ONLY=1
 # stops after the scores. TP/PP (default 1/1) give the model layout; the other GPUs of the node run DP.
