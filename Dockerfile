@@ -27,7 +27,7 @@ RUN pip install --no-deps -c /opt/image-constraints.txt "megatron-core>=0.16,<0.
 COPY setup.py ./
 COPY megatron_minitron ./megatron_minitron
 RUN pip install --no-deps --no-build-isolation . \
- && pip install -c /opt/image-constraints.txt pyyaml tqdm psutil sentencepiece packaging \
+ && pip install -c /opt/image-constraints.txt pyyaml tqdm psutil sentencepiece packaging xxhash \
       "transformers>=4.45" safetensors tokenizers
 
 # Launch scripts and example configs (slurm/*.sh mount the submitting checkout instead when REPO_DIR is set).
