@@ -35,7 +35,12 @@ def hash_algorithm() -> str:
 def file_hash(path: str, algorithm: str) -> str:
     """Hex digest of a whole file, streamed in 16 MiB blocks."""
     if algorithm == "xxh3_64":
-        import xxhash
+        try:
+            import xxhash
+        except ImportError:  # a manifest written where xxhash was installed, read where it is not
+            raise ValueError(f"{path} is listed with an xxh3_64 checksum, which needs the xxhash package: "
+                             "pip install xxhash (a megatron-minitron requirement), or check sizes only "
+                             "(MINITRON_LOAD_VERIFY=sizes for loads, minitron verify --sizes-only)") from None
         h = xxhash.xxh3_64()
         update = h.update
     elif algorithm == "crc32":

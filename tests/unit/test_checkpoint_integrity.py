@@ -33,6 +33,17 @@ def test_hash_matches_a_one_shot_computation(tmp_path, algorithm):
     assert integrity.file_hash(str(path), algorithm) == expected
 
 
+
+def test_xxh3_manifest_without_xxhash_names_the_fix(tmp_path, monkeypatch):
+    """A manifest hashed with xxh3_64 read where xxhash is missing: a ValueError naming the package and the
+    sizes-only switch, not a ModuleNotFoundError from deep inside a load."""
+    path = tmp_path / "f"
+    path.write_bytes(b"bytes")
+    monkeypatch.setitem(__import__("sys").modules, "xxhash", None)  # `import xxhash` now raises ImportError
+    assert integrity.hash_algorithm() == "crc32"
+    with pytest.raises(ValueError, match="pip install xxhash.*MINITRON_LOAD_VERIFY=sizes"):
+        integrity.file_hash(str(path), "xxh3_64")
+
 def test_shares_cover_every_file_once():
     files = ["__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__12_0.distcp", "common.pt", "metadata.json"]
     shares = [integrity.files_written_by(files, r) for r in range(13)]
