@@ -107,6 +107,16 @@ def load_job(args):
     return job, cfg
 
 
+def parameter_count_text(n: int) -> str:
+    """A parameter count as a reader takes it in: 8.41B, 262.72M, or exact below a million (a tiny CPU
+    model would otherwise read "0.00B")."""
+    if n >= 10 ** 9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 10 ** 6:
+        return f"{n / 1e6:.2f}M"
+    return f"{n:,}"
+
+
 def _row(cand_est, relative_time=None) -> str:
     parts = cand_est.parts
     cells = [f"{parts.get(name, 0) / GIB:7.1f}" for name, _ in COLUMNS]
@@ -133,9 +143,9 @@ def run(args) -> int:
     job, cfg = load_job(args)
     world = args.nodes * args.gpus_per_node
     m = job.model
-    print(f"{job.kind}: {m.num_parameters() / 1e9:.2f}B params (layers {m.num_layers}, hidden {m.hidden_size}, "
+    print(f"{job.kind}: {parameter_count_text(m.num_parameters())} params (layers {m.num_layers}, hidden {m.hidden_size}, "
           f"ffn {m.ffn_hidden_size}, heads {m.num_attention_heads}/{m.query_groups}, vocab {m.vocab_size})"
-          + (f", teacher {job.teacher.num_parameters() / 1e9:.2f}B ({job.teacher_bytes} B/param), KD loss "
+          + (f", teacher {parameter_count_text(job.teacher.num_parameters())} ({job.teacher_bytes} B/param), KD loss "
              f"{job.kd_loss}" if job.teacher else "")
           + f"; seq {job.seq_length}, global batch {job.global_batch_size}; {args.nodes} x {args.gpus_per_node}"
           f" GPUs of {args.gpu_memory_gb:g} GiB, margin {args.margin:.0%}, overhead {args.overhead_gb:g} GiB")

@@ -195,6 +195,15 @@ def test_plan_cli_table(tmp_path, capsys):
         args.handler(args)
 
 
+
+def test_plan_prints_parameter_counts_at_every_scale():
+    from megatron_minitron.plan import cli
+
+    assert cli.parameter_count_text(8_412_000_000) == "8.41B"
+    assert cli.parameter_count_text(262_720_000) == "262.72M"
+    assert cli.parameter_count_text(999_999) == "999,999"
+    assert cli.parameter_count_text(262_720) == "262,720"  # examples/tiny_cpu.yaml: not "0.00B"
+
 def test_plan_kd_loss_follows_what_distill_runs_on_gpu(capsys):
     from megatron_minitron.distill.config import Distill
     from megatron_minitron.plan import cli
