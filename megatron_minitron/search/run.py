@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..config import to_dict
+from ..config import ModelArch, from_dict, given_fields, to_dict
 from ..distill.config import DistillConfig
 from ..runtime.files import write_json_durably
 from .report import rank_results, write_report
@@ -65,10 +65,17 @@ class SearchConfig(DistillConfig):
     search: Search = field(default_factory=Search)
 
 
+def search_window(cfg: SearchConfig) -> Optional[int]:
+    """The sequence length of the calibration and of every candidate's distillation: ``model.seq_length`` when
+    given (the only model field a search takes, as the window of job_arch.py), else None: the source's."""
+    return cfg.model.seq_length if "seq_length" in given_fields(cfg.model) else None
+
+
 def comparable_settings(cfg: SearchConfig, scores: str) -> dict:
     """What every candidate's result depends on besides its architecture (JSON-normalised)."""
     s = cfg.search
-    out = {"load": os.path.abspath(s.load), "scores": os.path.abspath(scores), "steps": s.steps}
+    out = {"load": os.path.abspath(s.load), "scores": os.path.abspath(scores), "steps": s.steps,
+           "seq_length": search_window(cfg)}
     for section, skip in OPERATIONAL.items():
         out[section] = {k: v for k, v in to_dict(getattr(cfg, section)).items() if k not in skip}
     return json.loads(json.dumps(out))
@@ -117,14 +124,18 @@ def run_search(cfg: SearchConfig, after_candidate: Optional[Callable[[dict], Non
     s.validate()
     if cfg.train.eval_iters < 1:
         raise ValueError("the search ranks candidates by validation loss: set train.eval_iters >= 1")
-    from ..config import ModelArch, given_fields
+    from ..job_arch import check_seq_length
+
     defaults = ModelArch()  # a dumped config repeats the defaults: harmless, only other values are dropped
-    ignored = sorted(n for n in given_fields(cfg.model) if getattr(cfg.model, n) != getattr(defaults, n))
-    if ignored:  # never silently dropped (job_arch.py): candidates take architecture and length from s.load
-        raise ValueError(f"the search does not use the model section ({', '.join('model.' + n for n in ignored)}"
-                         f" given): every candidate's architecture is pruned from search.load and runs at its "
-                         f"seq_length; drop them")
+    ignored = sorted(n for n in given_fields(cfg.model)
+                     if n != "seq_length" and getattr(cfg.model, n) != getattr(defaults, n))
+    if ignored:  # never silently dropped (job_arch.py): candidates take their architecture from s.load
+        raise ValueError(f"the search takes no model field but seq_length ({', '.join('model.' + n for n in ignored)}"
+                         f" given): every candidate's architecture is pruned from search.load; drop them")
     source = checkpoint.read_arch(s.load)
+    window = search_window(cfg)
+    window_notes = [] if window is None else check_seq_length(window, source, "model.seq_length",
+                                                              f"the source checkpoint {s.load}")
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     candidates = enumerate_candidates(source, s.space, s.param_budget, s.tolerance, tp, pp, s.count)
     candidates = candidates[:s.max_candidates] if s.max_candidates else candidates
@@ -135,12 +146,14 @@ def run_search(cfg: SearchConfig, after_candidate: Optional[Callable[[dict], Non
                          "(--data PREFIX), or an existing importance file (--scores FILE)")
     rt = init_distributed(tp, pp)
     _check_or_record_settings(s.output, comparable_settings(cfg, scores), rt.is_rank0)
+    for note in window_notes:
+        rank0_print(f"warning: {note}")
     rank0_print(f"search: {len(candidates)} candidate(s) within {s.param_budget:,} +- {s.tolerance:.0%} "
                 f"{s.count} parameters: " + ", ".join(candidate_name(a) for a in candidates))
     if not os.path.exists(scores):
         prune(PruneConfig(load=s.load, scores=scores, scores_only=True,
                           calibration=Calibration(data=calib, num_samples=s.calib_samples,
-                                                  micro_batch_size=s.calib_micro_batch_size),
+                                                  micro_batch_size=s.calib_micro_batch_size, seq_length=window),
                           parallel=PruneParallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)))
     results = []
     for arch in candidates:
@@ -186,8 +199,11 @@ def _run_candidate(cfg: SearchConfig, arch, name, scores) -> Optional[dict]:
                           parallel=PruneParallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
                                                  pipeline_model_parallel_size=pp)))
 
-    def distill_cfg(steps, save):
-        return DistillConfig(parallel=cfg.parallel, data=cfg.data,
+    window = search_window(cfg)
+
+    def distill_cfg(steps, save):  # the student's window, when the search has one (else its checkpoint's)
+        model = ModelArch() if window is None else from_dict(ModelArch, {"seq_length": window})
+        return DistillConfig(model=model, parallel=cfg.parallel, data=cfg.data,
                              train=dataclasses.replace(cfg.train, train_iters=steps, save=save, load=None),
                              distill=dataclasses.replace(cfg.distill, teacher=s.load, student=pruned))
 

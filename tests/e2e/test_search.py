@@ -192,3 +192,50 @@ def test_search_cli_validation(setup, tmp_path):
         run_subcommand(search_cli.register, ["search", "--load", teacher, "--output", str(tmp_path),
                                              "--param-budget", "1e5", "--data", str(root / "stdlib_train"),
                                              "train.eval_iters=0"])
+
+
+def test_search_calibrates_and_distills_at_a_given_window(setup, tmp_path, monkeypatch):
+    """model.seq_length (--seq-length) is the window of the calibration pass and of every candidate's
+    distillation, not the source's maximum context; the pruned candidates keep that context; the window is
+    one of the settings a rerun must match."""
+    import megatron_minitron.distill.job as job
+    import megatron_minitron.prune as prune_pkg
+    from megatron_minitron.config import from_dict
+    from megatron_minitron.search import run as search_run
+
+    root, teacher = setup
+    seen = {"calibration": [], "distill": []}
+    real_prune, real_distill = prune_pkg.run, job.run
+
+    def prune_spy(cfg, *args, **kwargs):
+        if cfg.scores_only:
+            seen["calibration"].append(cfg.calibration.seq_length)
+        return real_prune(cfg, *args, **kwargs)
+
+    def distill_spy(cfg):
+        out = real_distill(cfg)
+        seen["distill"].append(cfg.model.seq_length)  # prepare() put the run's window there
+        return out
+
+    monkeypatch.setattr(prune_pkg, "run", prune_spy)
+    monkeypatch.setattr(job, "run", distill_spy)
+
+    def windowed(seq_length):
+        cfg = config(root, teacher, tmp_path / "out", steps=2)
+        cfg.search.max_candidates = 1
+        cfg.model = from_dict(ModelArch, {"seq_length": seq_length})
+        return cfg
+
+    ranked = run_search(windowed(16))
+    assert seen == {"calibration": [16], "distill": [16]} and SOURCE.seq_length == 32
+    pruned = tmp_path / "out" / "candidates" / ranked[0]["name"] / "pruned"
+    assert checkpoint.read_arch(str(pruned)).seq_length == SOURCE.seq_length
+    with pytest.raises(ValueError, match=r"seq_length: 16 -> 24"):
+        run_search(windowed(24))
+    # the command line's --seq-length is model.seq_length
+    captured = []
+    monkeypatch.setattr(search_run, "run_search", lambda cfg: captured.append(cfg))
+    run_subcommand(search_cli.register, ["search", "--load", teacher, "--output", str(tmp_path / "cli"),
+                                         "--param-budget", "1e5", "--seq-length", "20"])
+    assert search_run.search_window(captured[0]) == 20
+    assert search_run.search_window(config(root, teacher, tmp_path / "x")) is None
