@@ -97,7 +97,24 @@ class EvalConfig:
         seq_length = arch.seq_length if self.seq_length is None else self.seq_length
         warnings = check_seq_length(seq_length, arch, "--seq-length", f"the checkpoint {self.load}")
         Parallel(tensor_model_parallel_size=self.tp, pipeline_model_parallel_size=self.pp).validate(arch)
-        return EvalInputs(tasks, info, arch, tokenizer, seq_length, tuple(warnings))
+        return EvalInputs(tasks, info, arch, tokenizer, seq_length, tuple(warnings),
+                          self._task_requests(tasks, tokenizer, seq_length))
+
+    def _task_requests(self, tasks, tokenizer, seq_length: int) -> dict:
+        """Each task's tokenised requests (kept for the run: tokenised once), every one checked against the
+        window now, so a choice too long for it fails before the model is built and the LM pass has run."""
+        from .scoring import task_requests
+
+        out = {}
+        for task in tasks:
+            requests, spans = task_requests(task.items, tokenizer, self.num_fewshot, self.seed, self.limit)
+            for request in requests:
+                try:
+                    request.window(seq_length)
+                except ValueError as exc:
+                    raise ValueError(f"task {task.name} ({task.path}): {exc}") from None
+            out[task.name] = (requests, spans)
+        return out
 
 
 @dataclass
@@ -110,3 +127,4 @@ class EvalInputs:
     tokenizer: object
     seq_length: int
     warnings: tuple = ()
+    requests: dict = field(default_factory=dict)  # task name -> (requests, per-item spans), checked

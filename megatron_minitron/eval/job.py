@@ -47,7 +47,7 @@ def evaluate(model_chunks, cfg: EvalConfig, inputs: EvalInputs) -> dict:
         out["tasks"] = {}
         for task in inputs.tasks:
             r = evaluate_task(model_chunks, task, inputs.tokenizer, cfg.num_fewshot, cfg.limit, cfg.batch_size,
-                              inputs.seq_length, cfg.seed)
+                              inputs.seq_length, cfg.seed, requests=inputs.requests.get(task.name))
             if not cfg.log_samples:
                 r.pop("items")
             out["tasks"][task.name] = r

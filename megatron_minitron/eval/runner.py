@@ -66,10 +66,12 @@ def loglikelihoods(model_chunks, requests: Sequence[Request], batch_size: int = 
 
 
 def evaluate_task(model_chunks, task: Task, tokenizer, num_fewshot: int = 0, limit: Optional[int] = None,
-                  batch_size: int = 8, seq_length: Optional[int] = None, seed: int = 1234) -> dict:
+                  batch_size: int = 8, seq_length: Optional[int] = None, seed: int = 1234,
+                  requests: Optional[tuple] = None) -> dict:
     """Score a task; returns aggregate() numbers plus ``format``, ``num_fewshot`` and ``items`` (per item:
-    answer, prediction, per-choice log-likelihoods)."""
-    requests, spans = task_requests(task.items, tokenizer, num_fewshot, seed, limit)
+    answer, prediction, per-choice log-likelihoods). ``requests``: its (requests, spans) already tokenised
+    with these settings (``EvalInputs.requests``), else they are made here."""
+    requests, spans = requests or task_requests(task.items, tokenizer, num_fewshot, seed, limit)
     lls = loglikelihoods(model_chunks, requests, batch_size, seq_length).tolist()
     items = task.items[:len(spans)]
     per_item = []

@@ -174,3 +174,11 @@ def test_validate_reads_the_inputs_and_refuses_mismatches_before_building(tiny, 
         run_eval(EvalConfig(load=str(tmp_path / "small"), data=str(tiny / "docs")))
     with pytest.raises(ValueError, match="not divisible by pipeline_model_parallel_size=3"):
         run_eval(EvalConfig(load=str(tiny / "ckpt"), tasks=TASKS, pp=3))
+    # a choice longer than the window: named with its task before any model is built (and any LM pass)
+    with pytest.raises(ValueError, match=r"task arc \(.*arc.jsonl\): a continuation of \d+ tokens does not fit "
+                                         r"the sequence length 2"):
+        run_eval(EvalConfig(load=str(tiny / "ckpt"), data=str(tiny / "docs"), tasks=TASKS, seq_length=2))
+    # what validate tokenised is what the run scores: the same requests as the task's own tokenisation
+    from megatron_minitron.eval import task_requests
+    arc = inputs.tasks[0]
+    assert inputs.requests["arc"] == task_requests(arc.items, inputs.tokenizer, 0, 1234)
