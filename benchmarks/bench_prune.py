@@ -209,6 +209,8 @@ def main(argv=None):
                             "weights", peak, calibration))
         memory_rows += importance_memory_sweep(model, arch, args)
     if "rewrite" not in args.skip:
+        if args.dir:
+            os.makedirs(args.dir, exist_ok=True)
         work = tempfile.mkdtemp(prefix="bench_prune_", dir=args.dir)
         try:
             size, ms, floor, peak = bench_rewrite(model, arch, args, work)
