@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                    help="what the budget counts (search.count, default total)")
     p.add_argument("--max-candidates", type=int, help="keep the N closest to the budget (search.max_candidates)")
     p.add_argument("--seq-length", type=int, help="sequence length of the calibration and of every candidate's "
-                                                  "distillation (model.seq_length; default: the source's "
+                                                  "distillation (search.seq_length; default: the source's "
                                                   "seq_length, its maximum context)")
     p.set_defaults(handler=run)
 
@@ -51,7 +51,7 @@ def run(args) -> int:
              "search.steps": args.steps, "search.scores": args.scores, "search.count": args.count,
              "search.max_candidates": args.max_candidates,
              "search.param_budget": int(args.param_budget) if args.param_budget else None,
-             "data.train_data": args.data, "data.valid_data": args.valid_data, "model.seq_length": args.seq_length}
+             "data.train_data": args.data, "data.valid_data": args.valid_data, "search.seq_length": args.seq_length}
     if args.space:
         with open(args.space) as f:
             space = yaml.safe_load(f) or {}

@@ -47,6 +47,9 @@ class Search:
     scores: Optional[str] = None  # importance file (default OUTPUT/importance.pt; computed when missing)
     calib_samples: int = 1024
     calib_micro_batch_size: int = 1
+    # the window of the calibration pass and of every candidate's distillation; None: the source checkpoint's
+    # seq_length, its maximum context (131072 for an HF Llama-3.1 import: set this)
+    seq_length: Optional[int] = None
     score_by: str = "val_kd_loss"
     space: SearchSpace = field(default_factory=SearchSpace)
 
@@ -65,17 +68,11 @@ class SearchConfig(DistillConfig):
     search: Search = field(default_factory=Search)
 
 
-def search_window(cfg: SearchConfig) -> Optional[int]:
-    """The sequence length of the calibration and of every candidate's distillation: ``model.seq_length`` when
-    given (the only model field a search takes, as the window of job_arch.py), else None: the source's."""
-    return cfg.model.seq_length if "seq_length" in given_fields(cfg.model) else None
-
-
 def comparable_settings(cfg: SearchConfig, scores: str) -> dict:
     """What every candidate's result depends on besides its architecture (JSON-normalised)."""
     s = cfg.search
     out = {"load": os.path.abspath(s.load), "scores": os.path.abspath(scores), "steps": s.steps,
-           "seq_length": search_window(cfg)}
+           "seq_length": s.seq_length}
     for section, skip in OPERATIONAL.items():
         out[section] = {k: v for k, v in to_dict(getattr(cfg, section)).items() if k not in skip}
     return json.loads(json.dumps(out))
@@ -127,14 +124,14 @@ def run_search(cfg: SearchConfig, after_candidate: Optional[Callable[[dict], Non
     from ..job_arch import check_seq_length
 
     defaults = ModelArch()  # a dumped config repeats the defaults: harmless, only other values are dropped
-    ignored = sorted(n for n in given_fields(cfg.model)
-                     if n != "seq_length" and getattr(cfg.model, n) != getattr(defaults, n))
+    ignored = sorted(n for n in given_fields(cfg.model) if getattr(cfg.model, n) != getattr(defaults, n))
     if ignored:  # never silently dropped (job_arch.py): candidates take their architecture from s.load
-        raise ValueError(f"the search takes no model field but seq_length ({', '.join('model.' + n for n in ignored)}"
-                         f" given): every candidate's architecture is pruned from search.load; drop them")
+        raise ValueError(f"the search does not use the model section ({', '.join('model.' + n for n in ignored)}"
+                         f" given): every candidate's architecture is pruned from search.load; drop them (the "
+                         f"window of its calibration and distillations is search.seq_length, --seq-length)")
     source = checkpoint.read_arch(s.load)
-    window = search_window(cfg)
-    window_notes = [] if window is None else check_seq_length(window, source, "model.seq_length",
+    window = s.seq_length
+    window_notes = [] if window is None else check_seq_length(window, source, "search.seq_length",
                                                               f"the source checkpoint {s.load}")
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     candidates = enumerate_candidates(source, s.space, s.param_budget, s.tolerance, tp, pp, s.count)
@@ -199,7 +196,7 @@ def _run_candidate(cfg: SearchConfig, arch, name, scores) -> Optional[dict]:
                           parallel=PruneParallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
                                                  pipeline_model_parallel_size=pp)))
 
-    window = search_window(cfg)
+    window = s.seq_length
 
     def distill_cfg(steps, save):  # the student's window, when the search has one (else its checkpoint's)
         model = ModelArch() if window is None else from_dict(ModelArch, {"seq_length": window})

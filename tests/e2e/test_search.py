@@ -195,12 +195,11 @@ def test_search_cli_validation(setup, tmp_path):
 
 
 def test_search_calibrates_and_distills_at_a_given_window(setup, tmp_path, monkeypatch):
-    """model.seq_length (--seq-length) is the window of the calibration pass and of every candidate's
+    """search.seq_length (--seq-length) is the window of the calibration pass and of every candidate's
     distillation, not the source's maximum context; the pruned candidates keep that context; the window is
     one of the settings a rerun must match."""
     import megatron_minitron.distill.job as job
     import megatron_minitron.prune as prune_pkg
-    from megatron_minitron.config import from_dict
     from megatron_minitron.search import run as search_run
 
     root, teacher = setup
@@ -223,7 +222,7 @@ def test_search_calibrates_and_distills_at_a_given_window(setup, tmp_path, monke
     def windowed(seq_length):
         cfg = config(root, teacher, tmp_path / "out", steps=2)
         cfg.search.max_candidates = 1
-        cfg.model = from_dict(ModelArch, {"seq_length": seq_length})
+        cfg.search.seq_length = seq_length
         return cfg
 
     ranked = run_search(windowed(16))
@@ -232,10 +231,9 @@ def test_search_calibrates_and_distills_at_a_given_window(setup, tmp_path, monke
     assert checkpoint.read_arch(str(pruned)).seq_length == SOURCE.seq_length
     with pytest.raises(ValueError, match=r"seq_length: 16 -> 24"):
         run_search(windowed(24))
-    # the command line's --seq-length is model.seq_length
+    # the command line's --seq-length is search.seq_length
     captured = []
     monkeypatch.setattr(search_run, "run_search", lambda cfg: captured.append(cfg))
     run_subcommand(search_cli.register, ["search", "--load", teacher, "--output", str(tmp_path / "cli"),
                                          "--param-budget", "1e5", "--seq-length", "20"])
-    assert search_run.search_window(captured[0]) == 20
-    assert search_run.search_window(config(root, teacher, tmp_path / "x")) is None
+    assert captured[0].search.seq_length == 20 and config(root, teacher, tmp_path / "x").search.seq_length is None
