@@ -87,7 +87,7 @@ def main():
     from megatron_minitron.plan import Job, Layout, estimate
     from megatron_minitron.plan.memory import GIB
     from megatron_minitron.train.loop import Trainer
-    from megatron_minitron.train.optim import megatron_finds_fused_adam
+    from megatron_minitron.train.optim import steps_with_foreach_adam
     from megatron_minitron.train.progress import forward_flops_per_token, peak_flops, training_flops_per_token
 
     if not args.smoke and not torch.cuda.is_available():
@@ -121,7 +121,7 @@ def main():
                            param_bytes=4 if args.smoke else 2,
                            teacher_bytes=1 if args.teacher_precision == "fp8" else (4 if args.smoke else 2),
                            kd_loss="fused_linear" if kd.objective.fused_output else "chunked",
-                           foreach_adam=not (args.fused_adam or megatron_finds_fused_adam())),
+                           foreach_adam=steps_with_foreach_adam(train)),
                        Layout(tp=1, pp=1, dp=1, micro_batch_size=mbs, recompute=args.recompute))
     teacher_desc = f"{args.teacher_precision}" + (" fast-accum" if args.teacher_fp8_fast_accum else "")
     print(header(f"bench_kd_step: teacher {teacher.num_parameters() / 1e9:.2f}B ({teacher.num_layers} layers, "

@@ -28,7 +28,7 @@ from megatron_minitron.plan import Job, Layout, estimate
 from megatron_minitron.plan.memory import GIB
 from megatron_minitron.runtime.distributed import init_distributed
 from megatron_minitron.train.loop import Trainer
-from megatron_minitron.train.optim import megatron_finds_fused_adam
+from megatron_minitron.train.optim import steps_with_foreach_adam
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import release_memory  # noqa: E402
@@ -99,7 +99,7 @@ def run_layout(args, layout, student, teacher, root, ds):
     kd_loss = "fused_linear" if objective is not None and objective.fused_output else "chunked"  # what ran
     job = Job(args.job, student, student.seq_length, gbs, teacher=teacher if args.job == "distill" else None,
               param_bytes=4 if args.smoke else 2, teacher_bytes=4 if args.smoke else 2, kd_loss=kd_loss,
-              foreach_adam=not megatron_finds_fused_adam())
+              foreach_adam=steps_with_foreach_adam(train))
     est = estimate(job, Layout(tp=tp, pp=pp, dp=dp, micro_batch_size=mbs, recompute=bool(recompute),
                                sequence_parallel=tp > 1))
     del trainer

@@ -78,10 +78,10 @@ def prepare_variant(variant: str, trainer) -> str:
     from megatron_minitron.model.mlp import FusedSwiGLUMLP, swiglu_kernel_covers
 
     model = trainer.unwrapped()[0]
-    if variant == "fused adam":
-        from megatron_minitron.train.optim import set_adam_implementation  # what train.fused_adam=true runs
+    if variant == "fused adam":  # built with train.fused_adam=true
+        from megatron_minitron.train.optim import fused_adam_in_use
 
-        return f"{set_adam_implementation(trainer.optimizer, fused=True)} param groups"
+        return f"torch Adam fused: {fused_adam_in_use(trainer.optimizer)}"
     modules = list(model.modules())
 
     def count(cls):
@@ -226,7 +226,8 @@ def main():
                               data=Data(micro_batch_size=mbs, global_batch_size=mbs),
                               train=Train(train_iters=iters + warmup, lr=1e-4, min_lr=1e-5, lr_warmup_iters=1,
                                           eval_iters=0, eval_interval=0, attention_backend=backend,
-                                          fused_kernels=variant == "fused kernels", progress_bar=False))
+                                          fused_kernels=variant == "fused kernels",
+                                          fused_adam=variant == "fused adam", progress_bar=False))
             trainer = Trainer(cfg, datasets=(data, None)).setup()
             modules = prepare_variant(variant, trainer)
             batches = trainer._batches(data, 0)

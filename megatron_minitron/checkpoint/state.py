@@ -157,8 +157,13 @@ def load_optimizer_state(optimizer, state) -> None:
     Adam (no Apex / Transformer Engine): load_state_dict puts a per-parameter "step" into torch's state, then
     the parameter-state loaders copy every state key from the checkpoint, which never holds "step"
     (KeyError). So: load the non-tensor part (which sets step from the param groups), hide "step" while the
-    tensors are copied in, put it back."""
+    tensors are copied in, put it back. torch's load_state_dict also brings back the saved groups' fused /
+    foreach flags: this run's choice (train.fused_adam) is put back at the end."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from ..train.optim import fused_adam_in_use, set_adam_implementation
+
+    fused = fused_adam_in_use(optimizer)
 
     chained = getattr(optimizer, "chained_optimizers", None)
     if chained is None:
@@ -192,6 +197,8 @@ def load_optimizer_state(optimizer, state) -> None:
                 opt.optimizer.state[p]["step"] = step.clone()
     if chained is not None and len(chained) > 1 and hasattr(optimizer, "_synchronize_steps"):
         optimizer._synchronize_steps()
+    if fused is not None:
+        set_adam_implementation(optimizer, fused=fused)
 
 
 # What a param group is (the same in every megatron-core version), and the schedule values a group carries

@@ -314,10 +314,8 @@ def build_fp8_teacher(arch, parallel, dtype: torch.dtype, attention_backend: str
     :func:`quantize_weights`. ``initialize=False`` skips the random init (the load sets every tensor)."""
     from ..model.builder import build_gpt
 
-    with quiet_unknown_mlp_type():
-        return build_gpt(arch, parallel, dtype, attention_backend=attention_backend, use_te=use_te, device=device,
-                         layer_spec_transform=partial(fp8_layer_spec, options=options, fuse=fuse),
-                         initialize=initialize)
+    return build_gpt(arch, parallel, dtype, attention_backend=attention_backend, use_te=use_te, device=device,
+                     layer_spec_transform=partial(fp8_layer_spec, options=options, fuse=fuse), initialize=initialize)
 
 
 def fp8_linears(model) -> list:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..train.optim import megatron_finds_fused_adam
+from ..train.optim import steps_with_foreach_adam
 from .memory import GIB, KD_LOSSES, Job, Layout, estimate, num_microbatches
 
 PRECISION_BYTES = {"bf16": 2, "fp32": 4, "fp8": 1}
@@ -100,7 +100,7 @@ def load_job(args):
               global_batch_size=cfg.data.global_batch_size, param_bytes=param_bytes,
               teacher_bytes=param_bytes if teacher_precision == "auto" else PRECISION_BYTES[teacher_precision],
               distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-              foreach_adam=not (cfg.train.fused_adam or megatron_finds_fused_adam()),
+              foreach_adam=steps_with_foreach_adam(cfg.train),
               kd_loss=planned_kd_loss(args.kd_loss, getattr(cfg, "distill", None)),
               lm_loss=bool(kind == "distill" and getattr(cfg, "distill", None) and cfg.distill.lm_loss_weight))
     job.validate()

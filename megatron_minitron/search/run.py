@@ -196,10 +196,8 @@ def _run_candidate(cfg: SearchConfig, arch, name, scores) -> Optional[dict]:
                           parallel=PruneParallel(tensor_model_parallel_size=par.tensor_model_parallel_size,
                                                  pipeline_model_parallel_size=pp)))
 
-    window = s.seq_length
-
     def distill_cfg(steps, save):  # the student's window, when the search has one (else its checkpoint's)
-        model = ModelArch() if window is None else from_dict(ModelArch, {"seq_length": window})
+        model = ModelArch() if s.seq_length is None else from_dict(ModelArch, {"seq_length": s.seq_length})
         return DistillConfig(model=model, parallel=cfg.parallel, data=cfg.data,
                              train=dataclasses.replace(cfg.train, train_iters=steps, save=save, load=None),
                              distill=dataclasses.replace(cfg.distill, teacher=s.load, student=pruned))

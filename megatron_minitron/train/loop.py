@@ -23,7 +23,7 @@ from ..runtime.collectives import sum_to_all_ranks
 from ..runtime.distributed import init_distributed, set_seed
 from ..runtime.forward import unwrap_model
 from .objective import LMObjective, Objective
-from .optim import build_optimizer, build_scheduler, set_adam_implementation, wrap_ddp
+from .optim import build_optimizer, build_scheduler, wrap_ddp
 from .progress import Progress, peak_flops, training_flops_per_token
 from .signals import ExitSignalHandler
 
@@ -84,7 +84,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self._configure_megatron(model.config)
         self._load_initial_state()
-        set_adam_implementation(self.optimizer, fused=t.fused_adam)  # a load brings back the saved groups' choice
         self.train_ds, self.valid_ds = self._datasets or self._build_datasets()
         return self
 

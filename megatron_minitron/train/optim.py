@@ -26,6 +26,12 @@ def megatron_finds_fused_adam() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("transformer_engine", "apex"))
 
 
+def steps_with_foreach_adam(train: Train) -> bool:
+    """Whether this config's optimizer steps with torch's foreach AdamW (what the memory planner counts a
+    step temporary for): neither train.fused_adam nor an installed TE / Apex FusedAdam."""
+    return not (train.fused_adam or megatron_finds_fused_adam())
+
+
 def build_optimizer(model_chunks, train: Train, parallel: Parallel, dtype):
     import torch
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -100,10 +106,7 @@ def set_adam_implementation(optimizer, fused: bool) -> int:
     import torch
 
     groups = 0
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            continue
+    for inner in _torch_adams(optimizer):
         flags = dict(fused=True, foreach=False) if fused else dict(fused=None, foreach=None)
         inner.defaults.update(flags)
         for group in inner.param_groups:
@@ -115,6 +118,24 @@ def set_adam_implementation(optimizer, fused: bool) -> int:
                     device = param.device if fused else torch.device("cpu")
                     state["step"] = state["step"].to(device=device, dtype=torch.float32)
     return groups
+
+
+def fused_adam_in_use(optimizer):
+    """True / False: whether the torch Adam(W) inside ``optimizer`` runs fused; None when there is none (Apex,
+    TE or another optimizer). What a checkpoint load keeps (checkpoint.state.load_optimizer_state)."""
+    for inner in _torch_adams(optimizer):
+        return bool(inner.param_groups[0].get("fused"))
+    return None
+
+
+def _torch_adams(optimizer):
+    """The torch Adam / AdamW inside megatron-core's (chained, mixed-precision, distributed) optimizers."""
+    import torch
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            yield inner
 
 
 def build_scheduler(optimizer, train: Train):
