@@ -43,6 +43,7 @@ class ModelArch:
     tie_embeddings: bool = False
     add_bias_linear: bool = False
     add_qkv_bias: bool = False  # Qwen2: bias on QKV only
+    qk_layernorm: bool = False  # Qwen3: a norm (``normalization``) over each query and key head, before RoPE
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0

@@ -20,6 +20,9 @@ CASES = {
     "mistral_nemo": ("MistralConfig", dict(COMMON, head_dim=16, sliding_window=None,
                                            rope_theta=1000000.0)),  # 4 x 16 != 32
     "qwen2": ("Qwen2Config", dict(COMMON, tie_word_embeddings=True, rope_theta=1000000.0)),
+    # Qwen3-4B's quirks: head_dim != hidden / heads (here 16 vs 8), tied embeddings, per-head q/k norms
+    "qwen3": ("Qwen3Config", dict(COMMON, head_dim=16, tie_word_embeddings=True, rope_theta=1000000.0,
+                                  rms_norm_eps=1e-6)),
     "nemotron": ("NemotronConfig", dict(COMMON, num_key_value_heads=4, partial_rotary_factor=0.5,
                                         norm_eps=1e-5, rope_theta=10000.0)),
 }

@@ -67,7 +67,6 @@ _UNSUPPORTED = (
     ("num_experts", lambda v: bool(v), "mixture of experts"),
     ("multi_latent_attention", bool, "multi-latent attention"),
     ("mtp_num_layers", lambda v: bool(v), "multi-token prediction layers"),
-    ("qk_layernorm", bool, "query/key layer norm"),
     ("qk_l2_norm", bool, "query/key L2 norm"),
     ("attention_output_gate", bool, "gated attention output"),
     ("experimental_attention_variant", lambda v: v is not None, "an experimental attention variant"),
@@ -160,6 +159,7 @@ def arch_from_args(args) -> ModelArch:
         rope_scaling_factor=float(_get(args, "rope_scaling_factor", default=8.0)),
         tie_embeddings=not bool(_get(args, "untie_embeddings_and_output_weights", default=False)),
         add_bias_linear=bool(add_bias_linear), add_qkv_bias=bool(_get(args, "add_qkv_bias", default=False)),
+        qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),  # --qk-layernorm (Qwen3 recipes)
         init_method_std=float(_get(args, "init_method_std", default=0.02)),
         hidden_dropout=float(_get(args, "hidden_dropout", default=0.1)),
         attention_dropout=float(_get(args, "attention_dropout", default=0.1)),
@@ -288,7 +288,7 @@ def args_from_arch(arch: ModelArch, parallel=None, **extra) -> argparse.Namespac
         "window_size": None, "window_attn_skip_freq": None, "onnx_safe": None, "bert_binary_head": True,
         # features we do not build, at their (off) defaults
         "num_experts": None, "moe_layer_freq": 1, "moe_ffn_hidden_size": None, "moe_latent_size": None,
-        "multi_latent_attention": False, "mtp_num_layers": None, "qk_layernorm": False, "qk_l2_norm": False,
+        "multi_latent_attention": False, "mtp_num_layers": None, "qk_layernorm": arch.qk_layernorm, "qk_l2_norm": False,
         "experimental_attention_variant": None, "heterogeneous_layers_config_path": None,
         "heterogeneous_layers_config_encoded_json": None, "is_hybrid_model": False,
         "hybrid_override_pattern": None, "hybrid_attention_ratio": 0.0, "hybrid_mlp_ratio": 0.0,

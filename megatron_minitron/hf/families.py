@@ -10,6 +10,9 @@ Family differences that matter for the weights (see ``mapping.py``):
   1 and 4 and an original context of 8192 (``RotaryEmbedding._apply_scaling``).
 - mistral (Mistral 7B, Mistral-NeMo 12B): as llama; NeMo's head_dim (128) != hidden / heads (160).
 - qwen2: as llama plus a bias on q/k/v (not on o_proj).
+- qwen3 (dense Qwen3): as llama plus an RMSNorm over each query and key head (``q_norm`` / ``k_norm``, one
+  weight of head_dim shared by the heads) before RoPE: megatron's ``qk_layernorm``. Usually head_dim !=
+  hidden / heads (Qwen3-4B: 128 vs 2560 / 32).
 - nemotron (Nemotron-4, Minitron): LayerNorm1P (LayerNorm whose stored gamma is gamma - 1: megatron's
   ``layernorm_zero_centered_gamma``, same stored values), squared-ReLU non-gated MLP (up/down only),
   RoPE on the first ``partial_rotary_factor`` (default 0.5) of the head dim.
@@ -21,9 +24,10 @@ from typing import Optional
 
 from ..config import ModelArch
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "nemotron")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
 _ARCHITECTURE_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "nemotron": "NemotronForCausalLM"}
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                       "nemotron": "NemotronForCausalLM"}
 # megatron-core's fixed Llama-3.x scaling constants (megatron/core/models/common/embeddings/
 # rotary_pos_embedding.py, RotaryEmbedding._apply_scaling defaults)
 MCORE_LLAMA3_LOW_FREQ_FACTOR = 1.0
@@ -31,12 +35,14 @@ MCORE_LLAMA3_HIGH_FREQ_FACTOR = 4.0
 MCORE_LLAMA3_ORIGINAL_MAX_POSITION = 8192
 
 # config.json keys that describe the architecture; everything else of the original config (token ids,
-# dtype, generation defaults) is carried through unchanged on export
+# dtype, generation defaults) is carried through unchanged on export. layer_types (one entry per layer,
+# written by transformers 5 for qwen2 / qwen3) is left for the config class to rebuild: kept, it would no
+# longer match a depth-pruned model's num_hidden_layers, which transformers refuses
 _ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "norm_eps",
               "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
               "attention_bias", "mlp_bias", "model_type", "architectures", "torch_dtype", "dtype",
-              "transformers_version")
+              "transformers_version", "layer_types")
 
 
 def detect_family(hf_config: dict) -> str:
@@ -117,9 +123,10 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
     if attention_bias != mlp_bias:
         raise ValueError(f"{where}: attention_bias={attention_bias} with mlp_bias={mlp_bias} cannot be "
                          "represented: megatron's add_bias_linear covers attention and MLP linears together")
-    if family == "qwen2" and cfg.get("use_sliding_window"):
-        raise ValueError(f"{where}: Qwen2 with use_sliding_window=true is not supported (megatron's "
-                         "GPTModel here attends over the whole causal context)")
+    if family in ("qwen2", "qwen3") and (cfg.get("use_sliding_window")
+                                          or "sliding_attention" in (cfg.get("layer_types") or ())):
+        raise ValueError(f"{where}: {family} with sliding-window layers (use_sliding_window=true) is not "
+                         "supported (megatron's GPTModel here attends over the whole causal context)")
     window = cfg.get("sliding_window")
     if family == "mistral" and window and window < int(cfg.get("max_position_embeddings", 0)):
         warnings.warn(f"{where}: sliding_window={window} is ignored; megatron attends over the full causal "
@@ -147,6 +154,7 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         add_bias_linear=attention_bias,
         add_qkv_bias=family == "qwen2",
+        qk_layernorm=family == "qwen3",
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -164,6 +172,8 @@ def family_for_arch(arch: ModelArch) -> str:
     """The HF family that can represent ``arch`` when nothing else says which one it came from."""
     if arch.activation == "squared_relu" and arch.normalization == "LayerNorm":
         return "nemotron"
+    if arch.qk_layernorm:
+        return "qwen3"
     if arch.add_qkv_bias and not arch.add_bias_linear:
         return "qwen2"
     return "llama"
@@ -199,6 +209,13 @@ def check_arch_exportable(arch: ModelArch, family: str) -> None:
         problems.append(f"{family} has no q/k/v-only bias (that is qwen2)")
     if family == "mistral" and arch.add_bias_linear:
         problems.append("mistral has no linear biases")
+    if family == "qwen3":
+        if not arch.qk_layernorm:
+            problems.append("qwen3 normalises each query and key head (qk_layernorm=true)")
+        if arch.add_bias_linear or arch.add_qkv_bias:
+            problems.append("qwen3 here has no linear biases (attention_bias=false)")
+    elif arch.qk_layernorm:
+        problems.append(f"{family} has no query/key layer norm (that is qwen3)")
     if arch.rope_scaling and family not in ("llama",):
         problems.append(f"{family} has no llama3 rope scaling")
     heads = arch.num_attention_heads
@@ -242,7 +259,9 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
         cfg.update(hidden_act="silu", rms_norm_eps=arch.norm_epsilon)
     if family in ("llama", "nemotron"):
         cfg.update(attention_bias=arch.add_bias_linear, mlp_bias=arch.add_bias_linear)
-    if family == "qwen2":
+    if family == "qwen3":
+        cfg.update(attention_bias=False)
+    if family in ("qwen2", "qwen3"):
         cfg.setdefault("use_sliding_window", False)
     if arch.rope_scaling:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(arch.rope_scaling_factor),

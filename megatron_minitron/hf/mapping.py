@@ -28,7 +28,7 @@ from ..model import params
 # kinds of megatron parameters
 QKV, GLU_FC1, COLUMN, VOCAB, ROW, REPLICATED = "qkv", "glu_fc1", "column", "vocab", "row", "replicated"
 
-# HF names of a layer's tensors (all four families share them)
+# HF names of a layer's tensors (all families share them)
 _HF_LAYER = "model.layers.{i}."
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -53,6 +53,8 @@ _HF_NAMES = {
     "self_attention.linear_qkv.bias": tuple(f"self_attn.{x}_proj.bias" for x in "qkv"),
     "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
     "self_attention.linear_proj.bias": ("self_attn.o_proj.bias",),
+    "self_attention.q_layernorm.weight": ("self_attn.q_norm.weight",),  # qwen3; d channels, applied per head
+    "self_attention.k_layernorm.weight": ("self_attn.k_norm.weight",),
     "pre_mlp_layernorm.weight": ("post_attention_layernorm.weight",),
     "pre_mlp_layernorm.bias": ("post_attention_layernorm.bias",),
     "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),

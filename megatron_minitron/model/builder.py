@@ -64,6 +64,7 @@ def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype =
         gated_linear_unit=arch.activation == "swiglu",
         add_bias_linear=arch.add_bias_linear,
         add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,  # also makes megatron all-reduce their grads over TP (finalize_model_grads)
         init_method_std=arch.init_method_std,
         hidden_dropout=arch.hidden_dropout,
         attention_dropout=arch.attention_dropout,
@@ -141,12 +142,16 @@ def layer_spec(arch: ModelArch, attention_backend: str = "auto", use_te: bool = 
         if not have_transformer_engine():
             raise ValueError("train.transformer_engine / attention_backend=te asked for Transformer Engine,"
                              " which is not importable here; use attention_backend=sdpa (the default)")
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=arch.normalization))
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=arch.normalization,
+                                                  qk_layernorm=arch.qk_layernorm))
     sub = spec.submodules
     norm = FusedRMSNorm if fused_kernels and arch.normalization == "RMSNorm" else Norm
     sub.input_layernorm = norm
     sub.pre_mlp_layernorm = norm
+    if arch.qk_layernorm:  # over each head's d channels (megatron passes hidden_size=kv_channels)
+        sub.self_attention.submodules.q_layernorm = norm
+        sub.self_attention.submodules.k_layernorm = norm
     if attention_backend in ("auto", "sdpa"):
         sub.self_attention.submodules.core_attention = SDPAttention
     if fused_kernels:

@@ -15,6 +15,7 @@ shape as named axes. An axis says how big it is, whether TP splits it and which 
     attn       heads * d                    heads          per head d columns (linear_proj input)
     fc1        2 * ffn (SwiGLU) or ffn      ffn            SwiGLU: [gate; up] halves; TP splits each half
     ffn        ffn_hidden_size              ffn            plain neurons (linear_fc2 input)
+    head_dim   d (kv_channels)              -              one head's channels (q/k layernorms, shared by heads)
     vocab      padded vocab (per TP size)   -              rows; padding rows are zeros
     positions  seq_length                   -              learned absolute positions
 
@@ -54,6 +55,7 @@ AXES = {a.name: a for a in (
     Axis("attn", lambda arch, tp: arch.num_attention_heads * arch.head_dim, HEADS),
     Axis("fc1", _fc1_rows, FFN),
     Axis("ffn", lambda arch, tp: arch.ffn_hidden_size, FFN),
+    Axis("head_dim", lambda arch, tp: arch.head_dim, None),
     Axis("vocab", lambda arch, tp: arch.padded_vocab_size(tp), None),
     Axis("positions", lambda arch, tp: arch.seq_length, None),
 )}
@@ -74,6 +76,14 @@ def _always(arch, holds_embedding: bool) -> bool:
 
 def _layernorm(arch, holds_embedding: bool) -> bool:
     return arch.normalization == "LayerNorm"  # RMSNorm has no bias
+
+
+def _qk_layernorm(arch, holds_embedding: bool) -> bool:
+    return bool(arch.qk_layernorm)
+
+
+def _qk_layernorm_bias(arch, holds_embedding: bool) -> bool:
+    return bool(arch.qk_layernorm) and arch.normalization == "LayerNorm"
 
 
 def _qkv_bias(arch, holds_embedding: bool) -> bool:
@@ -159,6 +169,12 @@ TENSORS: Tuple[Tensor, ...] = (
     Tensor("self_attention.linear_proj.bias", LAYER, ("hidden",), None, _linear_bias),  # row-parallel: replicated
     Tensor("mlp.linear_fc1.bias", LAYER, ("fc1",), 0, _linear_bias),
     Tensor("mlp.linear_fc2.bias", LAYER, ("hidden",), None, _linear_bias),  # row-parallel: replicated
+    # Qwen3's per-head norms: applied to every head's d channels with one shared weight, replicated on every TP
+    # rank (megatron all-reduces their grads over TP); no pruning dimension cuts them
+    Tensor("self_attention.q_layernorm.weight", LAYER, ("head_dim",), None, _qk_layernorm),
+    Tensor("self_attention.k_layernorm.weight", LAYER, ("head_dim",), None, _qk_layernorm),
+    Tensor("self_attention.q_layernorm.bias", LAYER, ("head_dim",), None, _qk_layernorm_bias),
+    Tensor("self_attention.k_layernorm.bias", LAYER, ("head_dim",), None, _qk_layernorm_bias),
     Tensor("decoder.final_layernorm.weight", OUTPUT_STAGE, ("hidden",), None),
     Tensor("decoder.final_layernorm.bias", OUTPUT_STAGE, ("hidden",), None, _layernorm),
     Tensor("output_layer.weight", OUTPUT_STAGE, ("vocab", "hidden"), 0, _output_layer),

@@ -23,6 +23,7 @@ no [s, s] scores (the paper's 5as^2b term is gone) but keeps its output and an f
     attention output + proj input  2 q d a T / t
     MLP                            (4f if gated else 2f) a T / t   (fc1 output, act output, fc2 input)
     fp32 statistics                4 T (q / t + 2 / t_sp)      (log-sum-exp, two norm rstd)
+    q/k layernorms (Qwen3)         d (q + g) a T / t + 4 T (q + g) / t   (their inputs, an rstd per head)
     dropout masks                  T h / t_sp per hidden dropout site (only when hidden_dropout > 0)
 With full recomputation a layer keeps only its input (h a T / t_sp) and one layer is rebuilt at a time.
 """
@@ -145,6 +146,8 @@ def layer_activation_bytes(arch: ModelArch, tokens: int, tp: int, sequence_paral
     split_dims = d * (q + 2 * g) + 2 * q * d + mlp
     stored = act_bytes * tokens * (4 * h // t_sp + split_dims // tp)
     stored += 4 * tokens * q // tp + 4 * tokens * 2 // t_sp
+    if arch.qk_layernorm:  # each norm keeps its input and one fp32 rstd per head row; RoPE after it keeps none
+        stored += (act_bytes * d + 4) * tokens * (q + g) // tp
     if arch.hidden_dropout > 0:
         stored += 2 * tokens * h // t_sp
     return stored

@@ -30,9 +30,8 @@ from .plan import PrunePlan
 
 _LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)\.(.+)$")
 # tensors megatron can hold that model/params.py does not list (no supported arch has them): pruning leaves
-# them as they are (the output layer has no bias; q/k layernorms span one head's d channels)
-_UNTOUCHED = ("output_layer.bias", "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
-              "self_attention.q_layernorm.bias", "self_attention.k_layernorm.bias")
+# them as they are
+_UNTOUCHED = ("output_layer.bias",)
 
 
 def _in_shard(kept: List[int], local: int, rank: int) -> List[int]:

@@ -26,6 +26,7 @@ VARIANTS = {
     "squared_relu_learned_tied": dataclasses.replace(BASE, activation="squared_relu",
                                                      position_embedding="learned_absolute", tie_embeddings=True),
     "no_position_qkv_bias": dataclasses.replace(BASE, position_embedding="none", add_qkv_bias=True),
+    "qk_layernorm": dataclasses.replace(BASE, qk_layernorm=True, num_query_groups=4, kv_channels=16),
     "rope_scaled": dataclasses.replace(BASE, rotary_base=500000.0, rotary_percent=0.5, rope_scaling=True,
                                        rope_scaling_factor=32.0),
     "dropout_std": dataclasses.replace(BASE, init_method_std=0.01, hidden_dropout=0.1, attention_dropout=0.05),
@@ -102,6 +103,9 @@ def test_arch_from_megatron_lm_written_args():
     assert mlm.arch_from_args(megatron_lm_style_args(position_embedding_type="learned_absolute",
                                                      use_rotary_position_embeddings=True)).position_embedding == "rope"
     assert mlm.arch_from_args(megatron_lm_style_args(disable_bias_linear=False)).add_bias_linear is True
+    qk = mlm.arch_from_args(megatron_lm_style_args(qk_layernorm=True))  # --qk-layernorm (Qwen3 recipes)
+    assert qk.qk_layernorm is True and arch.qk_layernorm is False
+    assert mlm.args_from_arch(qk, Parallel()).qk_layernorm is True
     ln = mlm.arch_from_args(megatron_lm_style_args(normalization="LayerNorm", layernorm_zero_centered_gamma=True,
                                                    layernorm_epsilon=1e-6, swiglu=False, ffn_hidden_size=None))
     assert (ln.layernorm_zero_centered_gamma, ln.norm_epsilon, ln.activation, ln.ffn_hidden_size) == \
@@ -109,7 +113,7 @@ def test_arch_from_megatron_lm_written_args():
 
 
 @pytest.mark.parametrize("name,value", [
-    ("num_experts", 8), ("multi_latent_attention", True), ("mtp_num_layers", 1), ("qk_layernorm", True),
+    ("num_experts", 8), ("multi_latent_attention", True), ("mtp_num_layers", 1),
     ("qk_l2_norm", True), ("attention_output_gate", True), ("experimental_attention_variant", "dsa"),
     ("heterogeneous_layers_config_path", "x.json"), ("is_hybrid_model", True), ("hybrid_override_pattern", "M*"),
     ("spec", ["my.module", "spec"]), ("use_legacy_models", True), ("window_size", (128, 0)),

@@ -22,6 +22,8 @@ ARCHS = {
     "gpt2_like": ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                            activation="gelu", normalization="LayerNorm", add_bias_linear=True,
                            position_embedding="learned_absolute", vocab_size=200),
+    "qwen3_like_qk_layernorm": ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                                         num_query_groups=2, kv_channels=32, qk_layernorm=True, vocab_size=200),
     "head_dim_not_hidden_over_heads": ModelArch(num_layers=2, hidden_size=64, ffn_hidden_size=96,
                                                 num_attention_heads=4, num_query_groups=2, kv_channels=24,
                                                 vocab_size=200),

@@ -23,6 +23,8 @@ ARCHS = {
     "squared_relu": dataclasses.replace(BASE, activation="squared_relu"),
     "qkv_bias_mqa": dataclasses.replace(BASE, add_qkv_bias=True, num_query_groups=1),
     "swiglu_all_biases_head_dim_24": dataclasses.replace(BASE, add_bias_linear=True, kv_channels=24),
+    "qk_layernorm_head_dim_16": dataclasses.replace(BASE, qk_layernorm=True, kv_channels=16),  # Qwen3
+    "qk_layernorm_layernorm": dataclasses.replace(BASE, qk_layernorm=True, normalization="LayerNorm"),
 }
 
 

@@ -59,6 +59,9 @@ def test_layer_activation_bytes_by_hand():
         2 * 4 * (32 + 96 // 2) + 32 // 2 + 32
     # hidden dropout adds two one-byte masks per token and channel
     assert layer_activation_bytes(tiny(hidden_dropout=0.1), tokens, 1, False) == 1088 + 2 * 4 * 8
+    # q/k layernorms keep their inputs (q + g = 3 head rows of d = 4 bf16 channels per token) and an fp32 rstd
+    # per row: 4 tokens * 3 rows * (2 * 4 + 4) bytes
+    assert layer_activation_bytes(tiny(qk_layernorm=True), tokens, 1, False) == 1088 + 4 * 3 * (2 * 4 + 4)
 
 
 def test_pipeline_in_flight_and_recompute():
