@@ -20,6 +20,9 @@ quantized by the kernel that produces it (``kernels.fp8_fused``):
 A producer returns its e4m3 rows as a :class:`QuantizedRows` tensor that carries the per-row scales;
 megatron passes it on unchanged to the consuming linear. A site that cannot be fused (another norm or
 activation, megatron's unfused attention) keeps its module, and its FP8 linear quantizes its own input.
+Qwen3's q/k layernorms (``qk_layernorm``) sit between linear_qkv's output and RoPE; no linear reads their
+output, so they stay ``Norm`` in the teacher's precision, on linear_qkv's output (which the FP8 matmul returns
+in that precision), as in the bf16 teacher.
 
 The embedding and output layer stay in the teacher's precision: the logits are what the KD loss compares,
 and the vocabulary projection is where FP8 rounding would show most.

@@ -77,7 +77,9 @@ def _num_warps(block: int) -> int:
 
 
 class TritonRMSNorm(torch.autograd.Function):
-    """RMSNorm over the last dimension of ``x`` (any leading shape) with weight [hidden]."""
+    """RMSNorm over the last dimension of ``x`` (any leading shape) with weight [hidden]. Also Qwen3's q/k
+    layernorms: x is then a [s, b, heads, head_dim] view into linear_qkv's output (not contiguous; under GQA the
+    query's rows have no single stride), which is copied into contiguous rows first."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, zero_centered_gamma):

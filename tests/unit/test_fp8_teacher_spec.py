@@ -87,6 +87,36 @@ def test_swiglu_site_not_fused_for_another_activation():
     assert torch.equal(_logits(model), _logits(patched))
 
 
+def test_qk_layernorm_teacher_equals_patched_teacher():
+    """Qwen3's q/k layernorms (head_dim 32 != 64 / 4, LayerNorm so their biases load too): they sit between
+    linear_qkv's output and RoPE, so they stay the teacher's Norm on linear_qkv's (not quantized) output while
+    the four producers still fuse; the spec-built and patched teachers agree bit for bit and the checkpoint
+    keys (q/k norm tensors included) are the bf16 teacher's. (quantize_teacher's rebuild with q/k norms:
+    test_fp8_teacher.py's qk_layernorm case.)"""
+    import dataclasses
+
+    arch = dataclasses.replace(ARCH, num_layers=1, qk_layernorm=True, kv_channels=32, normalization="LayerNorm")
+    reference = _reference(arch)
+    with torch.no_grad():  # q/k norm weights and biases other than 1 and 0
+        for name, p in reference.named_parameters():
+            if "q_layernorm" in name or "k_layernorm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model = _spec_built(reference, arch=arch)
+    attention = model.decoder.layers[0].self_attention
+    assert type(attention.q_layernorm).__name__ == type(attention.k_layernorm).__name__ == "Norm"
+    assert attention.q_layernorm.weight.shape == attention.k_layernorm.bias.shape == (32,)
+    assert fused_sites(model) == 4 * arch.num_layers
+    assert list(model.state_dict()) == list(reference.state_dict())
+    assert sum("q_layernorm" in k or "k_layernorm" in k for k in model.state_dict()) == 4 * arch.num_layers
+    patched = build_gpt(arch, Parallel()).eval()
+    patched.load_state_dict(reference.state_dict())
+    patch_teacher(patched)
+    expected = _logits(patched)
+    assert torch.equal(_logits(model), expected)
+    full = _logits(reference)
+    assert 0 < ((expected - full).norm() / full.norm()).item() < 0.1  # FP8, and close to the fp32 teacher
+
+
 def test_checkpoint_keys_unchanged():
     reference = _reference()
     model = build_fp8_teacher(ARCH, Parallel(), torch.float32)

@@ -93,6 +93,34 @@ def test_rms_norm_bf16_matches_fp32_norm_within_bf16_rounding(zero_centered):
         assert (f.float() - r).abs().max().item() <= BF16_RTOL * scale, name
 
 
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_rms_norm_over_heads_of_a_strided_qkv_view_matches_norm(head_dim):
+    """Qwen3's q/k layernorms: megatron hands the norm a [s, b, heads, head_dim] view into linear_qkv's output
+    ([s, b, groups, (q + 2) * d] split on the last dim, so not contiguous); one weight of head_dim for every
+    head. The gradient reaches the qkv tensor through the view, and dw sums over all s * b * heads rows
+    (here more than one backward program's)."""
+    torch.manual_seed(9)
+    s, b, groups, q_per_group = 11, 2, 2, 2
+    torch_norm, fused_norm = _norm_pair(head_dim, torch.float32, False)
+    qkv = torch.randn(s, b, groups, (q_per_group + 2) * head_dim, device=DEVICE) * 3
+    upstream = torch.randn(s, b, groups * q_per_group, head_dim, device=DEVICE)
+    assert s * b * groups * q_per_group > BACKWARD_ROWS_PER_PROGRAM
+    results = []
+    for norm in (torch_norm, fused_norm):
+        leaf = qkv.detach().clone().requires_grad_(True)
+        norm.weight.grad = None
+        query = leaf[..., :q_per_group * head_dim].reshape(s, b, groups * q_per_group, head_dim)
+        key = leaf[..., q_per_group * head_dim:(q_per_group + 1) * head_dim]  # [s, b, groups, d]
+        assert not key.is_contiguous()
+        y_q, y_k = norm(query), norm(key)
+        (y_q * upstream).sum().backward(retain_graph=True)
+        (y_k * upstream[:, :, :groups]).sum().backward()
+        results.append((y_q.detach(), y_k.detach(), leaf.grad, norm.weight.grad))
+    for name, r, f in zip(("y_q", "y_k", "dqkv", "dw"), *results):
+        assert f.shape == r.shape, name
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_rms_norm_rejects_a_weight_of_the_wrong_size():
     x = torch.randn(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match="expected \\(8,\\)"):
@@ -420,15 +448,21 @@ def test_mlp_entry_rewrite_handles_megatron_019s_builder_form(monkeypatch):
     assert builder._mlp_entry_with_class(unrelated, FusedSwiGLUMLP) is unrelated
 
 
-@pytest.mark.parametrize("variant", ["gqa_partial_rope_zero_centered", "mha_full_rope_bias_recompute"])
-def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls):
+@pytest.mark.parametrize("variant", ["gqa_partial_rope_zero_centered", "mha_full_rope_bias_recompute",
+                                     "qk_layernorm_head_dim_16"])
+def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls, monkeypatch):
     """A whole (tiny) student step: the fused norms, RoPE and SwiGLU give the torch model's logits and every
     parameter's gradient, with the same state-dict keys; also under full activation recompute (megatron reruns
-    each layer's forward in the backward, so the attention's per-call RoPE hand-over runs twice)."""
+    each layer's forward in the backward, so the attention's per-call RoPE hand-over runs twice). Qwen3's q/k
+    layernorms (head_dim 16 != hidden / heads 8) run the RMSNorm kernel per head, before the RoPE kernel."""
+    from megatron_minitron.kernels import rmsnorm_triton
+
     init_distributed(1, 1)
     recompute = variant.endswith("recompute")
     if variant == "gqa_partial_rope_zero_centered":
         arch = ModelArch(**TINY, layernorm_zero_centered_gamma=True, rotary_percent=0.5)
+    elif variant == "qk_layernorm_head_dim_16":
+        arch = ModelArch(**TINY, kv_channels=16, qk_layernorm=True)
     else:
         arch = ModelArch(**{**TINY, "num_query_groups": 4}, add_bias_linear=True)
     set_seed(7)
@@ -441,10 +475,18 @@ def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls):
     layer = fused.decoder.layers[0]
     assert isinstance(layer.input_layernorm, FusedRMSNorm)
     assert isinstance(layer.self_attention, FusedRoPESelfAttention) and isinstance(layer.mlp, FusedSwiGLUMLP)
+    qk_norms = ("q_layernorm", "k_layernorm") if arch.qk_layernorm else ()
+    for name in qk_norms:
+        assert type(getattr(layer.self_attention, name)) is FusedRMSNorm
+        assert type(getattr(reference.decoder.layers[0].self_attention, name)) is Norm
     with torch.no_grad():  # non-trivial gammas and biases everywhere
-        for a, b in zip(reference.parameters(), fused.parameters()):
-            a.add_(torch.randn_like(a) * 0.02)
+        for (name, a), b in zip(reference.named_parameters(), fused.parameters()):
+            a.add_(torch.randn_like(a) * (0.3 if "q_layernorm" in name or "k_layernorm" in name else 0.02))
             b.copy_(a)
+    norm_inputs = []  # the shape of every input the fused model's RMSNorm kernel gets
+    original_rms_norm = rmsnorm_triton.triton_rms_norm
+    monkeypatch.setattr(rmsnorm_triton, "triton_rms_norm",
+                        lambda x, *a, **k: norm_inputs.append(tuple(x.shape)) or original_rms_norm(x, *a, **k))
     tokens = torch.randint(0, arch.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     positions = torch.arange(8, device=DEVICE).expand(2, 8)
     outputs = []
@@ -454,9 +496,18 @@ def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls):
         outputs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
     passes = 2 if recompute else 1  # the fused model's calls only
     assert kernel_calls == {"rope": 2 * arch.num_layers * passes, "swiglu": arch.num_layers * passes}
+    # the layers' two norms (the final norm is the block's, left as Norm by the CPU build), then the per-head ones
+    hidden_norms = [shape for shape in norm_inputs if shape[-1] == arch.hidden_size]
+    assert hidden_norms == [(8, 2, arch.hidden_size)] * 2 * arch.num_layers * passes
+    per_head = [shape for shape in norm_inputs if shape[-1] != arch.hidden_size]
+    heads = (arch.num_attention_heads, arch.query_groups)  # q_layernorm's rows, then k_layernorm's
+    assert per_head == ([(8, 2, h, arch.head_dim) for h in heads] * arch.num_layers * passes if qk_norms else [])
     torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
     for name, grad in outputs[0][1].items():
         torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    qk_grads = [name for name in outputs[0][1] if any(f".{norm}." in name for norm in qk_norms)]
+    assert len(qk_grads) == len(qk_norms) * arch.num_layers  # compared above, and not trivially zero
+    assert all(outputs[0][1][name].abs().max() > 0 for name in qk_grads)
 
 
 @pytest.mark.parametrize("tile", [8, 16])
@@ -477,10 +528,14 @@ def test_rope_splits_heads_over_programs(monkeypatch, tile):
 
 
 def test_building_with_our_mlp_class_drops_only_megatrons_unknown_mlp_notice(caplog, monkeypatch):
-    """megatron logs 'Unknown MLP type' per layer for any MLP class but its own; build_gpt keeps it out of the
-    output for ours (FusedSwiGLUMLP here, the FP8 teacher's too). Without the filter the notice is there."""
+    """megatron-core 0.16-0.17 logs 'Unknown MLP type' per layer for any MLP class but its own; build_gpt keeps it
+    out of the output for ours (FusedSwiGLUMLP here, the FP8 teacher's too). Without the filter the notice is
+    there, where megatron has it (0.19.2's TransformerLayer has none)."""
     import contextlib
+    import inspect
     import logging
+
+    from megatron.core.transformer import transformer_layer
 
     from megatron_minitron.model import mlp
 
@@ -495,4 +550,5 @@ def test_building_with_our_mlp_class_drops_only_megatrons_unknown_mlp_notice(cap
 
     assert notices() == []
     monkeypatch.setattr(mlp, "quiet_unknown_mlp_type", contextlib.nullcontext)
-    assert len(notices()) == arch.num_layers
+    logs_notice = "Unknown MLP type" in inspect.getsource(transformer_layer)
+    assert len(notices()) == (arch.num_layers if logs_notice else 0)
