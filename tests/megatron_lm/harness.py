@@ -2,11 +2,13 @@
 
 Two operations, each launched like a user's ``torchrun pretrain_gpt.py ...`` run:
 
-  torchrun --nproc-per-node N harness.py write ROOT --iteration 7 [--train-steps 1] [--dump F] -- FLAGS
+  torchrun --nproc-per-node N harness.py write ROOT --iteration 7 [--train-steps 1] [--norm-noise S]
+          [--dump F] -- FLAGS
       Megatron-LM initialises from a pretrain_gpt.py command line (FLAGS: the model's architecture and
       parallelism, as a user would pass them), builds GPTModel, optimizer and scheduler with its own
-      ``setup_model_and_optimizer(model_provider, ...)``, optionally runs real ``train_step``s of
-      pretrain_gpt's ``forward_step`` on a fixed batch, then calls its real ``save_checkpoint``.
+      ``setup_model_and_optimizer(model_provider, ...)``, optionally sets every norm weight to 1 + N(0, S)
+      (``perturb_norms``), optionally runs real ``train_step``s of pretrain_gpt's ``forward_step`` on a fixed
+      batch, then calls its real ``save_checkpoint``.
 
   torchrun --nproc-per-node N harness.py load ROOT --dump F [--check-rng] [-- FLAGS] [--then load ...]
       Megatron-LM builds the model from the checkpoint's own args (``--use-checkpoint-args``, the way a user
@@ -22,7 +24,10 @@ independent of TP - so dumps taken at different TP sizes compare directly, and c
 checkpoint read by plain ``torch.distributed.checkpoint`` (``read_checkpoint_tensors``).
 
 write runs one train step by default: Megatron-LM cannot load its own checkpoint saved before any step (the
-empty Adam state is not in the file, and its non-release load always loads the optimizer).
+empty Adam state is not in the file, and its non-release load always loads the optimizer). That step runs at
+the warmup's first learning rate, 0, so it moves no weight: norm weights stay at their initial ones, where a
+norm applied to the wrong channels, swapped with another or dropped gives the same logits; ``--norm-noise``
+makes them differ, as a trained model's do.
 
 What is stubbed, and why (only here, never in the vendored files):
   * CUDA: megatron_minitron.runtime.cpu_mode redirects megatron-core's hard-wired CUDA calls to the CPU.
@@ -283,9 +288,30 @@ def rank0_print(*a):
         print("[megatron-lm]", *a, flush=True)
 
 
+def perturb_norms(model, optimizer, std):
+    """Every norm weight (input / pre-MLP / final layernorms, q/k layernorms) := 1 + N(0, std), drawn from a
+    generator seeded by the parameter's name so that every rank sets the same values on its replica (norms
+    are replicated over TP and DP). In place: DDP's buffers hold the parameters; the optimizer's main copies
+    (bf16 runs) are refreshed from them."""
+    import zlib
+
+    import torch
+    from megatron.training.utils import unwrap_model
+
+    with torch.no_grad():
+        for chunk in unwrap_model(model):
+            for name, p in chunk.named_parameters():
+                if name.endswith(".weight") and "layernorm" in name:
+                    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                    p.copy_(1 + std * torch.randn(p.shape, generator=gen))
+    optimizer.reload_model_params()
+
+
 def write(opts, flags):
     args = initialize(["--save", opts.root, *flags])
     model, optimizer, opt_param_scheduler = setup_model_and_optimizer()
+    if opts.norm_noise:
+        perturb_norms(model, optimizer, opts.norm_noise)
     if opts.train_steps:
         train_steps(model, optimizer, opt_param_scheduler, args, opts.train_steps)
     from megatron.training.checkpointing import save_checkpoint
@@ -350,6 +376,8 @@ def parse_run(argv):
     parser.add_argument("root")
     parser.add_argument("--iteration", type=int, default=7)
     parser.add_argument("--train-steps", type=int, default=1)
+    parser.add_argument("--norm-noise", type=float, default=0.0,
+                        help="write: norm weights := 1 + N(0, this) before the train steps (perturb_norms)")
     parser.add_argument("--dump")
     parser.add_argument("--check-rng", action="store_true",
                         help="load: also read rng_state with load_checkpoint's request (dump['rng'])")

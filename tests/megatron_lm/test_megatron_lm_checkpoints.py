@@ -1,17 +1,20 @@
 """Checkpoints in and out of NVIDIA Megatron-LM, checked with Megatron-LM's own code (vendored, see harness.py).
 
-One Megatron-LM run (TP2, 2 ranks, a real train step) writes SRC the way `pretrain_gpt.py --ckpt-format
-torch_dist` does; then:
-  * reading: checkpoint.read_metadata / describe_checkpoint of SRC against the args Megatron-LM ran with, and
-    our logits equal Megatron-LM's.
-  * prune: `minitron prune --save` at TP1 and `--in-place --tp 2` on a copy (same scores) -> Megatron-LM's
-    load_checkpoint (default flags, architecture from the checkpoint's args) loads each at the other TP (both
-    in one 2-rank launch); the loaded tensors are the ones in the files (plain torch.distributed.checkpoint),
-    the same for both prunes, the slices of SRC that prune_plan.json names; logits equal ours; iteration as
-    recorded.
-  * HF: `convert mcore-to-hf` of SRC gives transformers logits equal to Megatron-LM's; `convert hf-to-mcore
-    --format megatron-lm` of that export is loaded by Megatron-LM with SRC's exact tensors and the same logits;
-    `minitron eval` gives the same LM loss on SRC, on that import and on a minitron-format import.
+One Megatron-LM launch (TP2, 2 ranks, a real train step each) writes SRC and SRC_QK (SRC with Qwen3's
+--qk-layernorm and --kv-channels 32 != hidden / heads) the way `pretrain_gpt.py --ckpt-format torch_dist` does,
+norm weights moved off 1 first (harness.perturb_norms: the step runs at learning rate 0); then:
+  * reading: checkpoint.read_metadata / describe_checkpoint of SRC and SRC_QK against the args Megatron-LM ran
+    with, and our logits equal Megatron-LM's.
+  * prune: `minitron prune --save` at TP1 and `--in-place --tp 2` on a copy (same scores), and `--save` of
+    SRC_QK (heads, a query group, hidden, ffn, layers) -> Megatron-LM's load_checkpoint (default flags,
+    architecture from the checkpoint's args; --qk-layernorm for SRC_QK's) loads each at the other TP / at TP1
+    (all in one 2-rank launch); the loaded tensors are the ones in the files (plain
+    torch.distributed.checkpoint), the same for both prunes of SRC, the slices of the source that
+    prune_plan.json names (q/k layernorms uncut); logits equal ours; iteration as recorded.
+  * HF: `convert mcore-to-hf` of SRC (llama) and of SRC_QK (qwen3) gives transformers logits equal to
+    Megatron-LM's; `convert hf-to-mcore --format megatron-lm` of each export is loaded by Megatron-LM (one
+    launch) with the source's exact tensors and the same logits; `minitron eval` gives the same LM loss on
+    SRC, on that import and on a minitron-format import.
   * distill: teacher = student = SRC gives KD loss 0 at the first step (both roles read the same weights), and
     the LM loss and gradient norm of `train.load=SRC`'s first step; its save (train.save_format=megatron-lm,
     with LM loss so the optimizer state is not zero) is resumed by Megatron-LM with its optimizer state and
@@ -19,8 +22,8 @@ torch_dist` does; then:
   * bf16 + --use-distributed-optimizer (the usual pretrain_gpt.py setting): our reading and HF export.
 Megatron-LM loads run fp32 with the non-distributed optimizer: megatron-core 0.16.1 without Apex/TE cannot load
 a distributed-optimizer checkpoint (DistributedOptimizer.state_dict asserts on an empty torch Adam state).
-Each Megatron-LM launch costs ~10 s of imports per rank; the file uses about 180 CPU-seconds (2 min 20 s wall
-measured on 2 lightly shared cores).
+Each Megatron-LM launch costs ~10 s of imports per rank; the qk cases add runs to existing launches, no launch
+of their own.
 """
 import json
 import os
@@ -50,6 +53,12 @@ ARCH_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "
               "--init-method-std", "0.1"]  # weights large enough that a wrong mapping moves logits by >> 1e-4
 # groups stay divisible by 2: the in-place prune runs at TP2, and Megatron-LM loads the result at TP2
 TARGETS = ["hidden_size=48", "ffn_hidden_size=96", "num_attention_heads=2", "num_query_groups=2", "num_layers=1"]
+# Qwen3's shape: per-head q/k RMSNorm, head_dim != hidden / heads (32 vs 16 here; 32 vs 48 / 1 once pruned)
+QK_HEAD_DIM = 32
+QK_ARCH_FLAGS = [*ARCH_FLAGS, "--qk-layernorm", "--kv-channels", str(QK_HEAD_DIM)]
+# cuts a query group and a head of the kept one (merged into it); loaded at TP1
+QK_TARGETS = ["hidden_size=48", "ffn_hidden_size=96", "num_attention_heads=1", "num_query_groups=1", "num_layers=1"]
+NORM_NOISE = 0.2  # norm weights := 1 + N(0, 0.2) in Megatron-LM before it saves (harness.perturb_norms)
 ATOL = 1e-4
 
 
@@ -146,18 +155,36 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def source(corpus, tmp_path_factory):
-    """SRC: written by Megatron-LM at TP2 after one train step (iter_0000007, tracker "7")."""
+def sources(corpus, tmp_path_factory):
+    """SRC and SRC_QK, written in one launch by Megatron-LM at TP2 after one train step (iter_0000007, tracker
+    "7"), norm weights away from 1 (harness.perturb_norms)."""
     work = tmp_path_factory.mktemp("megatron_lm")
-    root, dump = str(work / "src"), str(work / "src.pt")
-    megatron_lm("write", root, 2, dump, *ARCH_FLAGS, "--tensor-model-parallel-size", "2",
-                "--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", corpus["tokenizer"],
-                iteration=SOURCE_ITERATION)
-    written = torch.load(dump, weights_only=False)
-    tracker, tensors = file_tensors(root)
-    assert tracker == str(SOURCE_ITERATION)
-    assert_tensors_equal(model_keys(tensors), written["tensors"], "Megatron-LM's save vs its model")
-    return {"root": root, "written": written, "tensors": tensors}
+    tokenizer = ["--tokenizer-type", "GPTSentencePieceTokenizer", "--tokenizer-model", corpus["tokenizer"]]
+    opts = {"iteration": SOURCE_ITERATION, "norm_noise": NORM_NOISE}
+    runs = [("write", str(work / name), str(work / f"{name}.pt"), [*flags, "--tensor-model-parallel-size", "2",
+                                                                   *tokenizer], opts)
+            for name, flags in (("src", ARCH_FLAGS), ("src_qk", QK_ARCH_FLAGS))]
+    _, dumps = megatron_lm_runs(2, runs)
+    out = {}
+    for (_, root, *_), written in zip(runs, dumps):
+        tracker, tensors = file_tensors(root)
+        assert tracker == str(SOURCE_ITERATION)
+        assert_tensors_equal(model_keys(tensors), written["tensors"], f"Megatron-LM's save of {root} vs its model")
+        out[os.path.basename(root)] = {"root": root, "written": written, "tensors": tensors}
+    norms = [v for k, v in model_keys(out["src_qk"]["tensors"]).items() if "layernorm" in k or "layer_norm" in k]
+    assert len(norms) == 5 and all((v - 1).abs().min() > 0 for v in norms)  # incl. q/k layernorms, all moved
+    return out
+
+
+@pytest.fixture(scope="module")
+def source(sources):
+    return sources["src"]
+
+
+@pytest.fixture(scope="module")
+def source_qk(sources):
+    """SRC_QK: SRC with Qwen3's --qk-layernorm and --kv-channels 32 (!= hidden / heads = 16)."""
+    return sources["src_qk"]
 
 
 def test_our_reading_of_a_megatron_lm_checkpoint(source, corpus):
@@ -199,10 +226,30 @@ def test_description_of_a_megatron_lm_checkpoint(source, corpus):
     assert info.provenance["written_by"] == "Megatron-LM" and info.megatron_core is None
 
 
-def check_pruned_slices(pruned, src, plan):
-    """Tensors that pruning only slices (no head merging) are SRC's rows/columns named by the plan."""
+def test_our_reading_of_a_qk_layernorm_checkpoint(source_qk):
+    """Megatron-LM's --qk-layernorm (its Qwen3 recipes) with --kv-channels: read as such, Megatron-LM's logits."""
+    from megatron_minitron import checkpoint
+
+    args = source_qk["written"]["args"]
+    assert args["qk_layernorm"] and args["kv_channels"] == QK_HEAD_DIM  # what Megatron-LM ran with
+    arch = checkpoint.read_metadata(source_qk["root"])["architecture"]
+    assert (arch["qk_layernorm"], arch["kv_channels"], arch["num_attention_heads"], arch["hidden_size"]) == (
+        True, QK_HEAD_DIM, 4, 64)
+    info = checkpoint.describe_checkpoint(source_qk["root"])
+    assert info.arch.qk_layernorm and info.arch.head_dim == QK_HEAD_DIM
+    assert info.layout.tensor_model_parallel_size == 2 and info.format == "megatron-lm"
+    assert torch.allclose(our_logits(source_qk["root"]), source_qk["written"]["logits"], atol=ATOL, rtol=0)
+
+
+def check_pruned_slices(pruned, src, plan, head_dim):
+    """Pruned tensors are SRC's rows/columns that prune_plan.json names (global, TP-independent layouts as
+    torch_dist stores them): linear_qkv per query group [its q heads, k, v] of head_dim rows each, linear_proj
+    head_dim columns per head, where a kept head's columns also sum those of the pruned heads merged into it
+    (plan["head_merge"]); q/k layernorms (one head's channels) are never cut."""
     hidden = torch.tensor(plan["hidden"])
     layers = plan["kept_layers"]
+    d, hpg = head_dim, plan["source"]["num_attention_heads"] // (plan["source"]["num_query_groups"]
+                                                                 or plan["source"]["num_attention_heads"])
     assert torch.equal(pruned["embedding.word_embeddings.weight"], src["embedding.word_embeddings.weight"][:, hidden])
     assert torch.equal(pruned["output_layer.weight"], src["output_layer.weight"][:, hidden])
     assert torch.equal(pruned["decoder.final_layernorm.weight"], src["decoder.final_layernorm.weight"][hidden])
@@ -217,17 +264,40 @@ def check_pruned_slices(pruned, src, plan):
         for norm in ("self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"):
             key = f"decoder.layers.{norm}"
             assert torch.equal(pruned[key][new], src[key][old][hidden]), key
+        qkv = src["decoder.layers.self_attention.linear_qkv.weight"][old].unflatten(0, (-1, hpg + 2, d))
+        kept = [(g, sorted(heads)) for g, heads in sorted(zip(plan["groups"][old], plan["heads"][old]))]
+        rows = [torch.cat([qkv[g, [h - g * hpg for h in heads]], qkv[g, hpg:]]) for g, heads in kept]
+        assert torch.equal(pruned["decoder.layers.self_attention.linear_qkv.weight"][new],
+                           torch.cat(rows).flatten(0, 1)[:, hidden])
+        proj = src["decoder.layers.self_attention.linear_proj.weight"][old].unflatten(1, (-1, d)).clone()
+        for p, k in plan["head_merge"][old]:
+            proj[:, k] += proj[:, p]
+        heads = sorted(h for _, hs in kept for h in hs)
+        assert torch.allclose(pruned["decoder.layers.self_attention.linear_proj.weight"][new],
+                              proj[hidden][:, heads].flatten(1), atol=1e-6, rtol=0)
+        for norm in ("q_layernorm", "k_layernorm"):
+            key = f"decoder.layers.self_attention.{norm}.weight"
+            assert (key in pruned) == (key in src), key
+            if key in src:
+                assert torch.equal(pruned[key][new], src[key][old]), key
 
 
-def test_pruned_at_tp1_and_in_place_at_tp2_load_in_megatron_lm(source, corpus, tmp_path):
+def test_pruned_at_tp1_and_in_place_at_tp2_load_in_megatron_lm(source, source_qk, corpus, tmp_path):
+    """Also SRC_QK pruned at TP1 (heads, a query group, hidden, ffn, layers), loaded by Megatron-LM in the same
+    launch with --qk-layernorm: its --use-checkpoint-args does not restore that flag, and without it Megatron-LM
+    builds no q/k norms and leaves the stored ones unread, without a message (as for its own checkpoints)."""
     from megatron_minitron import checkpoint
 
-    save, in_place, scores = str(tmp_path / "pruned"), str(tmp_path / "in_place"), str(tmp_path / "scores.pt")
-    common = ["--data", corpus["train"], "--scores", scores, "--num-samples", "8", "--micro-batch-size", "2",
-              "--seq-length", SEQ, "--target", *TARGETS]
-    minitron("prune", "--load", source["root"], "--save", save, "--save-format", "megatron-lm", *common)
+    save, in_place, qk_save = str(tmp_path / "pruned"), str(tmp_path / "in_place"), str(tmp_path / "pruned_qk")
+    scores = str(tmp_path / "scores.pt")
+    common = ["--data", corpus["train"], "--num-samples", "8", "--micro-batch-size", "2", "--seq-length", SEQ]
+    minitron("prune", "--load", source["root"], "--save", save, "--save-format", "megatron-lm", "--scores", scores,
+             *common, "--target", *TARGETS)
     shutil.copytree(source["root"], in_place)
-    minitron_torchrun(2, "prune", "--load", in_place, "--in-place", "--tp", "2", *common)  # same scores
+    minitron_torchrun(2, "prune", "--load", in_place, "--in-place", "--tp", "2", "--scores", scores, *common,
+                      "--target", *TARGETS)  # same scores
+    minitron("prune", "--load", source_qk["root"], "--save", qk_save, "--save-format", "megatron-lm", "--scores",
+             str(tmp_path / "scores_qk.pt"), *common, "--target", *QK_TARGETS)
 
     # only what the tracker names is left in the in-place root (hidden files: our writer lock)
     tracker, in_place_files = file_tensors(in_place)
@@ -239,48 +309,95 @@ def test_pruned_at_tp1_and_in_place_at_tp2_load_in_megatron_lm(source, corpus, t
     assert_tensors_equal(model_keys(in_place_files), model_keys(save_files),
                          "prune --in-place at TP2 vs --save at TP1")
     with open(os.path.join(save, named, "prune_plan.json")) as f:
-        check_pruned_slices(save_files, source["tensors"], json.load(f))
+        check_pruned_slices(save_files, source["tensors"], json.load(f), head_dim=16)
+    tracker_qk, qk_files = file_tensors(qk_save)
+    assert tracker_qk == tracker
+    with open(os.path.join(qk_save, named, "prune_plan.json")) as f:
+        qk_plan = json.load(f)
+    assert qk_plan["head_merge"][qk_plan["kept_layers"][0]], qk_plan  # the cut head of the kept group is merged
+    check_pruned_slices(qk_files, source_qk["tensors"], qk_plan, head_dim=QK_HEAD_DIM)
+    assert {k for k in qk_files if ".self_attention." in k and "_layernorm." in k} == {
+        f"decoder.layers.self_attention.{n}_layernorm.weight" for n in "qk"}
 
-    ours = our_logits(save)
-    # one launch of 2 ranks: Megatron-LM loads each at the other TP (TP1 here runs DP2)
-    runs = [("load", root, str(tmp_path / f"{os.path.basename(root)}.pt"), ["--tensor-model-parallel-size", tp], {})
-            for root, tp in ((save, 2), (in_place, 1))]
+    expected = {save: ([1, 48, 96, 2, 2, 16, VOCAB], save_files), in_place: ([1, 48, 96, 2, 2, 16, VOCAB], save_files),
+                qk_save: ([1, 48, 96, 1, 1, QK_HEAD_DIM, VOCAB], qk_files)}
+    ours = {root: our_logits(root) for root in (save, qk_save)}
+    ours[in_place] = ours[save]
+    # one launch of 2 ranks: Megatron-LM loads each at the other TP (TP1 here runs DP2); SRC_QK's prune has one
+    # query group, so TP1
+    runs = [("load", root, str(tmp_path / f"{os.path.basename(root)}.pt"), ["--tensor-model-parallel-size", tp,
+                                                                            *extra], {})
+            for root, tp, extra in ((save, 2, []), (in_place, 1, []), (qk_save, 1, ["--qk-layernorm"]))]
     _, dumps = megatron_lm_runs(2, runs)
     for (_, root, *_), loaded in zip(runs, dumps):
         args = loaded["args"]
         built = [args[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                    "num_query_groups", "kv_channels", "padded_vocab_size")]
-        assert built == [1, 48, 96, 2, 2, 16, VOCAB], built  # Megatron-LM's model, from our args
+        shape, files = expected[root]
+        assert built == shape, (root, built)  # Megatron-LM's model, from our args
+        assert args["qk_layernorm"] == (root == qk_save)
         # Megatron-LM reads the iteration we record (--in-place keeps the source's)
         assert loaded["checkpoint_iteration"] == checkpoint.read_metadata(root)["iteration"]
         if root == in_place:
             assert loaded["checkpoint_iteration"] == SOURCE_ITERATION
         # a weights-only checkpoint: Megatron-LM starts at 0 for a release, else at the recorded iteration
         assert loaded["iteration"] == (0 if tracker == "release" else SOURCE_ITERATION)
-        assert_tensors_equal(loaded["tensors"], model_keys(save_files), f"Megatron-LM's load of {root}")
-        assert torch.allclose(loaded["logits"], ours, atol=ATOL, rtol=0), (loaded["logits"] - ours).abs().max()
+        assert_tensors_equal(loaded["tensors"], model_keys(files), f"Megatron-LM's load of {root}")
+        assert torch.allclose(loaded["logits"], ours[root], atol=ATOL, rtol=0), \
+            (root, (loaded["logits"] - ours[root]).abs().max())
+    # Megatron-LM's loaded q/k layernorms are SRC_QK's (check_pruned_slices: the files hold SRC_QK's)
+    for n in "qk":
+        key = f"decoder.layers.self_attention.{n}_layernorm.weight"
+        assert torch.equal(dumps[2]["tensors"][key][0], source_qk["tensors"][key][qk_plan["kept_layers"][0]])
 
 
-def test_hf_export_and_import_round_trip_through_megatron_lm(source, corpus, tmp_path):
-    hf_dir, imported, imported_ours = (str(tmp_path / n) for n in ("hf", "imported", "imported_ours"))
-    minitron("convert", "mcore-to-hf", "--input", source["root"], "--output", hf_dir)
+def hf_logits(hf_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        return model, model(input_ids=harness.fixed_tokens()).logits.float()
+
+
+def test_hf_export_and_import_round_trip_through_megatron_lm(source, source_qk, corpus, tmp_path):
+    """SRC and SRC_QK (exported as qwen3: transformers' Qwen3ForCausalLM) both ways; both imports are loaded by
+    Megatron-LM in one launch."""
+    hf_dir, imported, imported_ours = (str(tmp_path / n) for n in ("hf", "imported", "imported_ours"))
+    hf_qk, imported_qk = str(tmp_path / "hf_qk"), str(tmp_path / "imported_qk")
+    minitron("convert", "mcore-to-hf", "--input", source["root"], "--output", hf_dir)
+    _, hf = hf_logits(hf_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     assert len(tokenizer) == VOCAB
-    with torch.no_grad():
-        hf = model(input_ids=harness.fixed_tokens()).logits.float()
     megatron_written = source["written"]["logits"]
     assert torch.allclose(hf, megatron_written[..., :hf.shape[-1]], atol=ATOL, rtol=0), \
         (hf - megatron_written[..., :hf.shape[-1]]).abs().max()
 
-    minitron("convert", "hf-to-mcore", "--input", hf_dir, "--output", imported, "--format", "megatron-lm",
-             "--dtype", "fp32")
+    minitron("convert", "mcore-to-hf", "--input", source_qk["root"], "--output", hf_qk)
+    with open(os.path.join(hf_qk, "config.json")) as f:
+        config = json.load(f)
+    assert (config["model_type"], config["architectures"], config["head_dim"], config["hidden_size"]) == (
+        "qwen3", ["Qwen3ForCausalLM"], QK_HEAD_DIM, 64), config
+    model_qk, hf_qk_logits = hf_logits(hf_qk)
+    assert type(model_qk).__name__ == "Qwen3ForCausalLM"
+    for n in "qk":  # the exported per-head norms are Megatron-LM's
+        assert torch.equal(model_qk.model.layers[1].self_attn.get_submodule(f"{n}_norm").weight.float(),
+                           source_qk["tensors"][f"decoder.layers.self_attention.{n}_layernorm.weight"][1])
+    qk_written = source_qk["written"]["logits"]
+    assert torch.allclose(hf_qk_logits, qk_written[..., :hf_qk_logits.shape[-1]], atol=ATOL, rtol=0), \
+        (hf_qk_logits - qk_written[..., :hf_qk_logits.shape[-1]]).abs().max()
+
+    for src_dir, out_dir in ((hf_dir, imported), (hf_qk, imported_qk)):
+        minitron("convert", "hf-to-mcore", "--input", src_dir, "--output", out_dir, "--format", "megatron-lm",
+                 "--dtype", "fp32")
     minitron("convert", "hf-to-mcore", "--input", hf_dir, "--output", imported_ours, "--dtype", "fp32")
-    out, loaded = megatron_lm("load", imported, 2, str(tmp_path / "imported.pt"), "--tensor-model-parallel-size", 2)
-    _, files = file_tensors(imported)
-    assert_tensors_equal(loaded["tensors"], model_keys(files), "Megatron-LM's load of our import")
-    assert_tensors_equal(loaded["tensors"], source["written"]["tensors"], "SRC -> HF -> Megatron-LM format")
-    assert torch.allclose(loaded["logits"][..., :hf.shape[-1]], hf, atol=ATOL, rtol=0)
+    runs = [("load", imported, str(tmp_path / "imported.pt"), ["--tensor-model-parallel-size", 2], {}),
+            ("load", imported_qk, str(tmp_path / "imported_qk.pt"), ["--tensor-model-parallel-size", 2,
+                                                                    "--qk-layernorm"], {})]
+    _, (loaded, loaded_qk) = megatron_lm_runs(2, runs)
+    for root, got, src, logits in ((imported, loaded, source, hf), (imported_qk, loaded_qk, source_qk, hf_qk_logits)):
+        _, files = file_tensors(root)
+        assert_tensors_equal(got["tensors"], model_keys(files), f"Megatron-LM's load of our import {root}")
+        assert_tensors_equal(got["tensors"], src["written"]["tensors"], f"{src['root']} -> HF -> Megatron-LM format")
+        assert torch.allclose(got["logits"][..., :logits.shape[-1]], logits, atol=ATOL, rtol=0)
+    assert loaded_qk["args"]["kv_channels"] == QK_HEAD_DIM  # from our args (--use-checkpoint-args)
 
     losses = []
     for path in (source["root"], imported, imported_ours):
