@@ -146,13 +146,21 @@ class CheckpointInfo:
 
     @property
     def hf_family(self) -> Optional[str]:
-        """The Hugging Face family it was converted from (convert hf-to-mcore), else None."""
+        """The Hugging Face family its weights come from (see ``hf_lineage``), else None."""
         return self.provenance.get("family")
 
     @property
     def hf_config(self) -> Optional[dict]:
-        """The config.json of the Hugging Face model it was converted from, else None."""
+        """The config.json of the Hugging Face model its weights come from (see ``hf_lineage``), else None."""
         return self.provenance.get("hf_config")
+
+    @property
+    def hf_lineage(self) -> dict:
+        """``{"family", "hf_config"}`` of the Hugging Face model these weights descend from: recorded by
+        ``convert hf-to-mcore`` and carried on by prune, train and distill into what they save, so that
+        ``mcore-to-hf`` of a pruned or distilled model writes the source's family and keeps its config's
+        non-architecture fields (token ids, generation defaults); {} for weights not imported from HF."""
+        return {key: self.provenance[key] for key in ("family", "hf_config") if self.provenance.get(key) is not None}
 
 
 # ------------------------------------------------------------------------------------------ readers

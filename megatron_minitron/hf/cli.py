@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     b.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="dtype of the written tensors; auto = as stored in the checkpoint")
     b.add_argument("--family", default=None,
-                   help="HF family to write (llama, mistral, qwen2, nemotron); default: the one the "
+                   help="HF family to write (llama, mistral, qwen2, qwen3, nemotron); default: the one the "
                         "checkpoint was converted from, else inferred from the architecture")
     b.add_argument("--tokenizer", default=None,
                    help="tokenizer to export with the model (sentencepiece .model, tokenizer.json or HF "
@@ -170,7 +170,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
     dist.barrier()
     export_hf_weights(model, arch, out_dir, dtype=out_dtype)
     if runtime.is_rank0:
-        from .tokenizer_export import export_tokenizer, fill_token_ids, special_token_ids
+        from .tokenizer_export import export_tokenizer, fill_token_ids, ids_follow_tokenizer, special_token_ids
 
         config = hf_config_from_arch(arch, family, base=info.hf_config,
                                      dtype=_DTYPE_NAMES[out_dtype])
@@ -181,8 +181,9 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
             copied, ids = hf_io.copy_tokenizer_files(directory, out_dir), {}
         if "generation_config.json" not in copied:  # the source model's, kept by hf-to-mcore
             copied += hf_io.copy_tokenizer_files(directory, out_dir, ["generation_config.json"])
-        hf_io.write_hf_config(fill_token_ids(config, ids), out_dir)
-        hf_io.write_generation_config(out_dir, ids)
+        override = ids_follow_tokenizer(tokenizer)
+        hf_io.write_hf_config(fill_token_ids(config, ids, override), out_dir)
+        hf_io.write_generation_config(out_dir, ids, override)
         if note:
             print(f"[convert] {note}", flush=True)
         print(f"[convert] wrote {out_dir}" + (f" with {', '.join(copied)}" if copied else

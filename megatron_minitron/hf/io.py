@@ -146,16 +146,16 @@ def write_hf_config(config: dict, out_dir: str) -> None:
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
-def write_generation_config(out_dir: str, ids: dict) -> None:
+def write_generation_config(out_dir: str, ids: dict, override: bool = False) -> None:
     """generation_config.json with the bos/eos/pad ids: an existing one (copied from the source model)
-    keeps its own ids and gets the missing ones."""
+    keeps its own ids and gets the missing ones; with ``override`` the given ids replace its own."""
     path = os.path.join(out_dir, GENERATION_CONFIG_FILE)
     config = {}
     if os.path.isfile(path):
         with open(path) as f:
             config = json.load(f)
     for key, value in ids.items():
-        if config.get(key) is None and value is not None:
+        if value is not None and (override or config.get(key) is None):
             config[key] = int(value)
     if not config:
         return

@@ -348,7 +348,7 @@ def run(cfg: PruneConfig, depth_metrics: Optional[Mapping[str, DepthMetric]] = N
     provenance = {"pruned_from": source_dir, "source_architecture": dataclasses.asdict(arch),
                   "targets": dataclasses.asdict(job.targets), "importance": dataclasses.asdict(scores.settings),
                   "head_merge": bool(cfg.head_merge), "kept_layers": plan.kept_layers,
-                  "in_place": bool(cfg.in_place)}
+                  "in_place": bool(cfg.in_place), **source.hf_lineage}
 
     def add_files(directory: str) -> None:
         copy_tokenizer_files(source_dir, directory)

@@ -114,14 +114,20 @@ class Trainer:
                                                scheduler=self.scheduler, arch=self.arch)
             self.state.iteration = int(extra["iteration"])
             self.state.consumed_samples = int(extra.get("consumed_samples", 0))
-            self.tokenizer_record = checkpoint.describe_checkpoint(tcfg.save).tokenizer
+            loaded_from = tcfg.save
             self.log0(f"resumed from {tcfg.save} at iteration {self.state.iteration}")
         elif tcfg.load:  # weights only, into the trained model proper (a wrapper may name it)
             checkpoint.load_weights(tcfg.load, [getattr(c, "init_target", c) for c in chunks], arch=self.arch,
                                     optimizer=self.optimizer)
-            self.tokenizer_record = checkpoint.describe_checkpoint(tcfg.load).tokenizer
+            loaded_from = tcfg.load
             self.provenance.setdefault("initialised_from", tcfg.load)
             self.log0(f"initial weights from {tcfg.load}")
+        else:
+            return
+        info = checkpoint.describe_checkpoint(loaded_from)
+        self.tokenizer_record = info.tokenizer
+        for key, value in info.hf_lineage.items():  # what the saves descend from, for mcore-to-hf
+            self.provenance.setdefault(key, value)
 
     def _resuming(self) -> bool:
         from .. import checkpoint
