@@ -1,7 +1,9 @@
 """4 ranks: importance scores, plans, pruned tensors and pruned logits are the same at TP1PP1 (DP4), TP2PP1
 (DP2), TP1PP2 (DP2) and TP2PP2 (DP1). Source weights are made identical across layouts by saving a TP1PP1
 model with megatron's dist-checkpointing and loading it at each layout; the calibration samples are split
-over DP ranks, so every layout sees the same samples in total."""
+over DP ranks, so every layout sees the same samples in total. The model has Qwen3's per-head q/k layernorms and
+a head dim (12) that is not hidden / heads (8): those norms are replicated on every TP rank and no pruning
+dimension cuts them, so each kept layer's pruned q/k norms are its source ones."""
 import dataclasses
 import os
 import sys
@@ -19,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from helpers import full_logits, load_state, save_state  # noqa: E402
 
 ARCH = ModelArch(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8, num_query_groups=4,
-                 vocab_size=256, seq_length=16)
+                 kv_channels=12, qk_layernorm=True, vocab_size=256, seq_length=16)
+QK_NORMS = ("self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 SETTINGS = ImportanceSettings(depth_metrics=["bi", "lm_loss"], block_sizes=[2])
 TARGETS = PruneTargets(hidden_size=48, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2,
                        num_layers=3)
@@ -108,6 +111,12 @@ def main():
             reference = tensors
         for k, v in tensors.items():
             check(torch.equal(v, reference[k]), f"tp{tp}pp{pp}: pruned tensor {k} differs from TP1PP1")
+    source_state = source.state_dict()
+    for new, old in enumerate(plan.kept_layers):
+        for norm in QK_NORMS:
+            kept = reference[f"decoder.layers.{new}.{norm}"]
+            check(torch.equal(kept, source_state[f"decoder.layers.{old}.{norm}"]),
+                  f"pruned layer {new} (source {old}): {norm} is not the source's")
     dist.barrier()
     rank0("PRUNE LAYOUTS OK")
 
