@@ -42,7 +42,7 @@ def test_hf_megatron_hf_round_trip_is_bit_identical(case):
             assert torch.equal(back[name], tensor), (tp, name)
 
 
-@pytest.mark.parametrize("case", ["llama", "nemotron", "qwen2"])
+@pytest.mark.parametrize("case", ["llama", "nemotron", "qwen2", "qwen3", "mistral_nemo"])
 def test_tp_shards_are_megatron_splits_of_the_full_tensor(case):
     """Reference: megatron's own TP split of the TP1 tensor — contiguous rows (columns for row-parallel),
     except SwiGLU fc1, whose [gate; up] halves are split separately."""
