@@ -62,6 +62,12 @@ def _get(args, *names, default=None):
     return default
 
 
+# Megatron-LM's --use-checkpoint-args does not restore args.qk_layernorm: without the flag it builds the model
+# without q/k norms and leaves the stored ones unread, with no error (seen on a checkpoint it wrote itself)
+QK_LAYERNORM_LOAD_HINT = ("this Megatron-LM checkpoint has query/key layer norms (Qwen3, qk_layernorm): load it in "
+                          "Megatron-LM with --qk-layernorm, which --use-checkpoint-args does not restore; without "
+                          "it Megatron-LM silently builds the model without them")
+
 # (argument, test of an unsupported value, what it is): checked before anything else is read.
 _UNSUPPORTED = (
     ("num_experts", lambda v: bool(v), "mixture of experts"),

@@ -15,8 +15,9 @@ from __future__ import annotations
 import datetime
 import errno
 import os
-import shutil
 import queue
+import shutil
+import warnings
 from typing import Optional
 
 import torch.distributed as dist
@@ -172,6 +173,8 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
     save_kwargs = {}
     if megatron_lm:
         from . import megatron_lm as mlm
+        if arch is not None and arch.qk_layernorm and dist.get_rank() == 0:
+            warnings.warn(mlm.QK_LAYERNORM_LOAD_HINT, stacklevel=2)  # once per process (Python's default filter)
         if save_rng:
             state[RNG_KEY] = mlm.rng_sharded_object(mlm.to_megatron_rng(collect_rng_state()))
         fields = dict(megatron_lm_args or {})

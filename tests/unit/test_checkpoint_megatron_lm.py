@@ -357,3 +357,23 @@ def test_convert_takes_prunes_name_for_the_format_too():
     base = ["convert", "hf-to-mcore", "--input", "HF", "--output", "OUT"]
     assert parser.parse_args(base + ["--save-format", "megatron-lm"]).format == "megatron-lm"
     assert parser.parse_args(base + ["--format", "megatron-lm"]).format == "megatron-lm"
+
+
+def test_a_qk_layernorm_save_tells_how_megatron_lm_must_load_it(tmp_path):
+    """Megatron-LM's --use-checkpoint-args does not restore qk_layernorm (it then builds the model without the
+    q/k norms, silently): a Megatron-LM-format save of such a model says to pass --qk-layernorm; others don't."""
+    import warnings
+
+    from megatron_minitron.model.builder import build_gpt
+    from megatron_minitron.runtime.distributed import init_distributed
+
+    init_distributed(1, 1)
+    qk = dataclasses.replace(VARIANTS["qk_layernorm"], num_layers=1)
+    for arch in (qk, dataclasses.replace(qk, qk_layernorm=False)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = checkpoint.save_checkpoint_to(str(tmp_path / str(arch.qk_layernorm)), [build_gpt(arch, Parallel())],
+                                                arch=arch, format="megatron-lm")
+        hints = [w for w in seen if "--qk-layernorm" in str(w.message)]
+        assert len(hints) == int(arch.qk_layernorm), [str(w.message) for w in seen]
+        assert checkpoint.read_arch(out).qk_layernorm is arch.qk_layernorm
