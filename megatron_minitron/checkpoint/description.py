@@ -160,7 +160,8 @@ class CheckpointInfo:
         ``convert hf-to-mcore`` and carried on by prune, train and distill into what they save, so that
         ``mcore-to-hf`` of a pruned or distilled model writes the source's family and keeps its config's
         non-architecture fields (token ids, generation defaults); {} for weights not imported from HF."""
-        return {key: self.provenance[key] for key in ("family", "hf_config") if self.provenance.get(key) is not None}
+        return {key: self.provenance[key] for key in ("family", "hf_config")
+                if self.provenance.get(key) is not None}
 
 
 # ------------------------------------------------------------------------------------------ readers

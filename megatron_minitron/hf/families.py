@@ -11,8 +11,8 @@ Family differences that matter for the weights (see ``mapping.py``):
 - mistral (Mistral 7B, Mistral-NeMo 12B): as llama; NeMo's head_dim (128) != hidden / heads (160).
 - qwen2: as llama plus a bias on q/k/v (not on o_proj).
 - qwen3 (dense Qwen3): as llama plus an RMSNorm over each query and key head (``q_norm`` / ``k_norm``, one
-  weight of head_dim shared by the heads) before RoPE: megatron's ``qk_layernorm``. Usually head_dim !=
-  hidden / heads (Qwen3-4B: 128 vs 2560 / 32).
+  weight of head_dim shared by the heads) before RoPE: megatron's ``qk_layernorm``. head_dim is 128 at
+  every size, which is not hidden / heads for some (Qwen3-4B: 2560 / 32 = 80).
 - nemotron (Nemotron-4, Minitron): LayerNorm1P (LayerNorm whose stored gamma is gamma - 1: megatron's
   ``layernorm_zero_centered_gamma``, same stored values), squared-ReLU non-gated MLP (up/down only),
   RoPE on the first ``partial_rotary_factor`` (default 0.5) of the head dim.

@@ -30,7 +30,7 @@ from .plan import PrunePlan
 
 _LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)\.(.+)$")
 # tensors megatron can hold that model/params.py does not list (no supported arch has them): pruning leaves
-# them as they are
+# them as they are (the output layer has no bias)
 _UNTOUCHED = ("output_layer.bias",)
 
 
