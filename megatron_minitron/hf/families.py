@@ -45,8 +45,18 @@ _ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "transformers_version", "layer_types")
 
 
+# config.json keys by which a mixture-of-experts model says how many experts it has (Mixtral, Qwen2/3-MoE,
+# DeepSeek, OLMoE, ...): named in the error, since their model_type alone does not say why it is refused
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 def detect_family(hf_config: dict) -> str:
     model_type = hf_config.get("model_type")
+    experts = {k: hf_config[k] for k in _EXPERT_KEYS if hf_config.get(k)}
+    if experts:
+        raise ValueError(f"model_type={model_type!r} is a mixture-of-experts model ({experts}); megatron-minitron "
+                         f"prunes and distills dense GPTs only (supported families: "
+                         f"{', '.join(SUPPORTED_FAMILIES)})")
     if model_type in SUPPORTED_FAMILIES:
         return model_type
     archs = hf_config.get("architectures") or []

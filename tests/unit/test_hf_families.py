@@ -102,11 +102,24 @@ def test_legacy_rope_layout_is_read():
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True, "mlp_bias": False}, "add_bias_linear"),
+    ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128},
+     "mixture-of-experts.*num_experts"),
+    ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "num_local_experts": 8},
+     "mixture-of-experts.*num_local_experts"),
 ])
 def test_unsupported_configs_are_rejected(change, message):
     cfg = _hf_config("llama").to_dict()
     cfg.update(change)
     with pytest.raises(ValueError, match=message):
+        arch_from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("change", [{"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+                                    {"layer_types": ["full_attention", "sliding_attention"]}])
+def test_qwen3_with_sliding_window_layers_is_rejected(change):
+    cfg = _hf_config("qwen3").to_dict()
+    cfg.update(change)
+    with pytest.raises(ValueError, match="qwen3 with sliding-window layers"):
         arch_from_hf_config(cfg)
 
 
