@@ -73,10 +73,10 @@ def resolve_job_arch(configured: ModelArch, given: Collection[str], source: Opti
     unknown = set(given) - {f.name for f in dataclasses.fields(ModelArch)}
     assert not unknown, f"not ModelArch fields: {unknown}"  # given comes from ModelArch's own fields
     differing = [name for name in sorted(given) if name != "seq_length" and name not in HONOURED_FIELDS
-                 and getattr(configured, name) != getattr(source, name)]
+                 and _effective(configured, name) != _effective(source, name)]
     if differing:
         lines = "\n".join(f"  model.{name}={getattr(configured, name)!r}: {source_name} has "
-                          f"{getattr(source, name)!r}" for name in differing)
+                          f"{_shown(source, name)}" for name in differing)
         raise ValueError(
             f"the architecture comes from {source_name}, whose weights this job loads, so it cannot honour "
             f"{len(differing)} model.* value(s) given:\n{lines}\nDrop them (only model.seq_length - the "
@@ -87,6 +87,22 @@ def resolve_job_arch(configured: ModelArch, given: Collection[str], source: Opti
     honoured = {n: getattr(configured, n) for n in HONOURED_FIELDS if n in given}
     arch = model_arch(dataclasses.replace(source, seq_length=window, **honoured), source)
     return JobArch(arch=arch, seq_length=window, warnings=tuple(warnings))
+
+
+# fields whose None means a derived value: a config that spells it out (kv_channels: 128) matches a checkpoint
+# that leaves it derived (Megatron-LM's args give kv_channels = hidden / heads, read back as None)
+_DERIVED = {"kv_channels": "head_dim", "num_query_groups": "query_groups"}
+
+
+def _effective(arch: ModelArch, name: str):
+    return getattr(arch, _DERIVED.get(name, name))
+
+
+def _shown(arch: ModelArch, name: str) -> str:
+    value = getattr(arch, name)
+    if value is None and name in _DERIVED:
+        return f"None (derived: {_effective(arch, name)})"
+    return repr(value)
 
 
 def model_arch(window_arch: ModelArch, source: Optional[ModelArch]) -> ModelArch:

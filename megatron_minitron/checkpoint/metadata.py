@@ -54,12 +54,26 @@ def build_metadata(arch: ModelArch, iteration: int, parallel: dict, contents: di
         "format_version": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "iteration": int(iteration),
-        "architecture": to_dict(arch),
+        "architecture": architecture_record(arch),
         "parallel": plain(parallel),
         "contents": plain(contents),
         "provenance": plain(provenance or {}),
         "tokenizer": plain(tokenizer),
     }
+
+
+# ModelArch fields added after checkpoints were first written, recorded only when not at their default: a
+# checkpoint that does not use them stays readable by a megatron-minitron that predates them (its reader refuses
+# unknown keys), and one that does is refused there, as it must be (that version cannot build it)
+ARCH_FIELDS_RECORDED_WHEN_SET = {"qk_layernorm": False}
+
+
+def architecture_record(arch) -> dict:
+    record = to_dict(arch)
+    for name, default in ARCH_FIELDS_RECORDED_WHEN_SET.items():
+        if record.get(name) == default:
+            record.pop(name)
+    return record
 
 
 def write_metadata(directory: str, metadata: dict) -> None:

@@ -273,6 +273,8 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
         cfg.update(attention_bias=False)
     if family in ("qwen2", "qwen3"):
         cfg.setdefault("use_sliding_window", False)
+    if family == "mistral":  # transformers' MistralConfig defaults to a 4096-token window megatron never applies
+        cfg.setdefault("sliding_window", None)
     if arch.rope_scaling:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(arch.rope_scaling_factor),
                                "low_freq_factor": MCORE_LLAMA3_LOW_FREQ_FACTOR,

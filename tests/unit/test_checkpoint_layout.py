@@ -52,6 +52,21 @@ def test_metadata_round_trip(tmp_path):
         assert yaml.safe_load(f)["architecture"]["hidden_size"] == 32
 
 
+def test_fields_added_later_are_recorded_only_when_set(tmp_path):
+    """A checkpoint that does not use qk_layernorm has no such key, so a megatron-minitron that predates the
+    field (its reader refuses unknown keys) still reads it; one that uses it records it and reads back."""
+    import dataclasses
+
+    plain = save_iter(tmp_path / "plain", 1)
+    qk = dataclasses.replace(ARCH, qk_layernorm=True)
+    with_qk = save_iter(tmp_path / "qk", 1, arch=qk)
+    for path, arch in ((plain, ARCH), (with_qk, qk)):
+        with open(os.path.join(path, checkpoint.METADATA_FILE)) as f:
+            recorded = yaml.safe_load(f)["architecture"]
+        assert ("qk_layernorm" in recorded) is arch.qk_layernorm
+        assert checkpoint.read_arch(path) == arch
+
+
 def test_latest_pointer(tmp_path):
     assert checkpoint.latest_iteration(str(tmp_path / "missing")) is None
     assert checkpoint.latest_iteration(str(tmp_path)) is None

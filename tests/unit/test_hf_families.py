@@ -59,6 +59,17 @@ def test_export_keeps_non_architecture_fields_and_takes_sizes_from_arch():
     assert (cfg["intermediate_size"], cfg["num_hidden_layers"]) == (48, 1)
 
 
+def test_mistral_export_of_a_model_without_a_mistral_source_has_no_window():
+    """megatron attends over the whole context; transformers' MistralConfig would default to a 4096-token
+    sliding window unless the config says there is none. A source config's own window is kept."""
+    import transformers
+
+    arch, _ = arch_from_hf_config(_hf_config("llama").to_dict())
+    cfg = hf_config_from_arch(arch, "mistral")
+    assert "sliding_window" in cfg and transformers.MistralConfig(**cfg).sliding_window is None
+    assert hf_config_from_arch(arch, "mistral", base={"sliding_window": 32})["sliding_window"] == 32
+
+
 def test_llama3_rope_frequencies_match_transformers():
     """megatron-core's fixed llama3 scaling == transformers' llama3 rope init for Llama-3.1's factors."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding

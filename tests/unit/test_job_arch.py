@@ -51,6 +51,18 @@ def test_given_fields_equal_to_the_checkpoint_are_fine():
     assert job.arch == SOURCE and job.seq_length == 128
 
 
+def test_spelled_out_head_dim_and_groups_match_a_checkpoint_that_derives_them():
+    """Megatron-LM's args give kv_channels = hidden / heads, read back as None (derived): a config that writes
+    the head dim (and, for MHA, the group count) out, as examples/*.yaml do, is the same model; another head
+    dim is still an error."""
+    derived = dataclasses.replace(SOURCE, kv_channels=None, num_query_groups=None)
+    spelled = dataclasses.replace(derived, kv_channels=48 // 6, num_query_groups=6)
+    job = resolve_job_arch(spelled, {"kv_channels", "num_query_groups"}, derived)
+    assert job.arch == derived
+    with pytest.raises(ValueError, match=r"model.kv_channels=16: the checkpoint has None \(derived: 8\)"):
+        resolve_job_arch(dataclasses.replace(spelled, kv_channels=16), {"kv_channels"}, derived)
+
+
 def test_given_fields_that_differ_are_an_error_naming_each():
     configured = dataclasses.replace(ModelArch(), hidden_size=64, num_layers=2)
     with pytest.raises(ValueError) as e:
