@@ -1,7 +1,7 @@
 #!/bin/bash
 # Llama-3.1-Minitron-4B (Width by default, CONFIG=examples/llama31_minitron_4b_depth_distill.yaml for Depth):
 # distill the pruned student from the corrected Llama-3.1-8B with the 2408.11796 Table 4 settings (peak LR
-# 1e-4, min LR 1e-5, 40 warm-up steps, cosine, global batch 1152, context 8192, 94B tokens = 9964 steps).
+# 1e-4, min LR 1e-5, 40 warm-up steps, cosine, global batch 1152, context 8192, 94B tokens = 9961 steps).
 #
 #   TEACHER=ckpt/llama31_8b_corrected STUDENT=ckpt/llama31_4b_width_pruned DATA=data/mix_text_document \
 #   SAVE_DIR=ckpt/llama31_minitron_4b_width sbatch slurm/distill_4b.sh [key=value overrides ...]
@@ -30,7 +30,7 @@ slurm_setup
 export CONFIG=${CONFIG:-${REPO_DIR}/examples/llama31_minitron_4b_width_distill.yaml}
 [[ "${DATA}" == \[* ]] || DATA="[${DATA}]"
 table4=(train.lr=1e-4 train.min_lr=1e-5 train.lr_warmup_iters=40 train.lr_decay_style=cosine
-        data.global_batch_size=1152 model.seq_length=8192 train.train_iters=${TRAIN_ITERS:-9964})
+        data.global_batch_size=1152 model.seq_length=8192 train.train_iters=${TRAIN_ITERS:-9961})
 run_on_nodes distill.sh "${table4[@]}" \
     parallel.tensor_model_parallel_size="${TP:-2}" parallel.pipeline_model_parallel_size="${PP:-1}" \
     parallel.sequence_parallel=true data.micro_batch_size="${MICRO_BATCH:-1}" \

@@ -1,4 +1,4 @@
-"""Hugging Face <-> megatron-core conversion (Llama 2/3/3.1, Mistral / Mistral-NeMo, Qwen2, Nemotron).
+"""Hugging Face <-> megatron-core conversion (Llama 2/3/3.1, Mistral / Mistral-NeMo, Qwen2, Qwen3, Nemotron).
 
 Layers:
 - ``families``: config.json <-> ``ModelArch`` (pure).

@@ -39,7 +39,8 @@ def register(subparsers) -> None:
                    help="dtype of the written tensors; auto = as stored in the checkpoint")
     b.add_argument("--family", default=None,
                    help="HF family to write (llama, mistral, qwen2, qwen3, nemotron); default: the one the "
-                        "checkpoint was converted from, else inferred from the architecture")
+                        "weights were imported as (kept through prune / train / distill), else inferred from the "
+                        "architecture")
     b.add_argument("--tokenizer", default=None,
                    help="tokenizer to export with the model (sentencepiece .model, tokenizer.json or HF "
                         "directory); default: the one the checkpoint records")

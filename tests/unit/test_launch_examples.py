@@ -2,6 +2,7 @@
 distillation sections, batch divisibility at the layout's data-parallel size); data files are not checked."""
 import dataclasses
 import glob
+import math
 import os
 
 import pytest
@@ -53,8 +54,10 @@ def test_paper_hyperparameters():
         c = load_config(DistillConfig, os.path.join(ROOT, "examples", name))
         assert (c.train.lr, c.train.min_lr, c.train.lr_warmup_iters, c.data.global_batch_size,
                 c.model.seq_length) == (1e-4, 1e-5, 40, 1152, 8192)
-        assert c.train.train_iters * 1152 * 8192 == pytest.approx(94e9, rel=1e-3)
+        assert c.train.train_iters == math.ceil(94e9 / (1152 * 8192))  # the fewest steps that cover 94B tokens
     depth = load_config(DistillConfig, os.path.join(ROOT, "examples", "llama31_minitron_4b_depth_distill.yaml"))
+    qwen3 = load_config(DistillConfig, os.path.join(ROOT, "examples", "qwen3_8b_to_4b_width_distill.yaml"))
+    assert qwen3.train.train_iters == math.ceil(94e9 / (1152 * 8192)) and qwen3.model.qk_layernorm
     width = load_config(DistillConfig, os.path.join(ROOT, "examples", "llama31_minitron_4b_width_distill.yaml"))
     teacher = load_config(TrainConfig, os.path.join(ROOT, "examples", "llama31_8b_teacher_correction.yaml"))
     assert depth.model.num_layers == teacher.model.num_layers // 2 and depth.model.hidden_size == 4096
