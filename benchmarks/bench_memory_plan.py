@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 8 benchmarks/bench_memory_plan.py --job distill      # on an H100 node
     torchrun --nproc-per-node 1 benchmarks/bench_memory_plan.py --job train --layouts 1,1,1,0 1,1,2,0 1,1,1,1
     python benchmarks/bench_memory_plan.py --smoke                                  # CPU: structure only
+    torchrun --nproc-per-node 1 benchmarks/bench_memory_plan.py --job train --qk-layernorm   # Qwen3's q/k norms
 
 Each layout "TP,PP,MBS,RECOMPUTE" runs ``--iters`` steps of the real Trainer on synthetic tokens (bf16 on GPU)
 and reports ``torch.cuda.max_memory_allocated`` (max over ranks) against the planner's estimate without the
@@ -51,7 +52,7 @@ class SyntheticTokens(torch.utils.data.Dataset):
 def archs(args):
     student = ModelArch(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
                         num_attention_heads=args.heads, num_query_groups=args.groups, kv_channels=args.head_dim,
-                        vocab_size=args.vocab, seq_length=args.seq)
+                        vocab_size=args.vocab, seq_length=args.seq, qk_layernorm=args.qk_layernorm)
     teacher = ModelArch(**{**student.__dict__, "hidden_size": args.hidden * 5 // 4,
                            "ffn_hidden_size": args.ffn * 5 // 4})
     return student, teacher
@@ -117,6 +118,8 @@ def main():
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--qk-layernorm", action="store_true",
+                   help="Qwen3's per-head q/k norms (checks the planner's term for their saved inputs)")
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--global-batch", type=int, default=8)
