@@ -171,7 +171,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
     dist.barrier()
     export_hf_weights(model, arch, out_dir, dtype=out_dtype)
     if runtime.is_rank0:
-        from .tokenizer_export import export_tokenizer, fill_token_ids, ids_follow_tokenizer, special_token_ids
+        from .tokenizer_export import export_tokenizer, ids_follow_tokenizer, special_token_ids
 
         config = hf_config_from_arch(arch, family, base=info.hf_config,
                                      dtype=_DTYPE_NAMES[out_dtype])
@@ -183,7 +183,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
         if "generation_config.json" not in copied:  # the source model's, kept by hf-to-mcore
             copied += hf_io.copy_tokenizer_files(directory, out_dir, ["generation_config.json"])
         override = ids_follow_tokenizer(tokenizer)
-        hf_io.write_hf_config(fill_token_ids(config, ids, override), out_dir)
+        hf_io.write_hf_config(hf_io.fill_token_ids(config, ids, override), out_dir)
         hf_io.write_generation_config(out_dir, ids, override)
         if note:
             print(f"[convert] {note}", flush=True)

@@ -146,17 +146,26 @@ def write_hf_config(config: dict, out_dir: str) -> None:
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
+def fill_token_ids(config: dict, ids: dict, override: bool = False) -> dict:
+    """config.json / generation_config.json with bos/eos/pad ids: those it has are kept (an imported
+    model's own, e.g. Llama-3.1-Instruct's list of EOS ids), missing ones come from the tokenizer; with
+    ``override`` the tokenizer's replace them (``tokenizer_export.ids_follow_tokenizer``)."""
+    out = dict(config)
+    for key, value in ids.items():
+        if value is not None and (override or out.get(key) is None):
+            out[key] = int(value)
+    return out
+
+
 def write_generation_config(out_dir: str, ids: dict, override: bool = False) -> None:
-    """generation_config.json with the bos/eos/pad ids: an existing one (copied from the source model)
-    keeps its own ids and gets the missing ones; with ``override`` the given ids replace its own."""
+    """generation_config.json with the bos/eos/pad ids (``fill_token_ids``) over an existing one (copied from
+    the source model)."""
     path = os.path.join(out_dir, GENERATION_CONFIG_FILE)
     config = {}
     if os.path.isfile(path):
         with open(path) as f:
             config = json.load(f)
-    for key, value in ids.items():
-        if value is not None and (override or config.get(key) is None):
-            config[key] = int(value)
+    config = fill_token_ids(config, ids, override)
     if not config:
         return
     with open(path, "w") as f:

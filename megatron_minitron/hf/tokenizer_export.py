@@ -299,17 +299,6 @@ def export_tokenizer(tokenizer, out_dir: str, model_max_length: Optional[int] = 
     return written + ["tokenizer_config.json"]
 
 
-def fill_token_ids(config: dict, ids: Dict[str, Optional[int]], override: bool = False) -> dict:
-    """config.json / generation_config.json with bos/eos/pad ids: those it has are kept (an imported
-    model's own, e.g. Llama-3.1-Instruct's list of EOS ids), missing ones come from the tokenizer; with
-    ``override`` the tokenizer's replace them (``ids_follow_tokenizer``)."""
-    out = dict(config)
-    for key, value in ids.items():
-        if value is not None and (override or out.get(key) is None):
-            out[key] = int(value)
-    return out
-
-
 def ids_follow_tokenizer(tokenizer) -> bool:
     """Whether the exported config's bos/eos/pad ids must be the tokenizer's even where the source config has
     its own: a sentencepiece model is converted here, and the special tokens written for it (BOS: the EOD when
