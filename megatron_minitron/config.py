@@ -16,7 +16,7 @@ import yaml
 
 ACTIVATIONS = ("swiglu", "squared_relu", "gelu")
 NORMS = ("RMSNorm", "LayerNorm")
-POSITION_EMBEDDINGS = ("rope", "learned_absolute", "none")
+POSITION_EMBEDDINGS = ("rope", "yarn", "learned_absolute", "none")
 
 
 @dataclass
@@ -40,6 +40,17 @@ class ModelArch:
     rotary_percent: float = 1.0
     rope_scaling: bool = False  # Llama-3.1 style frequency scaling
     rope_scaling_factor: float = 8.0
+    # YaRN context extension (position_embedding="yarn"): megatron-core's YarnRotaryEmbedding, which reads these
+    # names off the TransformerConfig; HF rope_type "yarn" (Qwen3 / Qwen2.5 long context). Concentration
+    # (the factor on cos and sin): get_mscale(f, yarn_mscale) / get_mscale(f, yarn_mscale_all_dim) when both
+    # are set, else 0.1 ln f + 1
+    yarn_rotary_scaling_factor: float = 1.0
+    yarn_original_max_position_embeddings: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: Optional[float] = None
+    yarn_mscale_all_dim: Optional[float] = None
+    yarn_correction_range_round_to_int: bool = True  # HF's rope "truncate"
     tie_embeddings: bool = False
     add_bias_linear: bool = False
     add_qkv_bias: bool = False  # Qwen2: bias on QKV only
@@ -83,6 +94,14 @@ class ModelArch:
         if self.position_embedding not in POSITION_EMBEDDINGS:
             raise ValueError(
                 f"model.position_embedding={self.position_embedding!r}: choose one of {POSITION_EMBEDDINGS}")
+        if self.position_embedding == "yarn":
+            self._validate_yarn()
+        else:
+            stray = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                     if f.name.startswith("yarn_") and getattr(self, f.name) != f.default]
+            if stray:
+                raise ValueError(f"model.{', model.'.join(stray)} only apply with model.position_embedding=yarn "
+                                 f"(it is {self.position_embedding!r}); set it, or drop them")
         if self.num_attention_heads % self.query_groups:
             raise ValueError(
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -92,6 +111,26 @@ class ModelArch:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; set model.kv_channels (head dim) explicitly")
+
+    def _validate_yarn(self) -> None:
+        if self.rope_scaling:
+            raise ValueError("model.position_embedding=yarn with model.rope_scaling=true: choose one (YaRN, or "
+                             "Llama-3.1's frequency scaling with position_embedding=rope)")
+        if self.rotary_percent != 1.0:
+            raise ValueError(f"model.position_embedding=yarn with model.rotary_percent={self.rotary_percent}: "
+                             "megatron-core's YaRN rotates the whole head dim; set rotary_percent=1")
+        if self.yarn_rotary_scaling_factor < 1.0:
+            raise ValueError(f"model.yarn_rotary_scaling_factor={self.yarn_rotary_scaling_factor}: YaRN "
+                             "stretches the context by this factor, which must be >= 1")
+        if self.yarn_original_max_position_embeddings <= 0:
+            raise ValueError("model.yarn_original_max_position_embeddings must be positive (the context the "
+                             "model was pretrained with before YaRN)")
+        if self.yarn_beta_fast < self.yarn_beta_slow:
+            raise ValueError(f"model.yarn_beta_fast={self.yarn_beta_fast} < yarn_beta_slow={self.yarn_beta_slow}:"
+                             " the fast boundary (rotations) must be at least the slow one (defaults 32 and 1)")
+        if (self.yarn_mscale is None) != (self.yarn_mscale_all_dim is None):
+            raise ValueError("model.yarn_mscale and model.yarn_mscale_all_dim are used together (megatron-core "
+                             "ignores one without the other): set both, or neither for 0.1 ln(factor) + 1")
 
 
 @dataclass

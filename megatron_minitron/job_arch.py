@@ -54,9 +54,10 @@ def check_seq_length(seq_length, arch: ModelArch, what: str = "model.seq_length"
         raise ValueError(f"{what}={seq_length} exceeds the {arch.seq_length} learned positions of {source} "
                          f"(position_embedding=learned_absolute has no position beyond its table); use a "
                          f"sequence length <= {arch.seq_length}")
-    if arch.position_embedding == "rope":
+    if arch.position_embedding in ("rope", "yarn"):
         return [f"{what}={seq_length} is longer than the context {source} was trained for "
-                f"(seq_length {arch.seq_length}); rope extrapolates past it, but quality may drop"]
+                f"(seq_length {arch.seq_length}); {arch.position_embedding} extrapolates past it, but quality "
+                f"may drop"]
     return []
 
 

@@ -23,6 +23,13 @@ CASES = {
     # Qwen3-4B's quirks: head_dim != hidden / heads (here 16 vs 8), tied embeddings, per-head q/k norms
     "qwen3": ("Qwen3Config", dict(COMMON, head_dim=16, tie_word_embeddings=True, rope_theta=1000000.0,
                                   rms_norm_eps=1e-6)),
+    # YaRN as Qwen's model cards tell users to extend Qwen3's context (factor 4 over the pretrained window)
+    "qwen3_yarn": ("Qwen3Config", dict(COMMON, head_dim=16, rms_norm_eps=1e-6, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 16})),
+    # every other YaRN knob transformers reads: an explicit attention factor, betas, no truncation
+    "llama_yarn": ("LlamaConfig", dict(COMMON, rope_scaling={
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8, "attention_factor": 1.3,
+        "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False}, rope_theta=10000.0)),
     "nemotron": ("NemotronConfig", dict(COMMON, num_key_value_heads=4, partial_rotary_factor=0.5,
                                         norm_eps=1e-5, rope_theta=10000.0)),
 }

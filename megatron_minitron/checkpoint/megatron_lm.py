@@ -257,6 +257,15 @@ def _parallel_sizes(parallel) -> dict:
             "distributed_optimizer": bool(parallel.get("use_distributed_optimizer", False))}
 
 
+def check_representable(arch: ModelArch, what: str = "this model") -> None:
+    """ValueError when Megatron-LM could not build ``arch`` from the args a Megatron-LM-format save writes."""
+    if arch.position_embedding == "yarn":
+        # its --position-embedding-type has no yarn (only multi-latent attention models take YaRN)
+        raise ValueError(f"{what} uses YaRN rope (position_embedding=yarn), which Megatron-LM's GPT model does "
+                         f"not build: save it in megatron-minitron's format (drop save_format=megatron-lm / "
+                         f"--save-format megatron-lm) or export it to Hugging Face (minitron convert mcore-to-hf)")
+
+
 def args_from_arch(arch: ModelArch, parallel=None, **extra) -> argparse.Namespace:
     """A Megatron-LM ``args`` Namespace describing ``arch`` as saved at ``parallel`` (a config.Parallel or a
     layout dict): the fields Megatron-LM's load_checkpoint, check_checkpoint_args, load_args_from_checkpoint
@@ -264,6 +273,7 @@ def args_from_arch(arch: ModelArch, parallel=None, **extra) -> argparse.Namespac
     ``extra`` overrides or adds any field (e.g. iteration=100, consumed_train_samples=...)."""
     import torch
 
+    check_representable(arch)
     sizes = _parallel_sizes(parallel)
     values: dict = _config_defaults()
     values.update({

@@ -65,7 +65,8 @@ def build_metadata(arch: ModelArch, iteration: int, parallel: dict, contents: di
 # ModelArch fields added after checkpoints were first written, recorded only when not at their default: a
 # checkpoint that does not use them stays readable by a megatron-minitron that predates them (its reader refuses
 # unknown keys), and one that does is refused there, as it must be (that version cannot build it)
-ARCH_FIELDS_RECORDED_WHEN_SET = {"qk_layernorm": False}
+ARCH_FIELDS_RECORDED_WHEN_SET = {f.name: f.default for f in dataclasses.fields(ModelArch)
+                                 if f.name == "qk_layernorm" or f.name.startswith("yarn_")}
 
 
 def architecture_record(arch) -> dict:

@@ -151,6 +151,9 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
     from megatron.core import dist_checkpointing
 
     _check_inputs(arch, extra, model_chunks)
+    if format == MEGATRON_LM_FORMAT and arch is not None:
+        from . import megatron_lm as mlm
+        mlm.check_representable(arch)  # before anything is written
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is always kept), got {keep_last}")
     sharding = resolve_optimizer_sharding(optimizer, optimizer_sharding) if optimizer is not None else None

@@ -19,6 +19,7 @@ Family differences that matter for the weights (see ``mapping.py``):
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -99,6 +100,62 @@ def _llama3_scaling(rope: dict, where: str) -> float:
     return float(rope["factor"])
 
 
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature term (the paper's sqrt(1/t)), as transformers and megatron-core define it."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_fields(rope: dict, cfg: dict, where: str) -> dict:
+    """ModelArch's yarn_* fields for HF rope_type "yarn", following transformers' _compute_yarn_parameters
+    (defaults, and which of factor / mscale / attention_factor decides the concentration)."""
+    max_positions = int(cfg.get("max_position_embeddings", 4096))
+    # transformers prefers a top-level original_max_position_embeddings (Phi-3's layout) to the rope dict's
+    original = int(cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                   or max_positions)
+    if rope.get("factor") is None:
+        raise ValueError(f"{where}: rope_scaling of type yarn lacks 'factor' (transformers 5 refuses it too); add "
+                         f"the context extension factor, e.g. max_position_embeddings / "
+                         f"original_max_position_embeddings = {max_positions / original:g}")
+    factor = float(rope["factor"])
+    if factor < 1.0:
+        raise ValueError(f"{where}: yarn rope factor={factor} < 1; YaRN stretches the context, factor >= 1")
+    fields = dict(yarn_rotary_scaling_factor=factor, yarn_original_max_position_embeddings=original,
+                  yarn_beta_fast=float(rope.get("beta_fast") or 32), yarn_beta_slow=float(rope.get("beta_slow") or 1),
+                  yarn_correction_range_round_to_int=bool(rope.get("truncate", True)),
+                  yarn_mscale=None, yarn_mscale_all_dim=None)
+    mscale, mscale_all_dim, attention = rope.get("mscale"), rope.get("mscale_all_dim"), rope.get("attention_factor")
+    if attention is None:
+        if mscale and mscale_all_dim:  # transformers uses the pair only when both are non-zero
+            fields.update(yarn_mscale=float(mscale), yarn_mscale_all_dim=float(mscale_all_dim))
+        return fields
+    attention = float(attention)
+    if abs(attention - _yarn_mscale(factor)) <= 1e-12 * attention:
+        return fields  # megatron's default
+    if factor <= 1.0:
+        raise ValueError(f"{where}: yarn attention_factor={attention} with factor={factor}: megatron-core's YaRN "
+                         f"has no attention scaling without a factor > 1; this model cannot be converted faithfully")
+    # megatron-core has no attention_factor; mscale_all_dim = 0 makes its concentration 0.1 mscale ln f + 1
+    fields.update(yarn_mscale=(attention - 1.0) / (0.1 * math.log(factor)), yarn_mscale_all_dim=0.0)
+    return fields
+
+
+def yarn_rope_scaling(arch: ModelArch) -> dict:
+    """The HF ``rope_scaling`` dict (rope_type "yarn") computing what megatron-core's YaRN computes for arch."""
+    rope = {"rope_type": "yarn", "factor": float(arch.yarn_rotary_scaling_factor),
+            "original_max_position_embeddings": int(arch.yarn_original_max_position_embeddings),
+            "beta_fast": float(arch.yarn_beta_fast), "beta_slow": float(arch.yarn_beta_slow)}
+    if not arch.yarn_correction_range_round_to_int:
+        rope["truncate"] = False
+    mscale, mscale_all_dim = arch.yarn_mscale, arch.yarn_mscale_all_dim
+    if mscale and mscale_all_dim:
+        rope.update(mscale=float(mscale), mscale_all_dim=float(mscale_all_dim))
+    elif mscale is not None and mscale_all_dim is not None:  # transformers would ignore a zero in the pair
+        factor = arch.yarn_rotary_scaling_factor
+        attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        rope["attention_factor"] = float(f"{attention:.15g}")  # a decimal that read back gives the same mscale
+    return rope
+
+
 def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[ModelArch, str]:
     """(ModelArch, family) for a Hugging Face config dict; ValueError for anything not convertible."""
     family = detect_family(hf_config)
@@ -109,11 +166,12 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
     head_dim = cfg.get("head_dim") or hidden // heads
     rope = _rope_settings(cfg)
     rope_type = rope["rope_type"]
-    if rope_type not in ("default", "llama3"):
+    if rope_type not in ("default", "llama3", "yarn"):
         raise ValueError(f"{where}: rope type {rope_type!r} is not supported (megatron-core GPTModel offers "
-                         f"plain RoPE and Llama-3.x scaling only)")
+                         f"plain RoPE, Llama-3.x scaling and YaRN)")
     rope_scaling = rope_type == "llama3"
     rope_factor = _llama3_scaling(rope, where) if rope_scaling else 8.0
+    yarn = _yarn_fields(rope, cfg, where) if rope_type == "yarn" else {}
 
     if family == "nemotron":
         act, expected_act = "squared_relu", "relu2"
@@ -156,7 +214,7 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
         norm_epsilon=eps,
         layernorm_zero_centered_gamma=zero_centred,
         activation=act,
-        position_embedding="rope",
+        position_embedding="yarn" if yarn else "rope",
         rotary_base=float(rope["rope_theta"]),
         rotary_percent=rotary_percent,
         rope_scaling=rope_scaling,
@@ -170,6 +228,7 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
         attention_dropout=0.0,
         # 1: the embedding holds exactly vocab_size rows whenever TP divides vocab_size (docs/hf_conversion.md)
         make_vocab_size_divisible_by=1,
+        **yarn,
     )
     if float(arch.rotary_base) != float(int(arch.rotary_base)):
         raise ValueError(f"{where}: rope_theta={arch.rotary_base} is not an integer; megatron-core's "
@@ -201,8 +260,8 @@ def check_arch_exportable(arch: ModelArch, family: str) -> None:
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
     problems = []
-    if arch.position_embedding != "rope":
-        problems.append(f"position_embedding={arch.position_embedding} (HF families here use rope)")
+    if arch.position_embedding not in ("rope", "yarn"):
+        problems.append(f"position_embedding={arch.position_embedding} (HF families here use rope or yarn)")
     if family == "nemotron":
         if arch.activation != "squared_relu" or arch.normalization != "LayerNorm" \
                 or not arch.layernorm_zero_centered_gamma:
@@ -280,4 +339,6 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
                                "low_freq_factor": MCORE_LLAMA3_LOW_FREQ_FACTOR,
                                "high_freq_factor": MCORE_LLAMA3_HIGH_FREQ_FACTOR,
                                "original_max_position_embeddings": MCORE_LLAMA3_ORIGINAL_MAX_POSITION}
+    if arch.position_embedding == "yarn":
+        cfg["rope_scaling"] = yarn_rope_scaling(arch)
     return cfg

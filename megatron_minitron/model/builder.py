@@ -103,7 +103,19 @@ def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype =
             raise ValueError("FP8 training needs the Transformer Engine layer spec (train.transformer_engine)")
         kwargs.update(fp8=fp8["format"], fp8_recipe=fp8["recipe"], fp8_amax_history_len=fp8["amax_history_len"],
                       fp8_amax_compute_algo=fp8["amax_compute_algo"])
-    return TransformerConfig(**kwargs)
+    config = TransformerConfig(**kwargs)
+    if arch.position_embedding == "yarn":
+        # GPTModel builds its YarnRotaryEmbedding, and attention scales cos/sin, from these attributes of the
+        # config (getattr; megatron-core 0.16's TransformerConfig declares none of them)
+        for name in YARN_CONFIG_FIELDS:
+            setattr(config, name, getattr(arch, name))
+    return config
+
+
+# ModelArch fields megatron-core reads off the TransformerConfig for position_embedding_type="yarn"
+YARN_CONFIG_FIELDS = ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
+                      "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
+                      "yarn_correction_range_round_to_int")
 
 
 def _leave_uninitialised(tensor):
@@ -168,7 +180,7 @@ def _swap_in_fused_modules(sub, arch: ModelArch) -> None:
     from .mlp import FusedSwiGLUMLP
 
     attention = sub.self_attention
-    if arch.position_embedding == "rope" and isinstance(attention, ModuleSpec) and attention.module is SelfAttention:
+    if arch.position_embedding in ("rope", "yarn") and isinstance(attention, ModuleSpec) and attention.module is SelfAttention:
         attention.module = FusedRoPESelfAttention
     if arch.activation == "swiglu":
         sub.mlp = _mlp_entry_with_class(sub.mlp, FusedSwiGLUMLP)

@@ -185,6 +185,9 @@ def prepare(cfg: PruneConfig, extra_metrics: Collection[str] = ()) -> PreparedPr
     arch = info.arch
     save_format = _save_format(cfg, info.format)
     save = _check_output(cfg, info.directory, save_format)
+    if save_format == "megatron-lm" and not cfg.scores_only:
+        from ..checkpoint.megatron_lm import check_representable
+        check_representable(arch, f"--save-format megatron-lm: {cfg.load}")
     calib = cfg.calibration
     seq_length = arch.seq_length if calib.seq_length is None else calib.seq_length
     notes = [f"warning: {w}" for w in check_seq_length(seq_length, arch, "--seq-length",

@@ -73,6 +73,9 @@ class Trainer:
         fp8 = (dict(format=t.fp8, recipe=t.fp8_recipe, amax_history_len=t.fp8_amax_history_len,
                     amax_compute_algo=t.fp8_amax_compute_algo) if t.fp8 else None)
         self.arch = self._model_arch()
+        if t.save_format == "megatron-lm":  # before any work: a run must not fail at its first save
+            from ..checkpoint.megatron_lm import check_representable
+            check_representable(self.arch, "train.save_format=megatron-lm: the model")
         self._resumes = self._resuming()  # train.save holds a checkpoint: read once, used twice
         # a resume or train.load sets every weight next: no random init (on the CPU, seconds per 1B parameters)
         model = build_gpt(self.arch, par, self.dtype, attention_backend=t.attention_backend,

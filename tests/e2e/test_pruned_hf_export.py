@@ -4,7 +4,7 @@ unexpected weights and gives the same logits as the pruned megatron checkpoint. 
 norms, which pruning keeps whole (they span one head's head_dim channels, shared by the heads) and a source
 head_dim (16) != hidden / heads (8). qwen2 / qwen3 sources carry transformers 5's per-layer ``layer_types``,
 which a depth-pruned model's config must not keep (transformers refuses one longer than
-num_hidden_layers)."""
+num_hidden_layers). qwen3_yarn: a Qwen3 with YaRN rope, as its model card extends the context."""
 import argparse
 import json
 import logging
@@ -36,9 +36,10 @@ def _run(module, argv):
     return args.handler(args)
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "qwen3_yarn"])
 def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     init_distributed(1, 1)
+    family = case.removesuffix("_yarn")
     hf_dir, ckpt, pruned, back = (str(tmp_path / n) for n in ("hf", "ckpt", "pruned", "back"))
     source = build_hf_model(case)
     source.save_pretrained(hf_dir)
@@ -46,7 +47,7 @@ def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     with open(os.path.join(hf_dir, "config.json")) as f:
         source_config = json.load(f)
-    if case != "llama":  # what makes the based export below a test of dropping layer_types
+    if family != "llama":  # what makes the based export below a test of dropping layer_types
         assert source_config.get("layer_types") == ["full_attention"] * 2, source_config.get("layer_types")
     assert _run(hf_cli, ["convert", "hf-to-mcore", "--input", hf_dir, "--output", ckpt, "--dtype", "fp32"]) == 0
     g = torch.Generator().manual_seed(0)
@@ -59,16 +60,17 @@ def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     arch = checkpoint.read_arch(pruned)
     assert (arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads, arch.query_groups,
             arch.num_layers, arch.head_dim) == (24, 40, 2, 1, 1, head_dim)
-    assert arch.qk_layernorm == (case == "qwen3")
+    assert arch.qk_layernorm == (family == "qwen3")
+    assert arch.position_embedding == ("yarn" if case.endswith("_yarn") else "rope")
     # the prune carries the import's family and config.json on, so the export is written over the source's
     # config: its non-architecture fields stay, and its 2-entry layer_types must go (transformers refuses it
     # for 1 layer)
     lineage = checkpoint.describe_checkpoint(pruned).hf_lineage
-    assert lineage == {"family": case, "hf_config": source_config}
+    assert lineage == {"family": family, "hf_config": source_config}
     assert _run(hf_cli, ["convert", "mcore-to-hf", "--input", pruned, "--output", back]) == 0
     with open(os.path.join(back, "config.json")) as f:
         exported = json.load(f)
-    assert exported["num_hidden_layers"] == 1 and exported["model_type"] == case
+    assert exported["num_hidden_layers"] == 1 and exported["model_type"] == family
     assert len(exported.get("layer_types") or [None]) == 1, exported.get("layer_types")
     kept_fields = {k: v for k, v in source_config.items() if k not in _ARCH_KEYS}
     assert {k: exported.get(k) for k in kept_fields} == kept_fields
@@ -87,7 +89,11 @@ def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     assert hf_model.config.num_hidden_layers == 1
     theirs = hf_logits(hf_model.float().eval(), tokens)
     assert (ours[..., :theirs.shape[-1]] - theirs).abs().max().item() < 1e-4
-    if case == "qwen3":  # the kept layer's q/k norms, as the source had them
+    if case.endswith("_yarn"):  # the pruned model runs the source's YaRN frequencies and attention factor
+        source_rope = source.model.rotary_emb
+        assert torch.equal(hf_model.model.rotary_emb.inv_freq, source_rope.inv_freq)
+        assert hf_model.model.rotary_emb.attention_scaling == source_rope.attention_scaling > 1
+    if family == "qwen3":  # the kept layer's q/k norms, as the source had them
         ours_attn, source_attn = hf_model.model.layers[0].self_attn, source.model.layers[kept[0]].self_attn
         for norm in ("q_norm", "k_norm"):
             assert torch.equal(getattr(ours_attn, norm).weight, getattr(source_attn, norm).weight), norm

@@ -53,17 +53,23 @@ def test_metadata_round_trip(tmp_path):
 
 
 def test_fields_added_later_are_recorded_only_when_set(tmp_path):
-    """A checkpoint that does not use qk_layernorm has no such key, so a megatron-minitron that predates the
+    """A checkpoint that does not use qk_layernorm (YaRN) has no such key(s), so a megatron-minitron that predates the
     field (its reader refuses unknown keys) still reads it; one that uses it records it and reads back."""
     import dataclasses
 
     plain = save_iter(tmp_path / "plain", 1)
     qk = dataclasses.replace(ARCH, qk_layernorm=True)
     with_qk = save_iter(tmp_path / "qk", 1, arch=qk)
-    for path, arch in ((plain, ARCH), (with_qk, qk)):
+    # YaRN's fields too (a YaRN checkpoint names position_embedding=yarn, which an older reader refuses anyway)
+    yarn = dataclasses.replace(ARCH, position_embedding="yarn", yarn_rotary_scaling_factor=4.0, yarn_mscale=1.0,
+                               yarn_mscale_all_dim=0.5)
+    with_yarn = save_iter(tmp_path / "yarn", 1, arch=yarn)
+    for path, arch in ((plain, ARCH), (with_qk, qk), (with_yarn, yarn)):
         with open(os.path.join(path, checkpoint.METADATA_FILE)) as f:
             recorded = yaml.safe_load(f)["architecture"]
         assert ("qk_layernorm" in recorded) is arch.qk_layernorm
+        assert sorted(k for k in recorded if k.startswith("yarn_")) == (
+            ["yarn_mscale", "yarn_mscale_all_dim", "yarn_rotary_scaling_factor"] if arch is yarn else [])
         assert checkpoint.read_arch(path) == arch
 
 

@@ -377,3 +377,46 @@ def test_a_qk_layernorm_save_tells_how_megatron_lm_must_load_it(tmp_path):
         hints = [w for w in seen if "--qk-layernorm" in str(w.message)]
         assert len(hints) == int(arch.qk_layernorm), [str(w.message) for w in seen]
         assert checkpoint.read_arch(out).qk_layernorm is arch.qk_layernorm
+
+
+def test_a_yarn_model_is_refused_in_megatron_lm_format_before_anything_is_written(tmp_path, monkeypatch):
+    """Megatron-LM's GPT builds no YaRN rope (its --position-embedding-type has none): a Megatron-LM-format
+    save would write a checkpoint Megatron-LM loads as plain rope, with other logits. The save refuses it
+    before it creates anything; the minitron format keeps every YaRN field."""
+    from megatron_minitron.model.builder import build_gpt
+    from megatron_minitron.runtime.distributed import init_distributed
+
+    init_distributed(1, 1)
+    arch = ModelArch(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, vocab_size=64,
+                     seq_length=32, position_embedding="yarn", yarn_rotary_scaling_factor=4.0,
+                     yarn_original_max_position_embeddings=8, yarn_beta_fast=16.0)
+    with pytest.raises(ValueError, match="YaRN.*Megatron-LM's GPT model does not build"):
+        mlm.args_from_arch(arch)
+    model = build_gpt(arch, Parallel())
+    with pytest.raises(ValueError, match="save it in megatron-minitron's format"):
+        checkpoint.save_checkpoint_to(str(tmp_path / "mlm"), [model], arch=arch, format="megatron-lm")
+    assert not (tmp_path / "mlm").exists() or not os.listdir(tmp_path / "mlm")
+    out = checkpoint.save_checkpoint_to(str(tmp_path / "ours"), [model], arch=arch)
+    assert checkpoint.read_arch(out) == arch
+    # prune and train say so before they build a model: not after calibration, nor at a run's first save
+    import megatron_minitron.model.builder as builder
+    import megatron_minitron.train.loop as loop
+    from megatron_minitron.config import TrainConfig
+    from megatron_minitron.prune import cli as prune_cli
+
+    def no_build(*a, **k):
+        raise AssertionError("a model was built before the format was checked")
+
+    for module in (builder, loop):
+        monkeypatch.setattr(module, "build_gpt", no_build)
+    parser = argparse.ArgumentParser()
+    prune_cli.register(parser.add_subparsers())
+    argv = ["prune", "--load", out, "--save", str(tmp_path / "pruned"), "--save-format", "megatron-lm",
+            "--data", str(tmp_path / "nodata"), "--target", "ffn_hidden_size=32"]
+    with pytest.raises(ValueError, match="--save-format megatron-lm: .*YaRN"):
+        prune_cli.run(parser.parse_args(argv))
+    cfg = TrainConfig(model=arch)
+    cfg.train.load, cfg.train.save_format = out, "megatron-lm"
+    with pytest.raises(ValueError, match="train.save_format=megatron-lm: the model uses YaRN"):
+        loop.Trainer(cfg, datasets=(None, None)).setup()
+    assert not (tmp_path / "pruned").exists()

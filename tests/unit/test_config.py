@@ -56,6 +56,14 @@ def _validate(**sections):
     ({"parallel": {"sequence_parallel": True}}, 1, "sequence_parallel needs tensor_model_parallel_size > 1"),
     ({"train": {"fp8": "hybrid"}}, 1, "train.fp8 runs through Transformer Engine"),
     ({"train": {"fp8": "e5m2", "transformer_engine": True}}, 1, "train.fp8='e5m2'"),
+    ({"model": {"position_embedding": "yarn", "rope_scaling": True}}, 1, "choose one (YaRN, or Llama-3.1"),
+    ({"model": {"position_embedding": "yarn", "rotary_percent": 0.5}}, 1, "YaRN rotates the whole head dim"),
+    ({"model": {"position_embedding": "yarn", "yarn_rotary_scaling_factor": 0.5}}, 1, "must be >= 1"),
+    ({"model": {"position_embedding": "yarn", "yarn_beta_fast": 0.5}}, 1, "yarn_beta_fast=0.5 < yarn_beta_slow"),
+    ({"model": {"position_embedding": "yarn", "yarn_mscale": 0.7}}, 1, "used together"),
+    ({"model": {"yarn_rotary_scaling_factor": 4.0}}, 1, "only apply with model.position_embedding=yarn"),
+    ({"model": {"position_embedding": "yarn", "yarn_original_max_position_embeddings": 0}}, 1,
+     "yarn_original_max_position_embeddings must be positive"),
 ])
 def test_validation_messages(sections, world, message):
     cfg = from_dict(TrainConfig, sections)

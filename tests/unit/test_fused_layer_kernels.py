@@ -4,6 +4,7 @@ TRITON_INTERPRET=1, against the torch paths they replace: our ``Norm``, megatron
 ``SelfAttention``, ``MLP`` and its fused ``bias_swiglu_impl``."""
 import dataclasses
 import functools
+import math
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported (read at @triton.jit time)
@@ -449,7 +450,7 @@ def test_mlp_entry_rewrite_handles_megatron_019s_builder_form(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["gqa_partial_rope_zero_centered", "mha_full_rope_bias_recompute",
-                                     "qk_layernorm_head_dim_16"])
+                                     "qk_layernorm_head_dim_16", "qwen3_yarn"])
 def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls, monkeypatch):
     """A whole (tiny) student step: the fused norms, RoPE and SwiGLU give the torch model's logits and every
     parameter's gradient, with the same state-dict keys; also under full activation recompute (megatron reruns
@@ -463,6 +464,9 @@ def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls, mon
         arch = ModelArch(**TINY, layernorm_zero_centered_gamma=True, rotary_percent=0.5)
     elif variant == "qk_layernorm_head_dim_16":
         arch = ModelArch(**TINY, kv_channels=16, qk_layernorm=True)
+    elif variant == "qwen3_yarn":  # YaRN: other frequencies and a concentration of 0.1 ln 4 + 1 on q and k
+        arch = ModelArch(**TINY, kv_channels=16, qk_layernorm=True, position_embedding="yarn",
+                         yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=4)
     else:
         arch = ModelArch(**{**TINY, "num_query_groups": 4}, add_bias_linear=True)
     set_seed(7)
@@ -475,6 +479,8 @@ def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls, mon
     layer = fused.decoder.layers[0]
     assert isinstance(layer.input_layernorm, FusedRMSNorm)
     assert isinstance(layer.self_attention, FusedRoPESelfAttention) and isinstance(layer.mlp, FusedSwiGLUMLP)
+    if arch.position_embedding == "yarn":
+        assert layer.self_attention._mscale() == pytest.approx(0.1 * math.log(4.0) + 1)
     qk_norms = ("q_layernorm", "k_layernorm") if arch.qk_layernorm else ()
     for name in qk_norms:
         assert type(getattr(layer.self_attention, name)) is FusedRMSNorm

@@ -110,7 +110,9 @@ def test_legacy_rope_layout_is_read():
 
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "supported families: llama"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "yarn"),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}}, "'dynamic' is not supported"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
+                          "long_factor": [2.0] * 4, "original_max_position_embeddings": 16}}, "'longrope'"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True, "mlp_bias": False}, "add_bias_linear"),
     ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128},
@@ -156,3 +158,80 @@ def test_export_names_hidden_sizes_transformers_accepts():
         hf_config_from_arch(odd, "llama")
     cfg = hf_config_from_arch(dataclasses.replace(odd, hidden_size=heads * 5), "llama")
     transformers.LlamaConfig(**cfg)  # the suggested size is one transformers accepts
+
+
+YARN_ROPES = [  # (config.json rope fields, max_position_embeddings)
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 40960),  # Qwen3's card
+    ({"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
+      "mscale_all_dim": 0.5, "beta_fast": 32, "beta_slow": 1}, 163840),  # the mscale pair (DeepSeek's knobs)
+    ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 2048, "attention_factor": 1.3,
+      "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False}, 16384),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "mscale": 0.7}, 16384),
+]
+
+
+@pytest.mark.parametrize("rope,max_positions", YARN_ROPES)
+def test_yarn_frequencies_and_concentration_match_transformers(rope, max_positions):
+    """megatron-core's YarnRotaryEmbedding, built from the converted arch, gives transformers' YaRN inverse
+    frequencies and attention factor; so does transformers reading our export back."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        YarnRotaryEmbedding, _yarn_get_concentration_factor_from_config)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_minitron.config import Parallel
+    from megatron_minitron.model.builder import transformer_config
+    from megatron_minitron.runtime import cpu_mode
+
+    if not torch.cuda.is_available():
+        cpu_mode.enable()  # YarnRotaryEmbedding moves its frequencies to torch.cuda.current_device()
+    cfg = _hf_config("llama").to_dict()
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=500000.0, rope_scaling=dict(rope), max_position_embeddings=max_positions)
+    arch, _ = arch_from_hf_config(cfg)
+    assert arch.position_embedding == "yarn"
+    source = transformers.LlamaConfig(**copy.deepcopy(cfg))
+    expected_freq, expected_attention = ROPE_INIT_FUNCTIONS["yarn"](source, "cpu")
+
+    config = transformer_config(arch, Parallel())
+    yarn = YarnRotaryEmbedding(
+        kv_channels=arch.head_dim, rotary_base=int(arch.rotary_base), use_cpu_initialization=True,
+        **{name[len("yarn_"):] if name != "yarn_rotary_scaling_factor" else "scaling_factor": getattr(arch, name)
+           for name in ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast",
+                        "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
+                        "yarn_correction_range_round_to_int")})
+    emb, concentration = yarn.get_emb(2)
+    torch.testing.assert_close(emb[1, 0, 0, : arch.head_dim // 2].float(), expected_freq.float(), rtol=1e-6, atol=0)
+    assert concentration == pytest.approx(expected_attention, rel=1e-12)
+    # attention scales q and k by the concentration megatron reads off the config we build
+    assert _yarn_get_concentration_factor_from_config(config) == pytest.approx(expected_attention, rel=1e-12)
+    plain = 1.0 / (arch.rotary_base ** (torch.arange(0, arch.head_dim, 2).float() / arch.head_dim))
+    assert not torch.allclose(expected_freq.float(), plain)  # YaRN really moved some frequencies
+
+    exported = hf_config_from_arch(arch, "llama")
+    again_freq, again_attention = ROPE_INIT_FUNCTIONS["yarn"](transformers.LlamaConfig(**exported), "cpu")
+    assert torch.equal(again_freq, expected_freq)
+    assert again_attention == pytest.approx(expected_attention, rel=1e-12)
+    assert arch_from_hf_config(exported)[0] == arch
+
+
+@pytest.mark.parametrize("rope,message", [
+    ({"rope_type": "yarn", "factor": 0.5, "original_max_position_embeddings": 16}, "factor >= 1"),
+    ({"rope_type": "yarn", "original_max_position_embeddings": 16}, "lacks 'factor'.*= 4"),
+    ({"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 64, "attention_factor": 1.2},
+     "no attention scaling without a factor > 1"),
+])
+def test_yarn_settings_megatron_cannot_express_are_rejected(rope, message):
+    cfg = _hf_config("llama").to_dict()
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=10000.0, rope_scaling=rope)
+    with pytest.raises(ValueError, match=message):
+        arch_from_hf_config(cfg)
+
+
+def test_yarn_with_partial_rotary_is_rejected():
+    """megatron-core's YaRN computes frequencies over the whole head dim (Nemotron rotates half of it)."""
+    cfg = _hf_config("nemotron").to_dict()
+    cfg["rope_parameters"] = dict(cfg["rope_parameters"], rope_type="yarn", factor=4.0,
+                                  original_max_position_embeddings=16)
+    with pytest.raises(ValueError, match="YaRN rotates the whole head dim"):
+        arch_from_hf_config(cfg)
