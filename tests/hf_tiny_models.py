@@ -9,6 +9,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               initializer_range=0.1)  # large enough weights that a mapping mistake moves logits by >> 1e-4
 
+PHI_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi3Config's defaults (32000) exceed VOCAB
+
 # name -> (transformers config class name, config kwargs)
 CASES = {
     "llama": ("LlamaConfig", dict(COMMON, rms_norm_eps=1e-5, rope_theta=10000.0)),
@@ -30,6 +32,10 @@ CASES = {
     "llama_yarn": ("LlamaConfig", dict(COMMON, rope_scaling={
         "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8, "attention_factor": 1.3,
         "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False}, rope_theta=10000.0)),
+    # Phi-4's layout (fused qkv_proj / gate_up_proj), and Phi-4-mini's: RoPE on 3/4 of the head dim, tied
+    "phi3": ("Phi3Config", dict(COMMON, rms_norm_eps=1e-5, rope_theta=250000.0, sliding_window=None, **PHI_IDS)),
+    "phi3_partial_tied": ("Phi3Config", dict(COMMON, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None,
+                                             partial_rotary_factor=0.75, tie_word_embeddings=True, **PHI_IDS)),
     "nemotron": ("NemotronConfig", dict(COMMON, num_key_value_heads=4, partial_rotary_factor=0.5,
                                         norm_eps=1e-5, rope_theta=10000.0)),
 }
@@ -72,10 +78,12 @@ def convert_in_memory(hf_model, tp: int = 1, pp: int = 1):
     """(arch, family, this rank's megatron stage) holding ``hf_model``'s weights; needs init_distributed."""
     from megatron_minitron.config import Parallel
     from megatron_minitron.hf import arch_from_hf_config, dict_reader, load_hf_weights
+    from megatron_minitron.hf.fused import FusedView
     from megatron_minitron.model.builder import build_gpt
 
     arch, family = arch_from_hf_config(hf_model.config.to_dict())
     model = build_gpt(arch, Parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                       attention_backend="sdpa").eval()
-    load_hf_weights(model, arch, dict_reader(hf_model.state_dict()))
+    state = hf_model.state_dict()
+    load_hf_weights(model, arch, FusedView(dict_reader(state), state, arch, family).read)
     return arch, family, model

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     b.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="dtype of the written tensors; auto = as stored in the checkpoint")
     b.add_argument("--family", default=None,
-                   help="HF family to write (llama, mistral, qwen2, qwen3, nemotron); default: the one the "
+                   help="HF family to write (llama, mistral, qwen2, qwen3, phi3, nemotron); default: the one the "
                         "weights were imported as (kept through prune / train / distill), else inferred from the "
                         "architecture")
     b.add_argument("--tokenizer", default=None,
@@ -93,6 +93,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str 
     from . import io as hf_io
     from .convert import load_hf_weights
     from .families import arch_from_hf_config
+    from .fused import FusedView
     from .mapping import check_hf_names
 
     hf_dir = os.path.abspath(hf_dir)
@@ -101,7 +102,8 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str 
     parallel = Parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     parallel.validate(arch)
     reader = hf_io.SafetensorsReader(hf_dir)
-    check_hf_names(reader.names(), arch, hf_dir)
+    view = FusedView(reader.read, reader.names(), arch, family)  # Phi-3's fused qkv / gate_up in their parts
+    check_hf_names(view.names(), arch, hf_dir)
     if dtype == "auto":
         stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
         dtype = "bf16" if stored == "bfloat16" else "fp32"
@@ -115,7 +117,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str 
                   f"vocab {arch.vocab_size} (embedding rows {arch.padded_vocab_size(tp)}) -> TP{tp} PP{pp} {dtype}")
     # every parameter is set from the HF files (load_hf_weights raises on one without a counterpart)
     model = build_gpt(arch, parallel, dtype=DTYPES[dtype], device=runtime.device, initialize=False).eval()
-    load_hf_weights(model, arch, reader.read)
+    load_hf_weights(model, arch, view.read)
     reader.close()
 
     out_dir = os.path.abspath(out_dir)
@@ -169,7 +171,7 @@ def mcore_to_hf(ckpt: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str = 
     if runtime.is_rank0:
         os.makedirs(out_dir, exist_ok=True)
     dist.barrier()
-    export_hf_weights(model, arch, out_dir, dtype=out_dtype)
+    export_hf_weights(model, arch, out_dir, dtype=out_dtype, family=family)
     if runtime.is_rank0:
         from .tokenizer_export import export_tokenizer, ids_follow_tokenizer, special_token_ids
 

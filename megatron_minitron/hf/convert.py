@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ..config import ModelArch
 from ..runtime.forward import unwrap_model
 from . import io as hf_io
+from .fused import fuse
 from .mapping import VOCAB, hf_tensors, megatron_shard, param_specs, shard_dim, to_global_name
 
 
@@ -90,10 +91,11 @@ def _comm_device(model) -> torch.device:
 
 
 def export_hf_weights(model, arch: ModelArch, out_dir: str, dtype: Optional[torch.dtype] = None,
-                      max_shard_bytes: int = 5 * 1024 ** 3) -> Optional[list]:
+                      max_shard_bytes: int = 5 * 1024 ** 3, family: Optional[str] = None) -> Optional[list]:
     """Write the model's HF safetensors into ``out_dir`` (collective: call on every rank).
 
-    ``dtype``: cast on write (default: as held). Files hold at most ``max_shard_bytes`` of tensor data,
+    ``dtype``: cast on write (default: as held). ``family``: the HF family written, for those whose files
+    fuse tensors (fused.py). Files hold at most ``max_shard_bytes`` of tensor data,
     except that the HF tensors of one megatron parameter always share a file. Returns, on global rank 0, the names of all tensors written
     (every stage); None on other ranks. config.json and tokenizer files are the caller's (see cli.py)."""
     tp_rank, tp_size, dp_rank, tp_group = _parallel_ranks()
@@ -124,7 +126,8 @@ def export_hf_weights(model, arch: ModelArch, out_dir: str, dtype: Optional[torc
         if not writer:
             continue
         tensors = {name: (t.to(dtype) if dtype is not None else t).clone()
-                   for name, t in hf_tensors(spec, [s.detach().cpu() for s in shards], arch).items()}
+                   for name, t in fuse(hf_tensors(spec, [s.detach().cpu() for s in shards], arch), arch,
+                                       family).items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         if buffer and buffer_bytes + nbytes > max_shard_bytes:
             flush()

@@ -13,6 +13,8 @@ Family differences that matter for the weights (see ``mapping.py``):
 - qwen3 (dense Qwen3): as llama plus an RMSNorm over each query and key head (``q_norm`` / ``k_norm``, one
   weight of head_dim shared by the heads) before RoPE: megatron's ``qk_layernorm``. head_dim is 128 at
   every size, which is not hidden / heads for some (Qwen3-4B: 2560 / 32 = 80).
+- phi3 (Phi-3, Phi-4): as llama, its files fusing q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``
+  (fused.py); RoPE on the first ``partial_rotary_factor`` of the head dim (Phi-4-mini: 0.75).
 - nemotron (Nemotron-4, Minitron): LayerNorm1P (LayerNorm whose stored gamma is gamma - 1: megatron's
   ``layernorm_zero_centered_gamma``, same stored values), squared-ReLU non-gated MLP (up/down only),
   RoPE on the first ``partial_rotary_factor`` (default 0.5) of the head dim.
@@ -25,9 +27,9 @@ from typing import Optional
 
 from ..config import ModelArch
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "nemotron")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "nemotron")
 _ARCHITECTURE_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
                        "nemotron": "NemotronForCausalLM"}
 # megatron-core's fixed Llama-3.x scaling constants (megatron/core/models/common/embeddings/
 # rotary_pos_embedding.py, RotaryEmbedding._apply_scaling defaults)
@@ -105,9 +107,19 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+# the rope keys transformers' YaRN reads (modeling_rope_utils._compute_yarn_parameters), plus the common ones
+_YARN_KEYS = frozenset(("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor",
+                        "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+                        "mscale_all_dim", "truncate"))
+
+
 def _yarn_fields(rope: dict, cfg: dict, where: str) -> dict:
     """ModelArch's yarn_* fields for HF rope_type "yarn", following transformers' _compute_yarn_parameters
     (defaults, and which of factor / mscale / attention_factor decides the concentration)."""
+    unknown = sorted(k for k, v in rope.items() if k not in _YARN_KEYS and v is not None)
+    if unknown:  # e.g. Ministral 3's llama_4_scaling_beta: a per-position query scale on top of YaRN
+        raise ValueError(f"{where}: the yarn rope settings {unknown} are not part of the YaRN megatron-core "
+                         f"implements; this model cannot be converted faithfully")
     max_positions = int(cfg.get("max_position_embeddings", 4096))
     # transformers prefers a top-level original_max_position_embeddings (Phi-3's layout) to the rope dict's
     original = int(cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
@@ -196,7 +208,7 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
         raise ValueError(f"{where}: {family} with sliding-window layers (use_sliding_window=true) is not "
                          "supported (megatron's GPTModel here attends over the whole causal context)")
     window = cfg.get("sliding_window")
-    if family == "mistral" and window and window < int(cfg.get("max_position_embeddings", 0)):
+    if family in ("mistral", "phi3") and window and window < int(cfg.get("max_position_embeddings", 0)):
         warnings.warn(f"{where}: sliding_window={window} is ignored; megatron attends over the full causal "
                       f"context, which matches transformers only for sequences up to {window} tokens")
 
@@ -245,6 +257,8 @@ def family_for_arch(arch: ModelArch) -> str:
         return "qwen3"
     if arch.add_qkv_bias and not arch.add_bias_linear:
         return "qwen2"
+    if arch.rotary_percent != 1.0:
+        return "phi3"  # the SwiGLU family with partial rotary (Phi-4-mini)
     return "llama"
 
 
@@ -269,15 +283,15 @@ def check_arch_exportable(arch: ModelArch, family: str) -> None:
     else:
         if arch.activation != "swiglu" or arch.normalization != "RMSNorm" or arch.layernorm_zero_centered_gamma:
             problems.append(f"{family} needs swiglu and RMSNorm without zero-centred gamma")
-        if arch.rotary_percent != 1.0:
+        if arch.rotary_percent != 1.0 and family != "phi3":
             problems.append(f"{family} rotates the whole head dim (rotary_percent=1)")
     if family == "qwen2":
         if not arch.add_qkv_bias or arch.add_bias_linear:
             problems.append("qwen2 has a bias on q/k/v only (add_qkv_bias=true, add_bias_linear=false)")
     elif arch.add_qkv_bias and not arch.add_bias_linear:
         problems.append(f"{family} has no q/k/v-only bias (that is qwen2)")
-    if family == "mistral" and arch.add_bias_linear:
-        problems.append("mistral has no linear biases")
+    if family in ("mistral", "phi3") and arch.add_bias_linear:
+        problems.append(f"{family} has no linear biases")
     if family == "qwen3":
         if not arch.qk_layernorm:
             problems.append("qwen3 normalises each query and key head (qk_layernorm=true)")
@@ -328,12 +342,17 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
         cfg.update(hidden_act="silu", rms_norm_eps=arch.norm_epsilon)
     if family in ("llama", "nemotron"):
         cfg.update(attention_bias=arch.add_bias_linear, mlp_bias=arch.add_bias_linear)
-    if family == "qwen3":
+    if family in ("qwen3", "phi3"):
         cfg.update(attention_bias=False)
     if family in ("qwen2", "qwen3"):
         cfg.setdefault("use_sliding_window", False)
-    if family == "mistral":  # transformers' MistralConfig defaults to a 4096-token window megatron never applies
+    if family in ("mistral", "phi3"):  # MistralConfig defaults to a 4096-token window megatron never applies
         cfg.setdefault("sliding_window", None)
+    if family == "phi3":
+        if arch.rotary_percent != 1.0:
+            cfg["partial_rotary_factor"] = arch.rotary_percent
+        if arch.position_embedding == "yarn":  # Phi3Config's own key wins over the rope dict's (transformers)
+            cfg["original_max_position_embeddings"] = arch.yarn_original_max_position_embeddings
     if arch.rope_scaling:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(arch.rope_scaling_factor),
                                "low_freq_factor": MCORE_LLAMA3_LOW_FREQ_FACTOR,

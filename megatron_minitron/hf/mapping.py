@@ -253,16 +253,22 @@ def shard_dim(spec: ParamSpec) -> Optional[int]:
     return {QKV: 0, GLU_FC1: 0, COLUMN: 0, VOCAB: 0, ROW: 1, REPLICATED: None}[spec.kind]
 
 
-def hf_to_megatron(hf_state: dict, arch: ModelArch, tp_rank: int = 0, tp_size: int = 1) -> dict:
-    """Whole-model (all layers, global numbering) megatron state of one TP rank, in memory."""
-    read = dict_reader(hf_state)
+def hf_to_megatron(hf_state: dict, arch: ModelArch, tp_rank: int = 0, tp_size: int = 1,
+                   family: Optional[str] = None) -> dict:
+    """Whole-model (all layers, global numbering) megatron state of one TP rank, in memory. ``family``: the
+    state's HF family, for those that store fused tensors (fused.py)."""
+    from .fused import FusedView
+
+    read = FusedView(dict_reader(hf_state), hf_state, arch, family).read
     return {s.mcore_name: megatron_shard(s, read, arch, tp_rank, tp_size)
             for s in param_specs(arch)}
 
 
-def megatron_to_hf(shards_per_rank: list, arch: ModelArch) -> dict:
-    """Inverse of ``hf_to_megatron``: [state of TP rank 0, rank 1, ...] -> HF state dict."""
+def megatron_to_hf(shards_per_rank: list, arch: ModelArch, family: Optional[str] = None) -> dict:
+    """Inverse of ``hf_to_megatron``: [state of TP rank 0, rank 1, ...] -> HF state dict (of ``family``)."""
+    from .fused import fuse
+
     out = {}
     for spec in param_specs(arch):
-        out.update(hf_tensors(spec, [s[spec.mcore_name] for s in shards_per_rank], arch))
+        out.update(fuse(hf_tensors(spec, [s[spec.mcore_name] for s in shards_per_rank], arch), arch, family))
     return out

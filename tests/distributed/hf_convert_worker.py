@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron.config import Parallel
-from megatron_minitron.hf import (SafetensorsReader, arch_from_hf_config, check_hf_names, export_hf_weights,
-                                  load_hf_weights, read_hf_config)
+from megatron_minitron.hf import (FusedView, SafetensorsReader, arch_from_hf_config, check_hf_names,
+                                  export_hf_weights, load_hf_weights, read_hf_config)
 from megatron_minitron.model.builder import build_gpt
 from megatron_minitron.runtime.distributed import destroy, init_distributed
 from tests.hf_tiny_models import CASES, build_hf_model, hf_logits, sample_tokens
@@ -26,6 +26,7 @@ from tests.helpers import full_logits
 CLI_CASES = (("nemotron", "fp32", (2, 1), (1, 2)),
              ("qwen2", "fp32", (1, 2), (2, 1)),
              ("qwen3", "fp32", (2, 1), (1, 2)),
+             ("phi3_partial_tied", "fp32", (1, 2), (2, 1)),  # fused qkv_proj / gate_up_proj files
              ("llama", "bf16", (1, 2), (2, 1)))
 
 
@@ -44,12 +45,13 @@ class CountingReader:
 
 def check_case(case, tp, pp, work, hf_model, tokens, reference_logits):
     src = os.path.join(work, "src", case)
-    arch, _ = arch_from_hf_config(read_hf_config(src))
+    arch, family = arch_from_hf_config(read_hf_config(src))
     reader = CountingReader(src)
-    check_hf_names(reader.inner.names(), arch, src)
+    view = FusedView(reader.read, reader.inner.names(), arch, family)  # phi3: row ranges of the fused tensors
+    check_hf_names(view.names(), arch, src)
     model = build_gpt(arch, Parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp),
                       attention_backend="sdpa").eval()
-    load_hf_weights(model, arch, reader.read)
+    load_hf_weights(model, arch, view.read)
     local_elements = sum(p.numel() for p in model.parameters())
     assert reader.elements == local_elements, (case, reader.elements, local_elements)
 
@@ -60,7 +62,7 @@ def check_case(case, tp, pp, work, hf_model, tokens, reference_logits):
         print(f"DIFF {case} tp{tp} pp{pp} {diff:.2e}", flush=True)
 
     out = os.path.join(work, f"out_tp{tp}_pp{pp}", case)
-    export_hf_weights(model, arch, out, max_shard_bytes=30_000)
+    export_hf_weights(model, arch, out, max_shard_bytes=30_000, family=family)
     if dist.get_rank() == 0:
         back = SafetensorsReader(out)
         expected = hf_model.state_dict()

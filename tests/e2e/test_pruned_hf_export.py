@@ -4,7 +4,9 @@ unexpected weights and gives the same logits as the pruned megatron checkpoint. 
 norms, which pruning keeps whole (they span one head's head_dim channels, shared by the heads) and a source
 head_dim (16) != hidden / heads (8). qwen2 / qwen3 sources carry transformers 5's per-layer ``layer_types``,
 which a depth-pruned model's config must not keep (transformers refuses one longer than
-num_hidden_layers). qwen3_yarn: a Qwen3 with YaRN rope, as its model card extends the context."""
+num_hidden_layers). qwen3_yarn: a Qwen3 with YaRN rope, as its model card extends the context. phi3_partial_tied: Phi-4-mini's
+layout (fused qkv_proj / gate_up_proj, RoPE on 3/4 of the head dim, tied), pruned heads and groups cut the
+fused tensors."""
 import argparse
 import json
 import logging
@@ -36,18 +38,18 @@ def _run(module, argv):
     return args.handler(args)
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "qwen3_yarn"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "qwen3_yarn", "phi3_partial_tied"])
 def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     init_distributed(1, 1)
-    family = case.removesuffix("_yarn")
     hf_dir, ckpt, pruned, back = (str(tmp_path / n) for n in ("hf", "ckpt", "pruned", "back"))
     source = build_hf_model(case)
+    family = source.config.model_type
     source.save_pretrained(hf_dir)
     config = source.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     with open(os.path.join(hf_dir, "config.json")) as f:
         source_config = json.load(f)
-    if family != "llama":  # what makes the based export below a test of dropping layer_types
+    if family in ("qwen2", "qwen3"):  # what makes the based export below a test of dropping layer_types
         assert source_config.get("layer_types") == ["full_attention"] * 2, source_config.get("layer_types")
     assert _run(hf_cli, ["convert", "hf-to-mcore", "--input", hf_dir, "--output", ckpt, "--dtype", "fp32"]) == 0
     g = torch.Generator().manual_seed(0)

@@ -217,6 +217,8 @@ def test_yarn_frequencies_and_concentration_match_transformers(rope, max_positio
 @pytest.mark.parametrize("rope,message", [
     ({"rope_type": "yarn", "factor": 0.5, "original_max_position_embeddings": 16}, "factor >= 1"),
     ({"rope_type": "yarn", "original_max_position_embeddings": 16}, "lacks 'factor'.*= 4"),
+    ({"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+      "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1}, r"\['llama_4_scaling_beta'\] are not part of the YaRN"),
     ({"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 64, "attention_factor": 1.2},
      "no attention scaling without a factor > 1"),
 ])
@@ -235,3 +237,29 @@ def test_yarn_with_partial_rotary_is_rejected():
                                   original_max_position_embeddings=16)
     with pytest.raises(ValueError, match="YaRN rotates the whole head dim"):
         arch_from_hf_config(cfg)
+
+
+def test_phi3_sliding_window_shorter_than_the_context_is_named():
+    """Phi-3-mini-4k ships sliding_window=2047 < 4096 positions: megatron attends over the whole context, which
+    matches transformers only up to the window, so the import says so (as for Mistral)."""
+    cfg = _hf_config("phi3").to_dict()
+    cfg["sliding_window"] = 8
+    with pytest.warns(UserWarning, match="sliding_window=8 is ignored"):
+        arch, family = arch_from_hf_config(cfg)
+    assert family == "phi3" and arch.position_embedding == "rope"
+    assert hf_config_from_arch(arch, "phi3", base=cfg)["sliding_window"] == 8  # the source's own is kept
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_family_inferred_from_an_arch_can_export_it(case):
+    """Without an HF lineage (a model trained from scratch, a Megatron-LM checkpoint) mcore-to-hf picks the
+    family from the arch: one that holds it, the source's own where the arch tells them apart."""
+    from megatron_minitron.hf import family_for_arch
+
+    arch, family = arch_from_hf_config(_hf_config(case).to_dict())
+    inferred = family_for_arch(arch)
+    hf_config_from_arch(arch, inferred)  # raises if that family cannot hold the arch
+    if family in ("qwen2", "qwen3", "nemotron") or arch.rotary_percent != 1.0:
+        assert inferred == family
+    else:  # llama, mistral, phi3 with full rotary: the same architecture, written as llama
+        assert inferred == "llama"

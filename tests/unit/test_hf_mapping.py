@@ -7,6 +7,7 @@ pytest.importorskip("transformers")
 from megatron_minitron.hf import (arch_from_hf_config, dict_reader, hf_to_megatron,  # noqa: E402
                                   megatron_shard, megatron_to_hf, param_specs)
 from megatron_minitron.runtime.distributed import init_distributed  # noqa: E402
+from megatron_minitron.hf.fused import FusedView  # noqa: E402
 from tests.hf_tiny_models import (CASES, build_hf_model, convert_in_memory, hf_logits,  # noqa: E402
                                   megatron_logits, sample_tokens)
 
@@ -31,10 +32,10 @@ def test_megatron_logits_match_transformers(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hf_megatron_hf_round_trip_is_bit_identical(case):
     hf_state = build_hf_model(case).state_dict()
-    arch, _ = arch_from_hf_config(build_hf_model(case).config.to_dict())
+    arch, family = arch_from_hf_config(build_hf_model(case).config.to_dict())
     for tp in (1, 2):
-        shards = [hf_to_megatron(hf_state, arch, r, tp) for r in range(tp)]
-        back = megatron_to_hf(shards, arch)
+        shards = [hf_to_megatron(hf_state, arch, r, tp, family) for r in range(tp)]
+        back = megatron_to_hf(shards, arch, family)  # phi3: fused qkv_proj / gate_up_proj again
         expected = {k: v for k, v in hf_state.items()
                     if not (arch.tie_embeddings and k == "lm_head.weight")}
         assert sorted(back) == sorted(expected)
@@ -42,14 +43,15 @@ def test_hf_megatron_hf_round_trip_is_bit_identical(case):
             assert torch.equal(back[name], tensor), (tp, name)
 
 
-@pytest.mark.parametrize("case", ["llama", "nemotron", "qwen2", "qwen3", "mistral_nemo"])
+@pytest.mark.parametrize("case", ["llama", "nemotron", "qwen2", "qwen3", "mistral_nemo", "phi3"])
 def test_tp_shards_are_megatron_splits_of_the_full_tensor(case):
     """Reference: megatron's own TP split of the TP1 tensor — contiguous rows (columns for row-parallel),
-    except SwiGLU fc1, whose [gate; up] halves are split separately."""
+    except SwiGLU fc1, whose [gate; up] halves are split separately (phi3: read from the fused tensors'
+    row ranges)."""
     hf = build_hf_model(case)
-    arch, _ = arch_from_hf_config(hf.config.to_dict())
-    full = hf_to_megatron(hf.state_dict(), arch)
-    read = dict_reader(hf.state_dict())
+    arch, family = arch_from_hf_config(hf.config.to_dict())
+    full = hf_to_megatron(hf.state_dict(), arch, family=family)
+    read = FusedView(dict_reader(hf.state_dict()), hf.state_dict(), arch, family).read
     tp = 2
     for spec in param_specs(arch):
         whole = full[spec.mcore_name]
