@@ -16,7 +16,8 @@ import yaml
 
 ACTIVATIONS = ("swiglu", "squared_relu", "gelu")
 NORMS = ("RMSNorm", "LayerNorm")
-POSITION_EMBEDDINGS = ("rope", "yarn", "learned_absolute", "none")
+POSITION_EMBEDDINGS = ("rope", "yarn", "longrope", "learned_absolute", "none")
+ROTARY_EMBEDDINGS = ("rope", "yarn", "longrope")  # the position_embedding values that rotate q and k
 
 
 @dataclass
@@ -51,6 +52,13 @@ class ModelArch:
     yarn_mscale: Optional[float] = None
     yarn_mscale_all_dim: Optional[float] = None
     yarn_correction_range_round_to_int: bool = True  # HF's rope "truncate"
+    # LongRoPE (position_embedding="longrope", Phi-3 / Phi-4-mini; model/longrope.py): each rotary frequency
+    # divided by a factor, the short list's up to the original context, the long list's beyond; cos and sin
+    # times the attention factor
+    longrope_short_factor: Optional[list] = None
+    longrope_long_factor: Optional[list] = None
+    longrope_original_max_position_embeddings: int = 4096
+    longrope_attention_factor: float = 1.0
     tie_embeddings: bool = False
     add_bias_linear: bool = False
     add_qkv_bias: bool = False  # Qwen2: bias on QKV only
@@ -96,11 +104,13 @@ class ModelArch:
                 f"model.position_embedding={self.position_embedding!r}: choose one of {POSITION_EMBEDDINGS}")
         if self.position_embedding == "yarn":
             self._validate_yarn()
-        else:
+        if self.position_embedding == "longrope":
+            self._validate_longrope()
+        for kind in ("yarn", "longrope"):
             stray = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
-                     if f.name.startswith("yarn_") and getattr(self, f.name) != f.default]
-            if stray:
-                raise ValueError(f"model.{', model.'.join(stray)} only apply with model.position_embedding=yarn "
+                     if f.name.startswith(kind + "_") and getattr(self, f.name) != f.default]
+            if stray and self.position_embedding != kind:
+                raise ValueError(f"model.{', model.'.join(stray)} only apply with model.position_embedding={kind} "
                                  f"(it is {self.position_embedding!r}); set it, or drop them")
         if self.num_attention_heads % self.query_groups:
             raise ValueError(
@@ -111,6 +121,21 @@ class ModelArch:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; set model.kv_channels (head dim) explicitly")
+
+    def _validate_longrope(self) -> None:
+        if self.rope_scaling:
+            raise ValueError("model.position_embedding=longrope with model.rope_scaling=true: choose one")
+        pairs = int(self.head_dim * self.rotary_percent) // 2
+        for name in ("longrope_short_factor", "longrope_long_factor"):
+            factors = getattr(self, name)
+            if not isinstance(factors, list) or len(factors) != pairs \
+                    or not all(isinstance(x, (int, float)) and x > 0 for x in factors):
+                raise ValueError(f"model.{name} must list {pairs} positive numbers (one per rotary frequency: "
+                                 f"head dim {self.head_dim} x rotary_percent {self.rotary_percent} / 2), got "
+                                 f"{factors if not isinstance(factors, list) else f'{len(factors)} values'}")
+        if self.longrope_original_max_position_embeddings <= 0 or self.longrope_attention_factor <= 0:
+            raise ValueError("model.longrope_original_max_position_embeddings and model.longrope_attention_factor "
+                             "must be positive")
 
     def _validate_yarn(self) -> None:
         if self.rope_scaling:

@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Collection, Optional
 
-from .config import ModelArch, given_fields
+from .config import ROTARY_EMBEDDINGS, ModelArch, given_fields
 
 # Fields that change no weight: a job may set them differently from the checkpoint (e.g. dropout on while
 # fine-tuning an HF import, which records 0). seq_length is the window, handled on its own.
@@ -54,7 +54,7 @@ def check_seq_length(seq_length, arch: ModelArch, what: str = "model.seq_length"
         raise ValueError(f"{what}={seq_length} exceeds the {arch.seq_length} learned positions of {source} "
                          f"(position_embedding=learned_absolute has no position beyond its table); use a "
                          f"sequence length <= {arch.seq_length}")
-    if arch.position_embedding in ("rope", "yarn"):
+    if arch.position_embedding in ROTARY_EMBEDDINGS:
         return [f"{what}={seq_length} is longer than the context {source} was trained for "
                 f"(seq_length {arch.seq_length}); {arch.position_embedding} extrapolates past it, but quality "
                 f"may drop"]

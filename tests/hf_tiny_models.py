@@ -36,6 +36,12 @@ CASES = {
     "phi3": ("Phi3Config", dict(COMMON, rms_norm_eps=1e-5, rope_theta=250000.0, sliding_window=None, **PHI_IDS)),
     "phi3_partial_tied": ("Phi3Config", dict(COMMON, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None,
                                              partial_rotary_factor=0.75, tie_word_embeddings=True, **PHI_IDS)),
+    # Phi-3.5-mini / Phi-4-mini's LongRoPE: per-frequency factors, short up to 16 positions, long beyond (head
+    # dim 8 x 0.75 -> 3 frequencies), attention factor sqrt(1 + ln(64 / 16) / ln 16)
+    "phi3_longrope": ("Phi3Config", dict(COMMON, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None,
+                                         partial_rotary_factor=0.75, original_max_position_embeddings=16,
+                                         rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.1],
+                                                       "long_factor": [1.5, 3.0, 7.0]}, **PHI_IDS)),
     "nemotron": ("NemotronConfig", dict(COMMON, num_key_value_heads=4, partial_rotary_factor=0.5,
                                         norm_eps=1e-5, rope_theta=10000.0)),
 }

@@ -259,11 +259,13 @@ def _parallel_sizes(parallel) -> dict:
 
 def check_representable(arch: ModelArch, what: str = "this model") -> None:
     """ValueError when Megatron-LM could not build ``arch`` from the args a Megatron-LM-format save writes."""
-    if arch.position_embedding == "yarn":
-        # its --position-embedding-type has no yarn (only multi-latent attention models take YaRN)
-        raise ValueError(f"{what} uses YaRN rope (position_embedding=yarn), which Megatron-LM's GPT model does "
-                         f"not build: save it in megatron-minitron's format (drop save_format=megatron-lm / "
-                         f"--save-format megatron-lm) or export it to Hugging Face (minitron convert mcore-to-hf)")
+    if arch.position_embedding in ("yarn", "longrope"):
+        # its --position-embedding-type has neither (only multi-latent attention models take YaRN)
+        name = {"yarn": "YaRN", "longrope": "LongRoPE"}[arch.position_embedding]
+        raise ValueError(f"{what} uses {name} rope (position_embedding={arch.position_embedding}), which "
+                         f"Megatron-LM's GPT model does not build: save it in megatron-minitron's format (drop "
+                         f"save_format=megatron-lm / --save-format megatron-lm) or export it to Hugging Face "
+                         f"(minitron convert mcore-to-hf)")
 
 
 def args_from_arch(arch: ModelArch, parallel=None, **extra) -> argparse.Namespace:

@@ -25,7 +25,7 @@ import math
 import warnings
 from typing import Optional
 
-from ..config import ModelArch
+from ..config import ROTARY_EMBEDDINGS, ModelArch
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "nemotron")
 _ARCHITECTURE_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -151,6 +151,32 @@ def _yarn_fields(rope: dict, cfg: dict, where: str) -> dict:
     return fields
 
 
+_LONGROPE_KEYS = frozenset(("rope_type", "type", "rope_theta", "partial_rotary_factor", "short_factor", "long_factor",
+                            "factor", "attention_factor", "original_max_position_embeddings"))
+
+
+def _longrope_fields(rope: dict, cfg: dict, where: str) -> dict:
+    """ModelArch's longrope_* fields for HF rope_type "longrope" (transformers' _compute_longrope_parameters:
+    the attention factor is resolved here, from the config's own context lengths, and stored)."""
+    unknown = sorted(k for k, v in rope.items() if k not in _LONGROPE_KEYS and v is not None)
+    if unknown:
+        raise ValueError(f"{where}: the longrope settings {unknown} are not part of LongRoPE as transformers "
+                         f"defines it; this model cannot be converted faithfully")
+    if not rope.get("short_factor") or not rope.get("long_factor"):
+        raise ValueError(f"{where}: rope_scaling of type longrope needs short_factor and long_factor lists")
+    max_positions = int(cfg.get("max_position_embeddings", 4096))
+    original = int(cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                   or max_positions)
+    factor = rope.get("factor")
+    factor = float(max_positions / original if factor is None else factor)
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return dict(longrope_short_factor=[float(x) for x in rope["short_factor"]],
+                longrope_long_factor=[float(x) for x in rope["long_factor"]],
+                longrope_original_max_position_embeddings=original, longrope_attention_factor=float(attention))
+
+
 def yarn_rope_scaling(arch: ModelArch) -> dict:
     """The HF ``rope_scaling`` dict (rope_type "yarn") computing what megatron-core's YaRN computes for arch."""
     rope = {"rope_type": "yarn", "factor": float(arch.yarn_rotary_scaling_factor),
@@ -178,12 +204,13 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
     head_dim = cfg.get("head_dim") or hidden // heads
     rope = _rope_settings(cfg)
     rope_type = rope["rope_type"]
-    if rope_type not in ("default", "llama3", "yarn"):
-        raise ValueError(f"{where}: rope type {rope_type!r} is not supported (megatron-core GPTModel offers "
-                         f"plain RoPE, Llama-3.x scaling and YaRN)")
+    if rope_type not in ("default", "llama3", "yarn", "longrope"):
+        raise ValueError(f"{where}: rope type {rope_type!r} is not supported (plain RoPE, Llama-3.x scaling, YaRN "
+                         f"and LongRoPE are)")
     rope_scaling = rope_type == "llama3"
     rope_factor = _llama3_scaling(rope, where) if rope_scaling else 8.0
-    yarn = _yarn_fields(rope, cfg, where) if rope_type == "yarn" else {}
+    scaled = {"yarn": _yarn_fields, "longrope": _longrope_fields}.get(rope_type)
+    scaling_fields = scaled(rope, cfg, where) if scaled else {}
 
     if family == "nemotron":
         act, expected_act = "squared_relu", "relu2"
@@ -226,7 +253,7 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
         norm_epsilon=eps,
         layernorm_zero_centered_gamma=zero_centred,
         activation=act,
-        position_embedding="yarn" if yarn else "rope",
+        position_embedding=rope_type if scaled else "rope",
         rotary_base=float(rope["rope_theta"]),
         rotary_percent=rotary_percent,
         rope_scaling=rope_scaling,
@@ -240,7 +267,7 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
         attention_dropout=0.0,
         # 1: the embedding holds exactly vocab_size rows whenever TP divides vocab_size (docs/hf_conversion.md)
         make_vocab_size_divisible_by=1,
-        **yarn,
+        **scaling_fields,
     )
     if float(arch.rotary_base) != float(int(arch.rotary_base)):
         raise ValueError(f"{where}: rope_theta={arch.rotary_base} is not an integer; megatron-core's "
@@ -274,8 +301,9 @@ def check_arch_exportable(arch: ModelArch, family: str) -> None:
     if family not in SUPPORTED_FAMILIES:
         raise ValueError(f"unknown family {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
     problems = []
-    if arch.position_embedding not in ("rope", "yarn"):
-        problems.append(f"position_embedding={arch.position_embedding} (HF families here use rope or yarn)")
+    if arch.position_embedding not in ROTARY_EMBEDDINGS:
+        problems.append(f"position_embedding={arch.position_embedding} (HF families here rotate q and k: "
+                        f"{', '.join(ROTARY_EMBEDDINGS)})")
     if family == "nemotron":
         if arch.activation != "squared_relu" or arch.normalization != "LayerNorm" \
                 or not arch.layernorm_zero_centered_gamma:
@@ -299,6 +327,13 @@ def check_arch_exportable(arch: ModelArch, family: str) -> None:
             problems.append("qwen3 here has no linear biases (attention_bias=false)")
     elif arch.qk_layernorm:
         problems.append(f"{family} has no query/key layer norm (that is qwen3)")
+    if family == "phi3" and arch.position_embedding == "yarn":
+        problems.append("transformers' Phi3Config takes default or longrope rope only, not yarn")
+    if family == "phi3" and arch.position_embedding == "longrope" \
+            and arch.hidden_size // arch.num_attention_heads != arch.head_dim:
+        problems.append(f"transformers' Phi3Config checks the longrope factor lists against hidden_size // "
+                        f"num_attention_heads ({arch.hidden_size // arch.num_attention_heads}), not head_dim "
+                        f"({arch.head_dim}): prune to hidden_size = num_attention_heads x {arch.head_dim}")
     if arch.rope_scaling and family not in ("llama",):
         problems.append(f"{family} has no llama3 rope scaling")
     heads = arch.num_attention_heads
@@ -351,8 +386,9 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
     if family == "phi3":
         if arch.rotary_percent != 1.0:
             cfg["partial_rotary_factor"] = arch.rotary_percent
-        if arch.position_embedding == "yarn":  # Phi3Config's own key wins over the rope dict's (transformers)
-            cfg["original_max_position_embeddings"] = arch.yarn_original_max_position_embeddings
+        if arch.position_embedding in ("yarn", "longrope"):  # Phi3Config's own key wins over the rope dict's
+            cfg["original_max_position_embeddings"] = getattr(
+                arch, f"{arch.position_embedding}_original_max_position_embeddings")
     if arch.rope_scaling:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(arch.rope_scaling_factor),
                                "low_freq_factor": MCORE_LLAMA3_LOW_FREQ_FACTOR,
@@ -360,4 +396,9 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
                                "original_max_position_embeddings": MCORE_LLAMA3_ORIGINAL_MAX_POSITION}
     if arch.position_embedding == "yarn":
         cfg["rope_scaling"] = yarn_rope_scaling(arch)
+    if arch.position_embedding == "longrope":
+        cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(arch.longrope_short_factor),
+                               "long_factor": list(arch.longrope_long_factor),
+                               "original_max_position_embeddings": arch.longrope_original_max_position_embeddings,
+                               "attention_factor": arch.longrope_attention_factor}
     return cfg

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import ModelArch, Parallel
+from ..config import ROTARY_EMBEDDINGS, ModelArch, Parallel
 from ..runtime import cpu_mode
 
 
@@ -109,6 +109,10 @@ def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype =
         # config (getattr; megatron-core 0.16's TransformerConfig declares none of them)
         for name in YARN_CONFIG_FIELDS:
             setattr(config, name, getattr(arch, name))
+    if arch.position_embedding == "longrope":  # its attention factor, through the same attributes
+        from .longrope import concentration_config
+        for name, value in concentration_config(arch).items():
+            setattr(config, name, value)
     return config
 
 
@@ -180,7 +184,7 @@ def _swap_in_fused_modules(sub, arch: ModelArch) -> None:
     from .mlp import FusedSwiGLUMLP
 
     attention = sub.self_attention
-    if arch.position_embedding in ("rope", "yarn") and isinstance(attention, ModuleSpec) and attention.module is SelfAttention:
+    if arch.position_embedding in ROTARY_EMBEDDINGS and isinstance(attention, ModuleSpec) and attention.module is SelfAttention:
         attention.module = FusedRoPESelfAttention
     if arch.activation == "swiglu":
         sub.mlp = _mlp_entry_with_class(sub.mlp, FusedSwiGLUMLP)
@@ -268,12 +272,16 @@ def build_gpt(arch: ModelArch, parallel: Parallel, dtype: torch.dtype = torch.fl
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
             parallel_output=True,
             share_embeddings_and_output_weights=arch.tie_embeddings,
-            position_embedding_type=arch.position_embedding,
+            # LongRoPE is megatron's rope with other frequencies: built as rope, its embedding swapped below
+            position_embedding_type="rope" if arch.position_embedding == "longrope" else arch.position_embedding,
             rotary_percent=arch.rotary_percent,
             rotary_base=int(arch.rotary_base),
             rope_scaling=arch.rope_scaling,
             rope_scaling_factor=arch.rope_scaling_factor,
         )
+    if arch.position_embedding == "longrope":
+        from . import longrope
+        longrope.install(model, arch)
     if device is not None:
         model.to(device)
     return model

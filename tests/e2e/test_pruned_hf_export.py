@@ -6,7 +6,7 @@ head_dim (16) != hidden / heads (8). qwen2 / qwen3 sources carry transformers 5'
 which a depth-pruned model's config must not keep (transformers refuses one longer than
 num_hidden_layers). qwen3_yarn: a Qwen3 with YaRN rope, as its model card extends the context. phi3_partial_tied: Phi-4-mini's
 layout (fused qkv_proj / gate_up_proj, RoPE on 3/4 of the head dim, tied), pruned heads and groups cut the
-fused tensors."""
+fused tensors. phi3_longrope: Phi-3.5-mini's LongRoPE (per-frequency factors, its attention factor)."""
 import argparse
 import json
 import logging
@@ -38,7 +38,7 @@ def _run(module, argv):
     return args.handler(args)
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "qwen3_yarn", "phi3_partial_tied"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "qwen3_yarn", "phi3_partial_tied", "phi3_longrope"])
 def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     init_distributed(1, 1)
     hf_dir, ckpt, pruned, back = (str(tmp_path / n) for n in ("hf", "ckpt", "pruned", "back"))
@@ -55,15 +55,18 @@ def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     g = torch.Generator().manual_seed(0)
     write_indexed_dataset(str(tmp_path / "calib"), [torch.randint(1, 96, (40,), generator=g).tolist()
                                                     for _ in range(8)], eod=0, vocab_size=96)
+    # Phi3Config checks longrope's factor lists against hidden / heads: that must stay the head dim (8)
+    hidden = 16 if case == "phi3_longrope" else 24
     assert _run(prune_cli, ["prune", "--load", ckpt, "--save", pruned, "--data", str(tmp_path / "calib"),
                             "--num-samples", "8", "--micro-batch-size", "2", "--seq-length", "16", "--target",
-                            "hidden_size=24", "ffn_hidden_size=40", "num_attention_heads=2",
+                            f"hidden_size={hidden}", "ffn_hidden_size=40", "num_attention_heads=2",
                             "num_query_groups=1", "num_layers=1"]) == 0
     arch = checkpoint.read_arch(pruned)
     assert (arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads, arch.query_groups,
-            arch.num_layers, arch.head_dim) == (24, 40, 2, 1, 1, head_dim)
+            arch.num_layers, arch.head_dim) == (hidden, 40, 2, 1, 1, head_dim)
     assert arch.qk_layernorm == (family == "qwen3")
-    assert arch.position_embedding == ("yarn" if case.endswith("_yarn") else "rope")
+    assert arch.position_embedding == ("yarn" if case.endswith("_yarn") else
+                                       "longrope" if case.endswith("_longrope") else "rope")
     # the prune carries the import's family and config.json on, so the export is written over the source's
     # config: its non-architecture fields stay, and its 2-entry layer_types must go (transformers refuses it
     # for 1 layer)
@@ -79,7 +82,7 @@ def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
 
     model = build_gpt(arch, Parallel(), attention_backend="sdpa").eval()
     checkpoint.load_weights(pruned, [model], arch=arch)
-    tokens = sample_tokens()
+    tokens = sample_tokens(seq=40)  # past the scaled cases' original context (16): LongRoPE's long factors
     with torch.no_grad():
         ours = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).float()
     kept = checkpoint.describe_checkpoint(pruned).provenance["kept_layers"]
@@ -91,9 +94,9 @@ def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     assert hf_model.config.num_hidden_layers == 1
     theirs = hf_logits(hf_model.float().eval(), tokens)
     assert (ours[..., :theirs.shape[-1]] - theirs).abs().max().item() < 1e-4
-    if case.endswith("_yarn"):  # the pruned model runs the source's YaRN frequencies and attention factor
+    if case.endswith(("_yarn", "_longrope")):  # the pruned model runs the source's frequencies and attention factor
         source_rope = source.model.rotary_emb
-        assert torch.equal(hf_model.model.rotary_emb.inv_freq, source_rope.inv_freq)
+        assert torch.equal(hf_model.model.rotary_emb.original_inv_freq, source_rope.original_inv_freq)  # init-time
         assert hf_model.model.rotary_emb.attention_scaling == source_rope.attention_scaling > 1
     if family == "qwen3":  # the kept layer's q/k norms, as the source had them
         ours_attn, source_attn = hf_model.model.layers[0].self_attn, source.model.layers[kept[0]].self_attn

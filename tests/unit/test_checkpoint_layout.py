@@ -64,12 +64,18 @@ def test_fields_added_later_are_recorded_only_when_set(tmp_path):
     yarn = dataclasses.replace(ARCH, position_embedding="yarn", yarn_rotary_scaling_factor=4.0, yarn_mscale=1.0,
                                yarn_mscale_all_dim=0.5)
     with_yarn = save_iter(tmp_path / "yarn", 1, arch=yarn)
-    for path, arch in ((plain, ARCH), (with_qk, qk), (with_yarn, yarn)):
+    pairs = ARCH.head_dim // 2
+    longrope = dataclasses.replace(ARCH, position_embedding="longrope", longrope_short_factor=[1.5] * pairs,
+                                   longrope_long_factor=[4.0] * pairs, longrope_attention_factor=1.2)
+    with_longrope = save_iter(tmp_path / "longrope", 1, arch=longrope)
+    for path, arch in ((plain, ARCH), (with_qk, qk), (with_yarn, yarn), (with_longrope, longrope)):
         with open(os.path.join(path, checkpoint.METADATA_FILE)) as f:
             recorded = yaml.safe_load(f)["architecture"]
         assert ("qk_layernorm" in recorded) is arch.qk_layernorm
-        assert sorted(k for k in recorded if k.startswith("yarn_")) == (
-            ["yarn_mscale", "yarn_mscale_all_dim", "yarn_rotary_scaling_factor"] if arch is yarn else [])
+        assert sorted(k for k in recorded if k.startswith(("yarn_", "longrope_"))) == {
+            id(yarn): ["yarn_mscale", "yarn_mscale_all_dim", "yarn_rotary_scaling_factor"],
+            id(longrope): ["longrope_attention_factor", "longrope_long_factor", "longrope_short_factor"],
+        }.get(id(arch), [])
         assert checkpoint.read_arch(path) == arch
 
 

@@ -392,6 +392,12 @@ def test_a_yarn_model_is_refused_in_megatron_lm_format_before_anything_is_writte
                      yarn_original_max_position_embeddings=8, yarn_beta_fast=16.0)
     with pytest.raises(ValueError, match="YaRN.*Megatron-LM's GPT model does not build"):
         mlm.args_from_arch(arch)
+    longrope = dataclasses.replace(arch, position_embedding="longrope", longrope_short_factor=[1.0] * 4,
+                                   longrope_long_factor=[2.0] * 4, **{f.name: f.default for f in
+                                                                      dataclasses.fields(ModelArch)
+                                                                      if f.name.startswith("yarn_")})
+    with pytest.raises(ValueError, match="LongRoPE.*Megatron-LM's GPT model does not build"):
+        mlm.args_from_arch(longrope)
     model = build_gpt(arch, Parallel())
     with pytest.raises(ValueError, match="save it in megatron-minitron's format"):
         checkpoint.save_checkpoint_to(str(tmp_path / "mlm"), [model], arch=arch, format="megatron-lm")

@@ -62,6 +62,13 @@ def _validate(**sections):
     ({"model": {"position_embedding": "yarn", "yarn_beta_fast": 0.5}}, 1, "yarn_beta_fast=0.5 < yarn_beta_slow"),
     ({"model": {"position_embedding": "yarn", "yarn_mscale": 0.7}}, 1, "used together"),
     ({"model": {"yarn_rotary_scaling_factor": 4.0}}, 1, "only apply with model.position_embedding=yarn"),
+    ({"model": {"longrope_attention_factor": 1.2}}, 1, "only apply with model.position_embedding=longrope"),
+    ({"model": {"position_embedding": "longrope", "longrope_short_factor": [1.0] * 16}}, 1,
+     "longrope_long_factor must list 16 positive numbers"),
+    ({"model": {"position_embedding": "longrope", "longrope_short_factor": [1.0] * 15,
+                "longrope_long_factor": [1.0] * 16}}, 1, "longrope_short_factor must list 16 positive numbers"),
+    ({"model": {"position_embedding": "longrope", "longrope_short_factor": [1.0] * 16,
+                "longrope_long_factor": [0.0] * 16}}, 1, "longrope_long_factor must list 16 positive numbers"),
     ({"model": {"position_embedding": "yarn", "yarn_original_max_position_embeddings": 0}}, 1,
      "yarn_original_max_position_embeddings must be positive"),
 ])

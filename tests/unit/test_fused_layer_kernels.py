@@ -450,7 +450,7 @@ def test_mlp_entry_rewrite_handles_megatron_019s_builder_form(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["gqa_partial_rope_zero_centered", "mha_full_rope_bias_recompute",
-                                     "qk_layernorm_head_dim_16", "qwen3_yarn"])
+                                     "qk_layernorm_head_dim_16", "qwen3_yarn", "phi3_longrope"])
 def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls, monkeypatch):
     """A whole (tiny) student step: the fused norms, RoPE and SwiGLU give the torch model's logits and every
     parameter's gradient, with the same state-dict keys; also under full activation recompute (megatron reruns
@@ -464,6 +464,10 @@ def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls, mon
         arch = ModelArch(**TINY, layernorm_zero_centered_gamma=True, rotary_percent=0.5)
     elif variant == "qk_layernorm_head_dim_16":
         arch = ModelArch(**TINY, kv_channels=16, qk_layernorm=True)
+    elif variant == "phi3_longrope":  # 8 positions past an original context of 4: the long factors
+        arch = ModelArch(**TINY, rotary_percent=0.5, position_embedding="longrope", longrope_short_factor=[1.0, 2.0],
+                         longrope_long_factor=[3.0, 9.0], longrope_original_max_position_embeddings=4,
+                         longrope_attention_factor=1.25)
     elif variant == "qwen3_yarn":  # YaRN: other frequencies and a concentration of 0.1 ln 4 + 1 on q and k
         arch = ModelArch(**TINY, kv_channels=16, qk_layernorm=True, position_embedding="yarn",
                          yarn_rotary_scaling_factor=4.0, yarn_original_max_position_embeddings=4)
@@ -481,6 +485,8 @@ def test_gpt_with_fused_kernels_matches_the_torch_one(variant, kernel_calls, mon
     assert isinstance(layer.self_attention, FusedRoPESelfAttention) and isinstance(layer.mlp, FusedSwiGLUMLP)
     if arch.position_embedding == "yarn":
         assert layer.self_attention._mscale() == pytest.approx(0.1 * math.log(4.0) + 1)
+    if arch.position_embedding == "longrope":
+        assert layer.self_attention._mscale() == pytest.approx(1.25)
     qk_norms = ("q_layernorm", "k_layernorm") if arch.qk_layernorm else ()
     for name in qk_norms:
         assert type(getattr(layer.self_attention, name)) is FusedRMSNorm

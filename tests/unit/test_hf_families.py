@@ -112,7 +112,10 @@ def test_legacy_rope_layout_is_read():
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "supported families: llama"),
     ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}}, "'dynamic' is not supported"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4,
-                          "long_factor": [2.0] * 4, "original_max_position_embeddings": 16}}, "'longrope'"),
+                          "original_max_position_embeddings": 16}}, "needs short_factor and long_factor"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 3,
+                          "long_factor": [2.0] * 3}}, "longrope_short_factor must list 4 positive numbers"),
+    ({"rope_parameters": {"rope_type": "su", "rope_theta": 1e4}}, "'su' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True, "mlp_bias": False}, "add_bias_linear"),
     ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128},
@@ -263,3 +266,39 @@ def test_the_family_inferred_from_an_arch_can_export_it(case):
         assert inferred == family
     else:  # llama, mistral, phi3 with full rotary: the same architecture, written as llama
         assert inferred == "llama"
+
+
+def test_phi3_exports_what_transformers_phi3config_accepts():
+    """Phi3Config refuses any rope but default / longrope, and checks longrope's factor lists against
+    hidden_size // num_attention_heads instead of head_dim: such exports fail here, naming the fix."""
+    import dataclasses
+
+    arch, _ = arch_from_hf_config(_hf_config("phi3_longrope").to_dict())
+    assert arch.position_embedding == "longrope" and arch.head_dim == 8
+    hf_config_from_arch(dataclasses.replace(arch, hidden_size=16, num_attention_heads=2, num_query_groups=1),
+                        "phi3")  # hidden / heads = head_dim: fine
+    with pytest.raises(ValueError, match=r"hidden_size // num_attention_heads \(12\), not head_dim \(8\)"):
+        hf_config_from_arch(dataclasses.replace(arch, hidden_size=24, num_attention_heads=2, num_query_groups=1),
+                            "phi3")
+    yarn, _ = arch_from_hf_config(_hf_config("qwen3_yarn").to_dict())
+    with pytest.raises(ValueError, match="Phi3Config takes default or longrope rope only"):
+        hf_config_from_arch(dataclasses.replace(yarn, qk_layernorm=False), "phi3")
+
+
+def test_longrope_attention_factor_and_frequencies_match_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from megatron_minitron.model.longrope import LongRopeRotaryEmbedding, concentration_config
+
+    config = _hf_config("phi3_longrope")
+    arch, _ = arch_from_hf_config(config.to_dict())
+    short, attention = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu")
+    long, _ = ROPE_INIT_FUNCTIONS["longrope"](config, "cpu", seq_len=17)
+    assert arch.longrope_attention_factor == pytest.approx(attention, rel=1e-12) and attention > 1
+    rope = LongRopeRotaryEmbedding(arch)
+    assert torch.equal(rope.short_inv_freq, short) and torch.equal(rope.long_inv_freq, long)
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
+
+    scaled = concentration_config(arch)
+    assert _yarn_get_concentration_factor(scaled["yarn_rotary_scaling_factor"], scaled["yarn_mscale"],
+                                          scaled["yarn_mscale_all_dim"]) == pytest.approx(attention, rel=1e-12)

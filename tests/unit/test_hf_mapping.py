@@ -104,3 +104,14 @@ def test_vocab_not_divisible_by_tp_is_padded_then_stripped():
     back = megatron_to_hf(shards, arch)
     assert torch.equal(back["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
     assert torch.equal(back["lm_head.weight"], state["lm_head.weight"])
+
+
+@pytest.mark.parametrize("case", ["qwen3_yarn", "llama_yarn", "phi3_longrope"])
+def test_scaled_rope_logits_match_transformers_past_the_original_context(case):
+    """YaRN and LongRoPE over 40 positions, past the original context (16, 8, 16): LongRoPE switches to its
+    long factors there, as transformers does for a sequence longer than original_max_position_embeddings."""
+    hf = build_hf_model(case)
+    arch, family, model = convert_in_memory(hf)
+    assert arch.position_embedding in ("yarn", "longrope")
+    tokens = sample_tokens(seq=40)
+    assert (megatron_logits(model, tokens) - hf_logits(hf, tokens)).abs().max().item() < 1e-4
