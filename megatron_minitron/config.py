@@ -63,6 +63,8 @@ class ModelArch:
     add_bias_linear: bool = False
     add_qkv_bias: bool = False  # Qwen2: bias on QKV only
     qk_layernorm: bool = False  # Qwen3: a norm (``normalization``) over each query and key head, before RoPE
+    # per layer, 1 = that layer's attention skips RoPE (NoPE; SmolLM3 every 4th layer); None = every layer rotates
+    no_rope_freq: Optional[list] = None
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -112,6 +114,8 @@ class ModelArch:
             if stray and self.position_embedding != kind:
                 raise ValueError(f"model.{', model.'.join(stray)} only apply with model.position_embedding={kind} "
                                  f"(it is {self.position_embedding!r}); set it, or drop them")
+        if self.no_rope_freq is not None:
+            self._validate_no_rope()
         if self.num_attention_heads % self.query_groups:
             raise ValueError(
                 f"model.num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -121,6 +125,16 @@ class ModelArch:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; set model.kv_channels (head dim) explicitly")
+
+    def _validate_no_rope(self) -> None:
+        flags = self.no_rope_freq
+        if not isinstance(flags, list) or len(flags) != self.num_layers or any(
+                isinstance(x, bool) or x not in (0, 1) for x in flags):
+            raise ValueError(f"model.no_rope_freq must list one 0 / 1 per layer ({self.num_layers}; 1 = the layer "
+                             f"skips RoPE), got {flags!r}")
+        if self.position_embedding not in ROTARY_EMBEDDINGS:
+            raise ValueError(f"model.no_rope_freq with model.position_embedding={self.position_embedding!r}: only "
+                             f"a rotary model ({', '.join(ROTARY_EMBEDDINGS)}) has RoPE to skip")
 
     def _validate_longrope(self) -> None:
         if self.rope_scaling:

@@ -9,7 +9,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               initializer_range=0.1)  # large enough weights that a mapping mistake moves logits by >> 1e-4
 
-PHI_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi3Config's defaults (32000) exceed VOCAB
+PHI_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # Phi3 / SmolLM3 configs' defaults exceed VOCAB
 
 # name -> (transformers config class name, config kwargs)
 CASES = {
@@ -42,6 +42,9 @@ CASES = {
                                          partial_rotary_factor=0.75, original_max_position_embeddings=16,
                                          rope_scaling={"type": "longrope", "short_factor": [1.0, 1.3, 2.1],
                                                        "long_factor": [1.5, 3.0, 7.0]}, **PHI_IDS)),
+    # SmolLM3: layer 1 of 2 skips RoPE (no_rope_layer_interval=2; the released models: every 4th layer)
+    "smollm3": ("SmolLM3Config", dict(COMMON, rms_norm_eps=1e-6, rope_theta=2000000.0, no_rope_layer_interval=2,
+                                      **PHI_IDS)),
     "nemotron": ("NemotronConfig", dict(COMMON, num_key_value_heads=4, partial_rotary_factor=0.5,
                                         norm_eps=1e-5, rope_theta=10000.0)),
 }

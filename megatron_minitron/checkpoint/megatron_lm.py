@@ -83,7 +83,6 @@ _UNSUPPORTED = (
     ("spec", lambda v: bool(v), "a custom layer spec"),
     ("use_legacy_models", bool, "legacy (non-megatron-core) models"),
     ("window_size", lambda v: v is not None, "sliding-window attention"),
-    ("no_rope_freq", lambda v: v is not None, "layers without rotary embeddings"),
     ("rotary_interleaved", bool, "interleaved rotary embeddings"),
     ("rotary_seq_len_interpolation_factor", lambda v: v is not None, "rotary sequence-length interpolation"),
     ("apply_residual_connection_post_layernorm", bool, "residual connections after the layer norm"),
@@ -166,12 +165,26 @@ def arch_from_args(args) -> ModelArch:
         tie_embeddings=not bool(_get(args, "untie_embeddings_and_output_weights", default=False)),
         add_bias_linear=bool(add_bias_linear), add_qkv_bias=bool(_get(args, "add_qkv_bias", default=False)),
         qk_layernorm=bool(_get(args, "qk_layernorm", default=False)),  # --qk-layernorm (Qwen3 recipes)
+        no_rope_freq=_no_rope_layers(_get(args, "no_rope_freq"), int(args.num_layers)),
         init_method_std=float(_get(args, "init_method_std", default=0.02)),
         hidden_dropout=float(_get(args, "hidden_dropout", default=0.1)),
         attention_dropout=float(_get(args, "attention_dropout", default=0.1)),
     )
     arch.validate()
     return arch
+
+
+def _no_rope_layers(value, num_layers: int) -> Optional[list]:
+    """--no-rope-freq as megatron-core expands it (TransformerConfig.__post_init__): N = every N-th layer skips
+    RoPE, a list = one 0 / 1 per layer; None when no layer skips it."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        if value <= 0 or num_layers % value:
+            raise ValueError(f"args.no_rope_freq={value} does not divide num_layers={num_layers}")
+        value = ([0] * (value - 1) + [1]) * (num_layers // value)
+    flags = [int(x) for x in value]
+    return flags if any(flags) else None
 
 
 def _vocab_from_args(args) -> tuple:
@@ -291,7 +304,8 @@ def args_from_arch(arch: ModelArch, parallel=None, **extra) -> argparse.Namespac
         "add_position_embedding": True,
         "rotary_base": int(arch.rotary_base) if float(arch.rotary_base).is_integer() else arch.rotary_base,
         "rotary_percent": arch.rotary_percent, "rotary_interleaved": False,
-        "rotary_seq_len_interpolation_factor": None, "no_rope_freq": None, "rope_type": None,
+        "rotary_seq_len_interpolation_factor": None, "rope_type": None,
+        "no_rope_freq": list(arch.no_rope_freq) if arch.no_rope_freq and any(arch.no_rope_freq) else None,
         "use_rope_scaling": arch.rope_scaling, "rope_scaling_factor": arch.rope_scaling_factor,
         "normalization": arch.normalization, "layernorm_epsilon": arch.norm_epsilon,
         "norm_epsilon": arch.norm_epsilon,  # the name before megatron-core 0.16

@@ -66,7 +66,8 @@ def build_metadata(arch: ModelArch, iteration: int, parallel: dict, contents: di
 # checkpoint that does not use them stays readable by a megatron-minitron that predates them (its reader refuses
 # unknown keys), and one that does is refused there, as it must be (that version cannot build it)
 ARCH_FIELDS_RECORDED_WHEN_SET = {f.name: f.default for f in dataclasses.fields(ModelArch)
-                                 if f.name == "qk_layernorm" or f.name.startswith(("yarn_", "longrope_"))}
+                                 if f.name in ("qk_layernorm", "no_rope_freq")
+                                 or f.name.startswith(("yarn_", "longrope_"))}
 
 
 def architecture_record(arch) -> dict:

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     b.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="dtype of the written tensors; auto = as stored in the checkpoint")
     b.add_argument("--family", default=None,
-                   help="HF family to write (llama, mistral, qwen2, qwen3, phi3, nemotron); default: the one the "
+                   help="HF family to write (llama, mistral, qwen2, qwen3, phi3, smollm3, nemotron); default: the one the "
                         "weights were imported as (kept through prune / train / distill), else inferred from the "
                         "architecture")
     b.add_argument("--tokenizer", default=None,
@@ -99,11 +99,14 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, dtype: str 
     hf_dir = os.path.abspath(hf_dir)
     hf_config = hf_io.read_hf_config(hf_dir)  # before any process group: errors come out at once
     arch, family = arch_from_hf_config(hf_config, where=os.path.join(hf_dir, hf_io.CONFIG_FILE))
+    if format == "megatron-lm":
+        from ..checkpoint.megatron_lm import check_representable
+        check_representable(arch, f"--format megatron-lm: {hf_dir}")
     parallel = Parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     parallel.validate(arch)
     reader = hf_io.SafetensorsReader(hf_dir)
     view = FusedView(reader.read, reader.names(), arch, family)  # Phi-3's fused qkv / gate_up in their parts
-    check_hf_names(view.names(), arch, hf_dir)
+    check_hf_names(view.names(), arch, hf_dir, view.file_name)
     if dtype == "auto":
         stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
         dtype = "bf16" if stored == "bfloat16" else "fp32"

@@ -15,6 +15,8 @@ Family differences that matter for the weights (see ``mapping.py``):
   every size, which is not hidden / heads for some (Qwen3-4B: 2560 / 32 = 80).
 - phi3 (Phi-3, Phi-4): as llama, its files fusing q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj``
   (fused.py); RoPE on the first ``partial_rotary_factor`` of the head dim (Phi-4-mini: 0.75).
+- smollm3 (SmolLM3): as llama, with layers whose attention skips RoPE (``no_rope_layers``, 1 = rotates; by
+  default every 4th layer does not): megatron's ``no_rope_freq`` (1 = skips), one flag per layer.
 - nemotron (Nemotron-4, Minitron): LayerNorm1P (LayerNorm whose stored gamma is gamma - 1: megatron's
   ``layernorm_zero_centered_gamma``, same stored values), squared-ReLU non-gated MLP (up/down only),
   RoPE on the first ``partial_rotary_factor`` (default 0.5) of the head dim.
@@ -27,10 +29,10 @@ from typing import Optional
 
 from ..config import ROTARY_EMBEDDINGS, ModelArch
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "nemotron")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "nemotron")
 _ARCHITECTURE_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                       "nemotron": "NemotronForCausalLM"}
+                       "smollm3": "SmolLM3ForCausalLM", "nemotron": "NemotronForCausalLM"}
 # megatron-core's fixed Llama-3.x scaling constants (megatron/core/models/common/embeddings/
 # rotary_pos_embedding.py, RotaryEmbedding._apply_scaling defaults)
 MCORE_LLAMA3_LOW_FREQ_FACTOR = 1.0
@@ -45,7 +47,8 @@ _ARCH_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
               "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "norm_eps",
               "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
               "attention_bias", "mlp_bias", "model_type", "architectures", "torch_dtype", "dtype",
-              "transformers_version", "layer_types")
+              "transformers_version", "layer_types", "no_rope_layers", "no_rope_layer_interval",
+              "auto_map")  # remote-code classes (Phi-3's configuration_phi3.py ...): not copied, not for new sizes
 
 
 # config.json keys by which a mixture-of-experts model says how many experts it has (Mixtral, Qwen2/3-MoE,
@@ -72,14 +75,22 @@ def detect_family(hf_config: dict) -> str:
         f"({', '.join(_ARCHITECTURE_CLASS.values())})")
 
 
-def _rope_settings(cfg: dict) -> dict:
+def _rope_settings(cfg: dict, where: str = "config.json") -> dict:
     """Flatten the rope fields of either config layout into one dict (rope_type, rope_theta, ...)."""
-    params = dict(cfg.get("rope_parameters") or {})
-    legacy = cfg.get("rope_scaling") or {}
+    def named(rope: dict) -> dict:  # transformers 4.x wrote the rope type as "type"
+        rope = dict(rope or {})
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        return rope
+
+    params, legacy = named(cfg.get("rope_parameters")), named(cfg.get("rope_scaling"))
+    clash = sorted(k for k in set(params) & set(legacy) if params[k] != legacy[k])
+    if clash:  # e.g. a transformers-5 config (rope_parameters) with a model card's rope_scaling block pasted in
+        raise ValueError(f"{where} has both rope_parameters and rope_scaling, and they disagree on {clash}: "
+                         f"transformers 5 reads rope_scaling alone (in place of rope_parameters), 4.x the "
+                         f"other way round; keep one of the two")
     for key, value in legacy.items():
         params.setdefault(key, value)
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params["type"]
     params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
     if "partial_rotary_factor" in cfg:
@@ -202,8 +213,10 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
     hidden = int(cfg["hidden_size"])
     groups = int(cfg.get("num_key_value_heads") or heads)
     head_dim = cfg.get("head_dim") or hidden // heads
-    rope = _rope_settings(cfg)
+    rope = _rope_settings(cfg, where)
     rope_type = rope["rope_type"]
+    if family == "phi3" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # Phi3Config's old names for it (convert_rope_params_to_dict renames them)
     if rope_type not in ("default", "llama3", "yarn", "longrope"):
         raise ValueError(f"{where}: rope type {rope_type!r} is not supported (plain RoPE, Llama-3.x scaling, YaRN "
                          f"and LongRoPE are)")
@@ -234,6 +247,7 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
                                           or "sliding_attention" in (cfg.get("layer_types") or ())):
         raise ValueError(f"{where}: {family} with sliding-window layers (use_sliding_window=true) is not "
                          "supported (megatron's GPTModel here attends over the whole causal context)")
+    no_rope = _no_rope_flags(cfg, where) if family == "smollm3" else None
     window = cfg.get("sliding_window")
     if family in ("mistral", "phi3") and window and window < int(cfg.get("max_position_embeddings", 0)):
         warnings.warn(f"{where}: sliding_window={window} is ignored; megatron attends over the full causal "
@@ -262,6 +276,7 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
         add_bias_linear=attention_bias,
         add_qkv_bias=family == "qwen2",
         qk_layernorm=family == "qwen3",
+        no_rope_freq=no_rope,
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -276,6 +291,23 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
     return arch, family
 
 
+def _no_rope_flags(cfg: dict, where: str) -> Optional[list]:
+    """SmolLM3Config's per-layer rope flags (1 = the layer rotates; the default: every
+    ``no_rope_layer_interval``-th layer does not) as megatron's no_rope_freq (1 = skips); None if all rotate."""
+    layers = int(cfg["num_hidden_layers"])
+    if cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None:
+        raise ValueError(f"{where}: smollm3 with sliding-window layers (use_sliding_window=true) is not supported "
+                         "(megatron's GPTModel here attends over the whole causal context)")
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        interval = int(cfg.get("no_rope_layer_interval", 4))
+        flags = [int((i + 1) % interval != 0) for i in range(layers)]
+    if len(flags) != layers:
+        raise ValueError(f"{where}: no_rope_layers has {len(flags)} entries for {layers} layers")
+    skips = [1 - int(bool(f)) for f in flags]
+    return skips if any(skips) else None
+
+
 def family_for_arch(arch: ModelArch) -> str:
     """The HF family that can represent ``arch`` when nothing else says which one it came from."""
     if arch.activation == "squared_relu" and arch.normalization == "LayerNorm":
@@ -286,6 +318,8 @@ def family_for_arch(arch: ModelArch) -> str:
         return "qwen2"
     if arch.rotary_percent != 1.0:
         return "phi3"  # the SwiGLU family with partial rotary (Phi-4-mini)
+    if arch.no_rope_freq and any(arch.no_rope_freq):
+        return "smollm3"  # the family with layers that skip RoPE
     return "llama"
 
 
@@ -327,6 +361,8 @@ def check_arch_exportable(arch: ModelArch, family: str) -> None:
             problems.append("qwen3 here has no linear biases (attention_bias=false)")
     elif arch.qk_layernorm:
         problems.append(f"{family} has no query/key layer norm (that is qwen3)")
+    if arch.no_rope_freq and any(arch.no_rope_freq) and family != "smollm3":
+        problems.append(f"{family} rotates q and k in every layer; layers without RoPE (no_rope_freq) are smollm3's")
     if family == "phi3" and arch.position_embedding == "yarn":
         problems.append("transformers' Phi3Config takes default or longrope rope only, not yarn")
     if family == "phi3" and arch.position_embedding == "longrope" \
@@ -375,20 +411,27 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
         cfg.update(hidden_act="relu2", norm_eps=arch.norm_epsilon, partial_rotary_factor=arch.rotary_percent)
     else:
         cfg.update(hidden_act="silu", rms_norm_eps=arch.norm_epsilon)
-    if family in ("llama", "nemotron"):
+    if family in ("llama", "nemotron", "smollm3"):
         cfg.update(attention_bias=arch.add_bias_linear, mlp_bias=arch.add_bias_linear)
+    if family == "smollm3":
+        cfg.setdefault("use_sliding_window", False)
+        cfg["no_rope_layers"] = [1 - int(x) for x in (arch.no_rope_freq or [0] * arch.num_layers)]
     if family in ("qwen3", "phi3"):
         cfg.update(attention_bias=False)
     if family in ("qwen2", "qwen3"):
         cfg.setdefault("use_sliding_window", False)
     if family in ("mistral", "phi3"):  # MistralConfig defaults to a 4096-token window megatron never applies
         cfg.setdefault("sliding_window", None)
+    if family in ("phi3", "smollm3"):
+        # their config classes default to ids past a small vocabulary (Phi3: pad 32000; SmolLM3: 128004), which
+        # transformers then uses as the embedding's padding_idx; None until the tokenizer's fill them
+        for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            cfg.setdefault(key, None)
     if family == "phi3":
         if arch.rotary_percent != 1.0:
             cfg["partial_rotary_factor"] = arch.rotary_percent
-        if arch.position_embedding in ("yarn", "longrope"):  # Phi3Config's own key wins over the rope dict's
-            cfg["original_max_position_embeddings"] = getattr(
-                arch, f"{arch.position_embedding}_original_max_position_embeddings")
+        if arch.position_embedding == "longrope":  # Phi3Config's own key wins over the rope dict's
+            cfg["original_max_position_embeddings"] = arch.longrope_original_max_position_embeddings
     if arch.rope_scaling:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": float(arch.rope_scaling_factor),
                                "low_freq_factor": MCORE_LLAMA3_LOW_FREQ_FACTOR,

@@ -65,6 +65,13 @@ class FusedView:
     def names(self) -> list:
         return list(self._names)
 
+    def file_name(self, name: str) -> str:
+        """The name the files give the tensor holding ``name`` (a part's fused tensor; else ``name``)."""
+        match = _LAYER_PREFIX.match(name)
+        if not match or match.group(2) not in self._where:
+            return name
+        return match.group(1) + self._where[match.group(2)][0]
+
     def read(self, name: str, rows: Optional[slice] = None, cols: Optional[slice] = None):
         match = _LAYER_PREFIX.match(name)
         if not match or match.group(2) not in self._where:

@@ -116,12 +116,13 @@ def expected_hf_names(arch: ModelArch) -> set:
 IGNORED_HF_NAME = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def check_hf_names(names, arch: ModelArch, where: str) -> None:
-    """ValueError when the checkpoint's tensor names do not fit ``arch`` (missing or unexpected)."""
+def check_hf_names(names, arch: ModelArch, where: str, file_name: Callable[[str], str] = str) -> None:
+    """ValueError when the checkpoint's tensor names do not fit ``arch`` (missing or unexpected).
+    ``file_name``: a name as the files spell it (``fused.FusedView.file_name``), for the message."""
     names = {n for n in names if not IGNORED_HF_NAME.search(n)}
     expected = expected_hf_names(arch)
     optional = {"lm_head.weight"} if arch.tie_embeddings else set()  # some tied checkpoints still store it
-    missing = sorted(expected - names)
+    missing = sorted({file_name(n) for n in expected - names})
     unexpected = sorted(names - expected - optional)
     if missing or unexpected:
         raise ValueError(

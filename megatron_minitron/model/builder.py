@@ -65,6 +65,7 @@ def transformer_config(arch: ModelArch, parallel: Parallel, dtype: torch.dtype =
         add_bias_linear=arch.add_bias_linear,
         add_qkv_bias=arch.add_qkv_bias,
         qk_layernorm=arch.qk_layernorm,  # also makes megatron all-reduce their grads over TP (finalize_model_grads)
+        no_rope_freq=list(arch.no_rope_freq) if arch.no_rope_freq and any(arch.no_rope_freq) else None,
         init_method_std=arch.init_method_std,
         hidden_dropout=arch.hidden_dropout,
         attention_dropout=arch.attention_dropout,

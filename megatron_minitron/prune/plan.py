@@ -253,6 +253,8 @@ def make_plan(scores: ImportanceScores, arch: ModelArch, targets: PruneTargets, 
         arch, num_layers=len(kept_layers), hidden_size=hidden_t, ffn_hidden_size=ffn_t,
         num_attention_heads=heads_t,
         num_query_groups=None if arch.num_query_groups is None and groups_t == heads_t else groups_t,
-        kv_channels=arch.head_dim)
+        kv_channels=arch.head_dim,
+        # the kept layers keep whether they rotate (NoPE layers, SmolLM3)
+        no_rope_freq=[arch.no_rope_freq[i] for i in kept_layers] if arch.no_rope_freq else None)
     return PrunePlan(source=arch, target=target, kept_layers=kept_layers, hidden=top_k(scores.hidden, hidden_t),
                      neurons=neurons, groups=groups, heads=heads, head_merge=merges)

@@ -86,9 +86,10 @@ def enumerate_candidates(source: ModelArch, space: SearchSpace, param_budget: in
     for layers, heads, groups, ffn, hidden in itertools.product(*(values[a] for a in AXES)):
         if heads % groups or heads % tp or groups % tp or ffn % tp or layers % pp:
             continue
+        # no_rope_freq: which layers skip RoPE is the prune's to say (make_plan keeps the kept layers' flags)
         arch = dataclasses.replace(source, num_layers=layers, num_attention_heads=heads,
                                    num_query_groups=groups, ffn_hidden_size=ffn, hidden_size=hidden,
-                                   kv_channels=source.head_dim)
+                                   kv_channels=source.head_dim, no_rope_freq=None)
         params = parameter_count(arch, count)
         if low <= params <= high:
             found.append((abs(params - param_budget), (-layers, -heads, -groups, -ffn, -hidden), arch))

@@ -6,7 +6,8 @@ head_dim (16) != hidden / heads (8). qwen2 / qwen3 sources carry transformers 5'
 which a depth-pruned model's config must not keep (transformers refuses one longer than
 num_hidden_layers). qwen3_yarn: a Qwen3 with YaRN rope, as its model card extends the context. phi3_partial_tied: Phi-4-mini's
 layout (fused qkv_proj / gate_up_proj, RoPE on 3/4 of the head dim, tied), pruned heads and groups cut the
-fused tensors. phi3_longrope: Phi-3.5-mini's LongRoPE (per-frequency factors, its attention factor)."""
+fused tensors. phi3_longrope: Phi-3.5-mini's LongRoPE (per-frequency factors, its attention factor). smollm3: a layer
+without RoPE; the depth-pruned model keeps the kept layer's flag."""
 import argparse
 import json
 import logging
@@ -38,7 +39,8 @@ def _run(module, argv):
     return args.handler(args)
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "qwen3_yarn", "phi3_partial_tied", "phi3_longrope"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "qwen3_yarn", "phi3_partial_tied", "phi3_longrope",
+                                  "smollm3"])
 def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     init_distributed(1, 1)
     hf_dir, ckpt, pruned, back = (str(tmp_path / n) for n in ("hf", "ckpt", "pruned", "back"))
@@ -87,6 +89,10 @@ def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
         ours = model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).float()
     kept = checkpoint.describe_checkpoint(pruned).provenance["kept_layers"]
     assert len(kept) == 1
+    source_flags = checkpoint.read_arch(ckpt).no_rope_freq  # smollm3: [0, 1] (its layer 1 skips RoPE)
+    assert (source_flags is not None) == (family == "smollm3")
+    if source_flags:  # the kept layer keeps its own flag (which of the two is the importance ranking's choice)
+        assert (arch.no_rope_freq or [0]) == [source_flags[kept[0]]]
     with caplog.at_level(logging.WARNING):
         hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(
             back, attn_implementation="eager", output_loading_info=True)

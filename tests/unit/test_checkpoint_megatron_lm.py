@@ -27,6 +27,7 @@ VARIANTS = {
                                                      position_embedding="learned_absolute", tie_embeddings=True),
     "no_position_qkv_bias": dataclasses.replace(BASE, position_embedding="none", add_qkv_bias=True),
     "qk_layernorm": dataclasses.replace(BASE, qk_layernorm=True, num_query_groups=4, kv_channels=16),
+    "nope_layers": dataclasses.replace(BASE, position_embedding="rope", no_rope_freq=[0, 1, 0]),
     "rope_scaled": dataclasses.replace(BASE, rotary_base=500000.0, rotary_percent=0.5, rope_scaling=True,
                                        rope_scaling_factor=32.0),
     "dropout_std": dataclasses.replace(BASE, init_method_std=0.01, hidden_dropout=0.1, attention_dropout=0.05),
@@ -117,7 +118,7 @@ def test_arch_from_megatron_lm_written_args():
     ("qk_l2_norm", True), ("attention_output_gate", True), ("experimental_attention_variant", "dsa"),
     ("heterogeneous_layers_config_path", "x.json"), ("is_hybrid_model", True), ("hybrid_override_pattern", "M*"),
     ("spec", ["my.module", "spec"]), ("use_legacy_models", True), ("window_size", (128, 0)),
-    ("no_rope_freq", 4), ("rotary_interleaved", True), ("rotary_seq_len_interpolation_factor", 2),
+    ("rotary_interleaved", True), ("rotary_seq_len_interpolation_factor", 2),
     ("apply_residual_connection_post_layernorm", True), ("openai_gelu", True), ("quick_geglu", True),
     ("softmax_type", "learnable"), ("yaml_cfg", "model.yaml"), ("position_embedding_type", "mrope"),
     ("normalization", "L2Norm"), ("decoder_num_layers", 5),
@@ -426,3 +427,35 @@ def test_a_yarn_model_is_refused_in_megatron_lm_format_before_anything_is_writte
     with pytest.raises(ValueError, match="train.save_format=megatron-lm: the model uses YaRN"):
         loop.Trainer(cfg, datasets=(None, None)).setup()
     assert not (tmp_path / "pruned").exists()
+
+
+def test_no_rope_freq_reads_as_megatron_core_expands_it():
+    """--no-rope-freq N (every N-th layer skips RoPE) or a per-layer list, as TransformerConfig.__post_init__
+    expands it; the model built from the arch gets the same per-layer list."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    for value in (2, [1, 0, 0, 1]):
+        arch = mlm.arch_from_args(megatron_lm_style_args(num_layers=4, no_rope_freq=value))
+        reference = TransformerConfig(num_layers=4, hidden_size=64, num_attention_heads=8, no_rope_freq=value)
+        assert arch.no_rope_freq == reference.no_rope_freq, value
+        assert mlm.args_from_arch(arch, Parallel()).no_rope_freq == reference.no_rope_freq
+    assert mlm.arch_from_args(megatron_lm_style_args(num_layers=3, no_rope_freq=[0, 0, 0])).no_rope_freq is None
+    with pytest.raises(ValueError, match="no_rope_freq=2 does not divide num_layers=3"):
+        mlm.arch_from_args(megatron_lm_style_args(num_layers=3, no_rope_freq=2))
+
+
+def test_hf_to_mcore_in_megatron_lm_format_refuses_yarn_before_reading_weights(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from megatron_minitron.hf import cli as hf_cli
+    from megatron_minitron.hf import io as hf_io
+    from tests.hf_tiny_models import build_hf_model
+
+    build_hf_model("qwen3_yarn").save_pretrained(str(tmp_path / "hf"))
+
+    def no_read(*a, **k):
+        raise AssertionError("the weights were opened before the format was checked")
+
+    monkeypatch.setattr(hf_io, "SafetensorsReader", no_read)
+    with pytest.raises(ValueError, match="--format megatron-lm: .* uses YaRN"):
+        hf_cli.hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "out"), format="megatron-lm")
+    assert not (tmp_path / "out").exists()

@@ -262,7 +262,7 @@ def test_the_family_inferred_from_an_arch_can_export_it(case):
     arch, family = arch_from_hf_config(_hf_config(case).to_dict())
     inferred = family_for_arch(arch)
     hf_config_from_arch(arch, inferred)  # raises if that family cannot hold the arch
-    if family in ("qwen2", "qwen3", "nemotron") or arch.rotary_percent != 1.0:
+    if family in ("qwen2", "qwen3", "nemotron", "smollm3") or arch.rotary_percent != 1.0:
         assert inferred == family
     else:  # llama, mistral, phi3 with full rotary: the same architecture, written as llama
         assert inferred == "llama"
@@ -302,3 +302,61 @@ def test_longrope_attention_factor_and_frequencies_match_transformers():
     scaled = concentration_config(arch)
     assert _yarn_get_concentration_factor(scaled["yarn_rotary_scaling_factor"], scaled["yarn_mscale"],
                                           scaled["yarn_mscale_all_dim"]) == pytest.approx(attention, rel=1e-12)
+
+
+def test_smollm3_rope_flags_follow_the_config_class():
+    """no_rope_layers (1 = rotates) or, without it, a NoPE layer every no_rope_layer_interval layers, as
+    SmolLM3Config derives it; megatron's no_rope_freq is the complement; sliding-window layers are refused."""
+    cfg = {k: v for k, v in _hf_config("smollm3").to_dict().items() if k not in ("no_rope_layers", "layer_types")}
+    cfg.update(num_hidden_layers=8, no_rope_layer_interval=4)
+    arch, family = arch_from_hf_config(cfg)
+    expected = transformers.SmolLM3Config(**copy.deepcopy(cfg)).no_rope_layers
+    assert family == "smollm3" and arch.no_rope_freq == [1 - x for x in expected] == [0, 0, 0, 1, 0, 0, 0, 1]
+    exported = hf_config_from_arch(arch, "smollm3", base=cfg)
+    assert transformers.SmolLM3Config(**exported).no_rope_layers == expected
+    assert arch_from_hf_config(dict(cfg, no_rope_layer_interval=100))[0].no_rope_freq is None  # all rotate
+    with pytest.raises(ValueError, match="smollm3 with sliding-window layers"):
+        arch_from_hf_config(dict(cfg, use_sliding_window=True, sliding_window=4))
+    with pytest.raises(ValueError, match="layers without RoPE .* are smollm3's"):
+        hf_config_from_arch(arch, "llama")
+
+
+def test_phi3_reads_its_old_rope_type_names_as_longrope():
+    """Phi3Config renames "su" and "yarn" to longrope (early Phi-3-128k configs): so does the import."""
+    cfg = _hf_config("phi3_longrope").to_dict()
+    expected, _ = arch_from_hf_config(cfg)
+    for old in ("su", "yarn"):
+        legacy = dict(cfg, rope_parameters=None, rope_theta=cfg["rope_parameters"]["rope_theta"],
+                      rope_scaling={k: v for k, v in cfg["rope_parameters"].items() if k not in ("rope_type", "rope_theta")}
+                      | {"type": old})
+        assert transformers.Phi3Config(**copy.deepcopy(legacy)).rope_parameters["rope_type"] == "longrope"
+        assert arch_from_hf_config(legacy)[0] == expected
+
+
+def test_a_config_with_two_disagreeing_rope_blocks_is_refused():
+    """transformers 5 takes rope_scaling whole in place of rope_parameters (4.x merged the other way): a
+    transformers-5 config with a model card's rope_scaling pasted in means different models to the two."""
+    cfg = _hf_config("qwen3").to_dict()
+    assert cfg["rope_parameters"]["rope_type"] == "default"
+    cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    with pytest.raises(ValueError, match=r"both rope_parameters and rope_scaling.*\['rope_type'\].*keep one"):
+        arch_from_hf_config(cfg)
+    agreeing = dict(cfg, rope_scaling={"type": "default"})  # the same thing twice: fine
+    assert arch_from_hf_config(agreeing)[0] == arch_from_hf_config(_hf_config("qwen3").to_dict())[0]
+
+
+def test_phi3_and_smollm3_exports_without_token_ids_build_in_transformers():
+    """Phi3Config / SmolLM3Config default pad_token_id to 32000 / 128004, past a small vocabulary (their
+    embedding's padding_idx): an export with no source ids writes null until a tokenizer fills them."""
+    from megatron_minitron.config import ModelArch
+
+    for family, arch in (("phi3", ModelArch(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                                            vocab_size=96, rotary_percent=0.5, seq_length=64)),
+                         ("smollm3", ModelArch(num_layers=2, hidden_size=32, ffn_hidden_size=64,
+                                               num_attention_heads=4, vocab_size=96, seq_length=64,
+                                               no_rope_freq=[0, 1]))):
+        exported = hf_config_from_arch(arch)  # no lineage: the family comes from the arch
+        assert exported["model_type"] == family and exported["pad_token_id"] is None
+        config = transformers.AutoConfig.for_model(**exported)
+        with torch.device("meta"):
+            transformers.AutoModelForCausalLM.from_config(config)  # raised "Padding_idx must be within ..."

@@ -130,3 +130,16 @@ def test_tied_export_omits_lm_head(tmp_path):
     export_hf_weights(model, arch, str(tmp_path))
     names = SafetensorsReader(str(tmp_path)).names()
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+
+
+def test_missing_fused_tensors_are_named_as_the_files_name_them(tmp_path):
+    """A Phi-3 directory without one layer's qkv_proj: the error names qkv_proj (what its files hold), not the
+    q/k/v parts the mapping reads from it."""
+    from megatron_minitron.hf import FusedView
+
+    model = build_hf_model("phi3")
+    state = {k: v for k, v in model.state_dict().items() if k != "model.layers.1.self_attn.qkv_proj.weight"}
+    arch, family = arch_from_hf_config(model.config.to_dict())
+    view = FusedView(None, list(state), arch, family)
+    with pytest.raises(ValueError, match=r"1 missing.*\['model\.layers\.1\.self_attn\.qkv_proj\.weight'\]"):
+        check_hf_names(view.names(), arch, str(tmp_path), view.file_name)

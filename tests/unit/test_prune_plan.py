@@ -1,4 +1,6 @@
 """Pure tests of ranking, target validation, GQA head selection, head-merge pairs and the scores file."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -109,3 +111,17 @@ def test_scores_and_plan_round_trip(tmp_path):
     assert PrunePlan.from_dict(plan.to_dict()) == plan
     with pytest.raises(FileNotFoundError, match="run importance"):
         ImportanceScores.load(str(tmp_path / "missing.pt"))
+
+
+def test_depth_pruning_keeps_the_kept_layers_rope_flags():
+    """SmolLM3-style NoPE layers: the pruned arch's no_rope_freq is the kept layers' own flags, in order."""
+    nope = dataclasses.replace(ARCH, no_rope_freq=[0, 1, 1, 0])
+    s = scores()
+    for targets, kept, flags in ((PruneTargets(drop_layers=[0]), [1, 2, 3], [1, 1, 0]),
+                                 (PruneTargets(drop_layers=[1, 2]), [0, 3], None),  # no kept layer skips RoPE
+                                 (PruneTargets(drop_range=[0, 1]), [2, 3], [1, 0])):
+        plan = make_plan(s, nope, targets)
+        assert plan.kept_layers == kept
+        assert (plan.target.no_rope_freq if plan.target.no_rope_freq and any(plan.target.no_rope_freq)
+                else None) == flags
+        plan.target.validate()
