@@ -58,6 +58,8 @@ QK_HEAD_DIM = 32
 QK_ARCH_FLAGS = [*ARCH_FLAGS, "--qk-layernorm", "--kv-channels", str(QK_HEAD_DIM)]
 # cuts a query group and a head of the kept one (merged into it); loaded at TP1
 QK_TARGETS = ["hidden_size=48", "ffn_hidden_size=96", "num_attention_heads=1", "num_query_groups=1", "num_layers=1"]
+# Llama-4 / SmolLM3-style layers without RoPE: every 2nd layer skips it (layer 2 of 2)
+NOPE_ARCH_FLAGS = [*ARCH_FLAGS, "--no-rope-freq", "2"]
 NORM_NOISE = 0.2  # norm weights := 1 + N(0, 0.2) in Megatron-LM before it saves (harness.perturb_norms)
 ATOL = 1e-4
 
@@ -125,8 +127,9 @@ def model_keys(tensors):
     return {k: v for k, v in tensors.items() if not k.startswith("optimizer.")}
 
 
-def our_logits(path):
-    """Full logits on harness.fixed_tokens() with our loader and model builder (TP1)."""
+def our_logits(path, arch=None):
+    """Full logits on harness.fixed_tokens() with our loader and model builder (TP1); ``arch``: build this one
+    instead of the checkpoint's (the weights are loaded unchecked against it)."""
     from megatron_minitron import checkpoint
     from megatron_minitron.config import Parallel
     from megatron_minitron.model.builder import build_gpt
@@ -134,9 +137,8 @@ def our_logits(path):
 
     init_distributed(1, 1)
     try:
-        arch = checkpoint.read_arch(path)
-        model = build_gpt(arch, Parallel()).eval()
-        checkpoint.load_weights(path, [model], arch=arch)
+        model = build_gpt(arch or checkpoint.read_arch(path), Parallel()).eval()
+        checkpoint.load_weights(path, [model], arch=None if arch else checkpoint.read_arch(path))
         tokens = harness.fixed_tokens()
         with torch.no_grad():
             return model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None).float()
@@ -163,7 +165,7 @@ def sources(corpus, tmp_path_factory):
     opts = {"iteration": SOURCE_ITERATION, "norm_noise": NORM_NOISE}
     runs = [("write", str(work / name), str(work / f"{name}.pt"), [*flags, "--tensor-model-parallel-size", "2",
                                                                    *tokenizer], opts)
-            for name, flags in (("src", ARCH_FLAGS), ("src_qk", QK_ARCH_FLAGS))]
+            for name, flags in (("src", ARCH_FLAGS), ("src_qk", QK_ARCH_FLAGS), ("src_nope", NOPE_ARCH_FLAGS))]
     _, dumps = megatron_lm_runs(2, runs)
     out = {}
     for (_, root, *_), written in zip(runs, dumps):
@@ -239,6 +241,22 @@ def test_our_reading_of_a_qk_layernorm_checkpoint(source_qk):
     assert info.arch.qk_layernorm and info.arch.head_dim == QK_HEAD_DIM
     assert info.layout.tensor_model_parallel_size == 2 and info.format == "megatron-lm"
     assert torch.allclose(our_logits(source_qk["root"]), source_qk["written"]["logits"], atol=ATOL, rtol=0)
+
+
+def test_our_reading_of_a_no_rope_freq_checkpoint(sources):
+    """Megatron-LM's --no-rope-freq 2: the second layer's attention skips RoPE; read as megatron-core expands it
+    (no_rope_freq [0, 1]), Megatron-LM's logits; the same weights with every layer rotating give other ones."""
+    import dataclasses
+
+    from megatron_minitron import checkpoint
+
+    source = sources["src_nope"]
+    assert source["written"]["args"]["no_rope_freq"] == 2  # what Megatron-LM ran with (expanded in its config)
+    info = checkpoint.describe_checkpoint(source["root"])
+    assert info.arch.no_rope_freq == [0, 1]
+    assert torch.allclose(our_logits(source["root"]), source["written"]["logits"], atol=ATOL, rtol=0)
+    rotating = our_logits(source["root"], arch=dataclasses.replace(info.arch, no_rope_freq=None))
+    assert (rotating - source["written"]["logits"]).abs().max() > 100 * ATOL
 
 
 def check_pruned_slices(pruned, src, plan, head_dim):

@@ -68,10 +68,14 @@ def test_fields_added_later_are_recorded_only_when_set(tmp_path):
     longrope = dataclasses.replace(ARCH, position_embedding="longrope", longrope_short_factor=[1.5] * pairs,
                                    longrope_long_factor=[4.0] * pairs, longrope_attention_factor=1.2)
     with_longrope = save_iter(tmp_path / "longrope", 1, arch=longrope)
-    for path, arch in ((plain, ARCH), (with_qk, qk), (with_yarn, yarn), (with_longrope, longrope)):
+    nope = dataclasses.replace(ARCH, no_rope_freq=[0, 1])
+    with_nope = save_iter(tmp_path / "nope", 1, arch=nope)
+    for path, arch in ((plain, ARCH), (with_qk, qk), (with_yarn, yarn), (with_longrope, longrope),
+                       (with_nope, nope)):
         with open(os.path.join(path, checkpoint.METADATA_FILE)) as f:
             recorded = yaml.safe_load(f)["architecture"]
         assert ("qk_layernorm" in recorded) is arch.qk_layernorm
+        assert recorded.get("no_rope_freq") == arch.no_rope_freq
         assert sorted(k for k in recorded if k.startswith(("yarn_", "longrope_"))) == {
             id(yarn): ["yarn_mscale", "yarn_mscale_all_dim", "yarn_rotary_scaling_factor"],
             id(longrope): ["longrope_attention_factor", "longrope_long_factor", "longrope_short_factor"],
