@@ -68,6 +68,24 @@ QK_LAYERNORM_LOAD_HINT = ("this Megatron-LM checkpoint has query/key layer norms
                           "Megatron-LM with --qk-layernorm, which --use-checkpoint-args does not restore; without "
                           "it Megatron-LM silently builds the model without them")
 
+
+
+def no_rope_load_hint(arch: ModelArch) -> Optional[str]:
+    """The flag a Megatron-LM load of this model needs (None: no layer skips RoPE). Its --use-checkpoint-args does
+    not restore args.no_rope_freq either, so it would rotate every layer: wrong logits, no error."""
+    flags = arch.no_rope_freq
+    if not flags or not any(flags):
+        return None
+    period = flags.index(1) + 1  # Megatron-LM's --no-rope-freq N: every N-th layer skips RoPE
+    if len(flags) % period == 0 and flags == ([0] * (period - 1) + [1]) * (len(flags) // period):
+        flag = f"--no-rope-freq {period}"
+    else:  # else a Python list expression
+        flag = '--no-rope-freq "[' + ",".join(str(x) for x in flags) + ']"'
+    return (f"this Megatron-LM checkpoint has layers without RoPE (no_rope_freq={flags}): load it in Megatron-LM "
+            f"with {flag}, which --use-checkpoint-args does not restore; without it Megatron-LM silently rotates "
+            f"every layer")
+
+
 # (argument, test of an unsupported value, what it is): checked before anything else is read.
 _UNSUPPORTED = (
     ("num_experts", lambda v: bool(v), "mixture of experts"),
@@ -177,7 +195,7 @@ def arch_from_args(args) -> ModelArch:
 def _no_rope_layers(value, num_layers: int) -> Optional[list]:
     """--no-rope-freq as megatron-core expands it (TransformerConfig.__post_init__): N = every N-th layer skips
     RoPE, a list = one 0 / 1 per layer; None when no layer skips it."""
-    if value is None:
+    if not value:  # None, or 0: megatron-core's "no layer skips it" too (`if self.no_rope_freq:`)
         return None
     if isinstance(value, int):
         if value <= 0 or num_layers % value:

@@ -84,11 +84,12 @@ def _rope_settings(cfg: dict, where: str = "config.json") -> dict:
         return rope
 
     params, legacy = named(cfg.get("rope_parameters")), named(cfg.get("rope_scaling"))
-    clash = sorted(k for k in set(params) & set(legacy) if params[k] != legacy[k])
-    if clash:  # e.g. a transformers-5 config (rope_parameters) with a model card's rope_scaling block pasted in
-        raise ValueError(f"{where} has both rope_parameters and rope_scaling, and they disagree on {clash}: "
-                         f"transformers 5 reads rope_scaling alone (in place of rope_parameters), 4.x the "
-                         f"other way round; keep one of the two")
+    if params and legacy and params != legacy:
+        # e.g. a transformers-5 config (rope_parameters) with a model card's rope_scaling block pasted in
+        differ = sorted(k for k in set(params) | set(legacy) if params.get(k) != legacy.get(k))
+        raise ValueError(f"{where} has both rope_parameters and rope_scaling, and they differ in {differ}: "
+                         f"transformers 5 reads rope_scaling alone in place of rope_parameters (so a key only in "
+                         f"rope_parameters, such as its rope_theta, is ignored); keep one of the two")
     for key, value in legacy.items():
         params.setdefault(key, value)
     params.setdefault("rope_type", "default")
@@ -166,7 +167,13 @@ _LONGROPE_KEYS = frozenset(("rope_type", "type", "rope_theta", "partial_rotary_f
                             "factor", "attention_factor", "original_max_position_embeddings"))
 
 
-def _longrope_fields(rope: dict, cfg: dict, where: str) -> dict:
+def _longrope_attention(max_positions: int, original: int) -> float:
+    """transformers' default LongRoPE attention factor, from the two context lengths."""
+    factor = max_positions / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _longrope_fields(rope: dict, cfg: dict, where: str, family: str = "") -> dict:
     """ModelArch's longrope_* fields for HF rope_type "longrope" (transformers' _compute_longrope_parameters:
     the attention factor is resolved here, from the config's own context lengths, and stored)."""
     unknown = sorted(k for k, v in rope.items() if k not in _LONGROPE_KEYS and v is not None)
@@ -176,16 +183,32 @@ def _longrope_fields(rope: dict, cfg: dict, where: str) -> dict:
     if not rope.get("short_factor") or not rope.get("long_factor"):
         raise ValueError(f"{where}: rope_scaling of type longrope needs short_factor and long_factor lists")
     max_positions = int(cfg.get("max_position_embeddings", 4096))
-    original = int(cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
-                   or max_positions)
+    if family == "phi3":  # Phi3Config's own key (default 4096) always overrides the rope dict's
+        original = int(cfg.get("original_max_position_embeddings") or 4096)
+    else:
+        original = int(cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                       or max_positions)
     factor = rope.get("factor")
-    factor = float(max_positions / original if factor is None else factor)
     attention = rope.get("attention_factor")
     if attention is None:
-        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        attention = (_longrope_attention(max_positions, original) if factor is None else
+                     1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
     return dict(longrope_short_factor=[float(x) for x in rope["short_factor"]],
                 longrope_long_factor=[float(x) for x in rope["long_factor"]],
                 longrope_original_max_position_embeddings=original, longrope_attention_factor=float(attention))
+
+
+def _longrope_rope_scaling(arch: ModelArch, family: str, max_positions: int) -> dict:
+    """The HF ``rope_scaling`` for LongRoPE. Phi-3's, when the attention factor is the one transformers derives
+    from the context lengths, in the three-key form transformers 4.x's Phi3Config requires (it ignores an
+    explicit attention_factor; 5.x reads the form alike); else with the factor spelled out (transformers 5)."""
+    original = arch.longrope_original_max_position_embeddings
+    factors = {"short_factor": list(arch.longrope_short_factor), "long_factor": list(arch.longrope_long_factor)}
+    derived = _longrope_attention(max_positions, original)
+    if family == "phi3" and abs(derived - arch.longrope_attention_factor) <= 1e-12 * derived:
+        return {"type": "longrope", **factors}  # original_max_position_embeddings: Phi3Config's own key
+    return {"rope_type": "longrope", **factors, "original_max_position_embeddings": original,
+            "attention_factor": arch.longrope_attention_factor}
 
 
 def yarn_rope_scaling(arch: ModelArch) -> dict:
@@ -222,8 +245,9 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
                          f"and LongRoPE are)")
     rope_scaling = rope_type == "llama3"
     rope_factor = _llama3_scaling(rope, where) if rope_scaling else 8.0
-    scaled = {"yarn": _yarn_fields, "longrope": _longrope_fields}.get(rope_type)
-    scaling_fields = scaled(rope, cfg, where) if scaled else {}
+    scaling_fields = (_yarn_fields(rope, cfg, where) if rope_type == "yarn" else
+                      _longrope_fields(rope, cfg, where, family) if rope_type == "longrope" else {})
+    scaled = bool(scaling_fields)
 
     if family == "nemotron":
         act, expected_act = "squared_relu", "relu2"
@@ -440,8 +464,5 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
     if arch.position_embedding == "yarn":
         cfg["rope_scaling"] = yarn_rope_scaling(arch)
     if arch.position_embedding == "longrope":
-        cfg["rope_scaling"] = {"rope_type": "longrope", "short_factor": list(arch.longrope_short_factor),
-                               "long_factor": list(arch.longrope_long_factor),
-                               "original_max_position_embeddings": arch.longrope_original_max_position_embeddings,
-                               "attention_factor": arch.longrope_attention_factor}
+        cfg["rope_scaling"] = _longrope_rope_scaling(arch, family, int(cfg["max_position_embeddings"]))
     return cfg

@@ -222,6 +222,12 @@ def _check_shapes(scores: ImportanceScores, arch: ModelArch) -> None:
                              f"the source model needs {shape}: the scores belong to another model")
 
 
+def _kept_flags(flags, kept_layers) -> Optional[list]:
+    """The kept layers' own per-layer flags; None when none of them is set (what an unflagged model records)."""
+    kept = [flags[i] for i in kept_layers] if flags else []
+    return kept if any(kept) else None
+
+
 def make_plan(scores: ImportanceScores, arch: ModelArch, targets: PruneTargets, tp: int = 1,
               merge_heads: bool = True) -> PrunePlan:
     """Validate the targets and rank every axis; ``tp`` is the tensor-parallel size the pruned model will be
@@ -255,6 +261,6 @@ def make_plan(scores: ImportanceScores, arch: ModelArch, targets: PruneTargets, 
         num_query_groups=None if arch.num_query_groups is None and groups_t == heads_t else groups_t,
         kv_channels=arch.head_dim,
         # the kept layers keep whether they rotate (NoPE layers, SmolLM3)
-        no_rope_freq=[arch.no_rope_freq[i] for i in kept_layers] if arch.no_rope_freq else None)
+        no_rope_freq=_kept_flags(arch.no_rope_freq, kept_layers))
     return PrunePlan(source=arch, target=target, kept_layers=kept_layers, hidden=top_k(scores.hidden, hidden_t),
                      neurons=neurons, groups=groups, heads=heads, head_merge=merges)

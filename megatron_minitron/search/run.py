@@ -212,7 +212,8 @@ def _run_candidate(cfg: SearchConfig, arch, name, scores) -> Optional[dict]:
     after = trainer.evaluate()
     return {"name": name, "targets": prune_targets(arch), "parameters": parameter_count(arch, "total"),
             "non_embedding_parameters": parameter_count(arch, "non_embedding"), "steps": s.steps,
-            "before": before, "after": after, "architecture": to_dict(arch)}
+            "before": before, "after": after,
+            "architecture": to_dict(checkpoint.read_arch(pruned))}  # the pruned model's own (its no_rope_freq too)
 
 
 def _prune_pipeline_size(cfg: SearchConfig, arch, scores: str) -> int:

@@ -369,6 +369,29 @@ def test_pruned_at_tp1_and_in_place_at_tp2_load_in_megatron_lm(source, source_qk
         assert torch.equal(dumps[2]["tensors"][key][0], source_qk["tensors"][key][qk_plan["kept_layers"][0]])
 
 
+def test_our_no_rope_save_loads_in_megatron_lm_with_the_flag_the_save_names(sources, corpus, tmp_path):
+    """SRC_NOPE pruned (width) to Megatron-LM format: Megatron-LM loads it with the --no-rope-freq the save's
+    warning names and gives our logits; with --use-checkpoint-args alone it rotates every layer (other logits,
+    no error), which is why the save warns."""
+    from megatron_minitron import checkpoint
+    from megatron_minitron.checkpoint import megatron_lm as mlm
+
+    save = str(tmp_path / "pruned_nope")
+    with pytest.warns(UserWarning, match="--no-rope-freq 2,"):
+        minitron("prune", "--load", sources["src_nope"]["root"], "--save", save, "--save-format", "megatron-lm",
+                 "--data", corpus["train"], "--num-samples", "8", "--micro-batch-size", "2", "--seq-length", SEQ,
+                 "--target", "ffn_hidden_size=96")
+    arch = checkpoint.read_arch(save)
+    assert arch.no_rope_freq == [0, 1] and "--no-rope-freq 2," in mlm.no_rope_load_hint(arch)
+    runs = [("load", save, str(tmp_path / f"{name}.pt"), ["--tensor-model-parallel-size", 1, *extra], {})
+            for name, extra in (("flag", ["--no-rope-freq", "2"]), ("args_only", []))]
+    _, (with_flag, args_only) = megatron_lm_runs(2, runs)
+    ours = our_logits(save)
+    assert torch.allclose(with_flag["logits"], ours, atol=ATOL, rtol=0), (with_flag["logits"] - ours).abs().max()
+    assert args_only["args"]["no_rope_freq"] is None  # not restored from the checkpoint's args
+    assert (args_only["logits"] - ours).abs().max() > 100 * ATOL
+
+
 def hf_logits(hf_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().eval()
     with torch.no_grad():

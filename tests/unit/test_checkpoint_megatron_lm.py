@@ -440,6 +440,7 @@ def test_no_rope_freq_reads_as_megatron_core_expands_it():
         assert arch.no_rope_freq == reference.no_rope_freq, value
         assert mlm.args_from_arch(arch, Parallel()).no_rope_freq == reference.no_rope_freq
     assert mlm.arch_from_args(megatron_lm_style_args(num_layers=3, no_rope_freq=[0, 0, 0])).no_rope_freq is None
+    assert mlm.arch_from_args(megatron_lm_style_args(num_layers=3, no_rope_freq=0)).no_rope_freq is None
     with pytest.raises(ValueError, match="no_rope_freq=2 does not divide num_layers=3"):
         mlm.arch_from_args(megatron_lm_style_args(num_layers=3, no_rope_freq=2))
 
@@ -459,3 +460,27 @@ def test_hf_to_mcore_in_megatron_lm_format_refuses_yarn_before_reading_weights(t
     with pytest.raises(ValueError, match="--format megatron-lm: .* uses YaRN"):
         hf_cli.hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "out"), format="megatron-lm")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_no_rope_save_tells_how_megatron_lm_must_load_it(tmp_path):
+    """Megatron-LM's --use-checkpoint-args does not restore no_rope_freq (it then rotates every layer): a
+    Megatron-LM-format save of such a model names the flag, in the form Megatron-LM's argument parser takes."""
+    import warnings
+
+    from megatron_minitron.model.builder import build_gpt
+    from megatron_minitron.runtime.distributed import init_distributed
+
+    assert mlm.no_rope_load_hint(dataclasses.replace(BASE, num_layers=4)) is None
+    periodic = mlm.no_rope_load_hint(dataclasses.replace(BASE, num_layers=4, no_rope_freq=[0, 1, 0, 1]))
+    assert "--no-rope-freq 2," in periodic
+    custom = mlm.no_rope_load_hint(dataclasses.replace(BASE, num_layers=4, no_rope_freq=[1, 0, 0, 0]))
+    assert '--no-rope-freq "[1,0,0,0]"' in custom
+    init_distributed(1, 1)
+    arch = dataclasses.replace(BASE, num_layers=2, no_rope_freq=[0, 1])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = checkpoint.save_checkpoint_to(str(tmp_path / "nope"), [build_gpt(arch, Parallel())], arch=arch,
+                                            format="megatron-lm")
+    assert [str(w.message) for w in seen if "--no-rope-freq" in str(w.message)] == [
+        mlm.no_rope_load_hint(arch)]
+    assert checkpoint.read_arch(out).no_rope_freq == [0, 1]

@@ -339,10 +339,13 @@ def test_a_config_with_two_disagreeing_rope_blocks_is_refused():
     cfg = _hf_config("qwen3").to_dict()
     assert cfg["rope_parameters"]["rope_type"] == "default"
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
-    with pytest.raises(ValueError, match=r"both rope_parameters and rope_scaling.*\['rope_type'\].*keep one"):
+    with pytest.raises(ValueError, match=r"both rope_parameters and rope_scaling.*\['factor'.*'rope_type'\]"):
         arch_from_hf_config(cfg)
-    agreeing = dict(cfg, rope_scaling={"type": "default"})  # the same thing twice: fine
-    assert arch_from_hf_config(agreeing)[0] == arch_from_hf_config(_hf_config("qwen3").to_dict())[0]
+    # a key in one only: transformers 5 would drop rope_parameters' rope_theta (1e6) for its default 1e4
+    with pytest.raises(ValueError, match=r"differ in \['rope_theta'\]"):
+        arch_from_hf_config(dict(cfg, rope_scaling={"type": "default"}))
+    same = dict(cfg, rope_scaling=dict(cfg["rope_parameters"]))  # the same thing twice: fine
+    assert arch_from_hf_config(same)[0] == arch_from_hf_config(_hf_config("qwen3").to_dict())[0]
 
 
 def test_phi3_and_smollm3_exports_without_token_ids_build_in_transformers():
@@ -360,3 +363,38 @@ def test_phi3_and_smollm3_exports_without_token_ids_build_in_transformers():
         config = transformers.AutoConfig.for_model(**exported)
         with torch.device("meta"):
             transformers.AutoModelForCausalLM.from_config(config)  # raised "Padding_idx must be within ..."
+
+
+def test_phi3_longrope_context_lengths_and_export_form_follow_phi3config():
+    """Phi3Config's own original_max_position_embeddings (default 4096) overrides the rope dict's; the export
+    uses the three-key rope_scaling transformers 4.x's Phi3Config requires when the attention factor is the
+    one derived from the context lengths, and spells the factor out otherwise."""
+    import dataclasses
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = _hf_config("phi3_longrope").to_dict()
+    for without in ({"original_max_position_embeddings": None}, {"original_max_position_embeddings": None,
+                                                                 "rope_parameters": dict(cfg["rope_parameters"],
+                                                                 original_max_position_embeddings=8)}):
+        legacy = {k: v for k, v in dict(cfg, **without).items() if v is not None}
+        legacy["max_position_embeddings"] = 16384
+        arch, _ = arch_from_hf_config(legacy)
+        source = transformers.Phi3Config(**copy.deepcopy(legacy))
+        _, attention = ROPE_INIT_FUNCTIONS["longrope"](source, "cpu")
+        assert arch.longrope_original_max_position_embeddings == source.rope_parameters[
+            "original_max_position_embeddings"] == 4096
+        assert arch.longrope_attention_factor == pytest.approx(attention, rel=1e-12)
+    arch, _ = arch_from_hf_config(cfg)
+    exported = hf_config_from_arch(arch, "phi3", base=cfg)
+    assert exported["rope_scaling"].keys() == {"type", "short_factor", "long_factor"}
+    assert exported["original_max_position_embeddings"] == 16
+    again = transformers.Phi3Config(**exported)
+    for seq_len in (None, 17):
+        got, scale = ROPE_INIT_FUNCTIONS["longrope"](again, "cpu", seq_len=seq_len)
+        want, expected_scale = ROPE_INIT_FUNCTIONS["longrope"](transformers.Phi3Config(**cfg), "cpu", seq_len=seq_len)
+        assert torch.equal(got, want) and scale == pytest.approx(expected_scale, rel=1e-12)
+    other = dataclasses.replace(arch, longrope_attention_factor=1.5)
+    spelled = hf_config_from_arch(other, "phi3", base=cfg)["rope_scaling"]
+    assert spelled["attention_factor"] == 1.5 and spelled["rope_type"] == "longrope"
+    assert arch_from_hf_config(hf_config_from_arch(other, "phi3", base=cfg))[0] == other
