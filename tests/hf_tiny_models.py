@@ -45,6 +45,10 @@ CASES = {
     # SmolLM3: layer 1 of 2 skips RoPE (no_rope_layer_interval=2; the released models: every 4th layer)
     "smollm3": ("SmolLM3Config", dict(COMMON, rms_norm_eps=1e-6, rope_theta=2000000.0, no_rope_layer_interval=2,
                                       **PHI_IDS)),
+    # Arcee AFM: llama attention with a non-gated squared-ReLU MLP; YaRN as AFM-4.5B extends its context
+    "arcee": ("ArceeConfig", dict(COMMON, rms_norm_eps=1e-5, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, "original_max_position_embeddings": 32},
+        **PHI_IDS)),
     "nemotron": ("NemotronConfig", dict(COMMON, num_key_value_heads=4, partial_rotary_factor=0.5,
                                         norm_eps=1e-5, rope_theta=10000.0)),
 }

@@ -1,5 +1,5 @@
 """Hugging Face <-> megatron-core conversion (Llama 2/3/3.1, Mistral / Mistral-NeMo, Qwen2, Qwen3, Phi-3 / Phi-4,
-SmolLM3, Nemotron).
+SmolLM3, Arcee AFM, Nemotron).
 
 Layers:
 - ``families``: config.json <-> ``ModelArch`` (pure).

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     b.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="dtype of the written tensors; auto = as stored in the checkpoint")
     b.add_argument("--family", default=None,
-                   help="HF family to write (llama, mistral, qwen2, qwen3, phi3, smollm3, nemotron); default: the one the "
+                   help="HF family to write (llama, mistral, qwen2, qwen3, phi3, smollm3, arcee, nemotron); default: the one the "
                         "weights were imported as (kept through prune / train / distill), else inferred from the "
                         "architecture")
     b.add_argument("--tokenizer", default=None,

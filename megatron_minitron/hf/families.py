@@ -17,6 +17,7 @@ Family differences that matter for the weights (see ``mapping.py``):
   (fused.py); RoPE on the first ``partial_rotary_factor`` of the head dim (Phi-4-mini: 0.75).
 - smollm3 (SmolLM3): as llama, with layers whose attention skips RoPE (``no_rope_layers``, 1 = rotates; by
   default every 4th layer does not): megatron's ``no_rope_freq`` (1 = skips), one flag per layer.
+- arcee (Arcee AFM): as llama, with a non-gated squared-ReLU MLP (``up_proj`` / ``down_proj``, ``relu2``).
 - nemotron (Nemotron-4, Minitron): LayerNorm1P (LayerNorm whose stored gamma is gamma - 1: megatron's
   ``layernorm_zero_centered_gamma``, same stored values), squared-ReLU non-gated MLP (up/down only),
   RoPE on the first ``partial_rotary_factor`` (default 0.5) of the head dim.
@@ -29,10 +30,11 @@ from typing import Optional
 
 from ..config import ROTARY_EMBEDDINGS, ModelArch
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "nemotron")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "arcee", "nemotron")
 _ARCHITECTURE_CLASS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                        "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                       "smollm3": "SmolLM3ForCausalLM", "nemotron": "NemotronForCausalLM"}
+                       "smollm3": "SmolLM3ForCausalLM", "arcee": "ArceeForCausalLM",
+                       "nemotron": "NemotronForCausalLM"}
 # megatron-core's fixed Llama-3.x scaling constants (megatron/core/models/common/embeddings/
 # rotary_pos_embedding.py, RotaryEmbedding._apply_scaling defaults)
 MCORE_LLAMA3_LOW_FREQ_FACTOR = 1.0
@@ -254,7 +256,7 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
         norm, eps, zero_centred = "LayerNorm", float(cfg.get("norm_eps", 1e-5)), True
         rotary_percent = float(rope.get("partial_rotary_factor", 0.5))
     else:
-        act, expected_act = "swiglu", "silu"
+        act, expected_act = ("squared_relu", "relu2") if family == "arcee" else ("swiglu", "silu")
         norm, eps, zero_centred = "RMSNorm", float(cfg.get("rms_norm_eps", 1e-6)), False
         rotary_percent = float(rope.get("partial_rotary_factor", 1.0))
     hidden_act = cfg.get("hidden_act", expected_act)
@@ -336,6 +338,8 @@ def family_for_arch(arch: ModelArch) -> str:
     """The HF family that can represent ``arch`` when nothing else says which one it came from."""
     if arch.activation == "squared_relu" and arch.normalization == "LayerNorm":
         return "nemotron"
+    if arch.activation == "squared_relu":
+        return "arcee"  # squared ReLU with RMSNorm
     if arch.qk_layernorm:
         return "qwen3"
     if arch.add_qkv_bias and not arch.add_bias_linear:
@@ -367,8 +371,9 @@ def check_arch_exportable(arch: ModelArch, family: str) -> None:
                 or not arch.layernorm_zero_centered_gamma:
             problems.append("nemotron needs squared_relu, LayerNorm and layernorm_zero_centered_gamma")
     else:
-        if arch.activation != "swiglu" or arch.normalization != "RMSNorm" or arch.layernorm_zero_centered_gamma:
-            problems.append(f"{family} needs swiglu and RMSNorm without zero-centred gamma")
+        activation = "squared_relu" if family == "arcee" else "swiglu"
+        if arch.activation != activation or arch.normalization != "RMSNorm" or arch.layernorm_zero_centered_gamma:
+            problems.append(f"{family} needs {activation} and RMSNorm without zero-centred gamma")
         if arch.rotary_percent != 1.0 and family != "phi3":
             problems.append(f"{family} rotates the whole head dim (rotary_percent=1)")
     if family == "qwen2":
@@ -434,8 +439,8 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
     if family == "nemotron":
         cfg.update(hidden_act="relu2", norm_eps=arch.norm_epsilon, partial_rotary_factor=arch.rotary_percent)
     else:
-        cfg.update(hidden_act="silu", rms_norm_eps=arch.norm_epsilon)
-    if family in ("llama", "nemotron", "smollm3"):
+        cfg.update(hidden_act="relu2" if family == "arcee" else "silu", rms_norm_eps=arch.norm_epsilon)
+    if family in ("llama", "nemotron", "smollm3", "arcee"):
         cfg.update(attention_bias=arch.add_bias_linear, mlp_bias=arch.add_bias_linear)
     if family == "smollm3":
         cfg.setdefault("use_sliding_window", False)

@@ -7,7 +7,7 @@ which a depth-pruned model's config must not keep (transformers refuses one long
 num_hidden_layers). qwen3_yarn: a Qwen3 with YaRN rope, as its model card extends the context. phi3_partial_tied: Phi-4-mini's
 layout (fused qkv_proj / gate_up_proj, RoPE on 3/4 of the head dim, tied), pruned heads and groups cut the
 fused tensors. phi3_longrope: Phi-3.5-mini's LongRoPE (per-frequency factors, its attention factor). smollm3: a layer
-without RoPE; the depth-pruned model keeps the kept layer's flag."""
+without RoPE; the depth-pruned model keeps the kept layer's flag. arcee: a non-gated squared-ReLU MLP."""
 import argparse
 import json
 import logging
@@ -40,7 +40,7 @@ def _run(module, argv):
 
 
 @pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "qwen3_yarn", "phi3_partial_tied", "phi3_longrope",
-                                  "smollm3"])
+                                  "smollm3", "arcee"])
 def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     init_distributed(1, 1)
     hf_dir, ckpt, pruned, back = (str(tmp_path / n) for n in ("hf", "ckpt", "pruned", "back"))
@@ -67,8 +67,8 @@ def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     assert (arch.hidden_size, arch.ffn_hidden_size, arch.num_attention_heads, arch.query_groups,
             arch.num_layers, arch.head_dim) == (hidden, 40, 2, 1, 1, head_dim)
     assert arch.qk_layernorm == (family == "qwen3")
-    assert arch.position_embedding == ("yarn" if case.endswith("_yarn") else
-                                       "longrope" if case.endswith("_longrope") else "rope")
+    rope_type = source.config.rope_parameters["rope_type"]  # yarn: qwen3_yarn, arcee; longrope: phi3_longrope
+    assert arch.position_embedding == {"default": "rope"}.get(rope_type, rope_type)
     # the prune carries the import's family and config.json on, so the export is written over the source's
     # config: its non-architecture fields stay, and its 2-entry layer_types must go (transformers refuses it
     # for 1 layer)
@@ -100,7 +100,7 @@ def test_pruned_checkpoint_exports_to_transformers(case, tmp_path, caplog):
     assert hf_model.config.num_hidden_layers == 1
     theirs = hf_logits(hf_model.float().eval(), tokens)
     assert (ours[..., :theirs.shape[-1]] - theirs).abs().max().item() < 1e-4
-    if case.endswith(("_yarn", "_longrope")):  # the pruned model runs the source's frequencies and attention factor
+    if rope_type != "default":  # the pruned model runs the source's frequencies and attention factor
         source_rope = source.model.rotary_emb
         assert torch.equal(hf_model.model.rotary_emb.original_inv_freq, source_rope.original_inv_freq)  # init-time
         assert hf_model.model.rotary_emb.attention_scaling == source_rope.attention_scaling > 1
