@@ -2,7 +2,7 @@
 SmolLM3, Arcee AFM, Nemotron).
 
 Layers:
-- ``families``: config.json <-> ``ModelArch`` (pure).
+- ``families``: config.json <-> ``ModelArch`` (pure); ``rope``: its rope settings (Llama-3.x, YaRN, LongRoPE).
 - ``mapping``: which HF tensors make each megatron parameter; cutting one TP shard; merging shards (pure).
 - ``fused``: the families whose files fuse some of those tensors (Phi-3's qkv_proj, gate_up_proj).
 - ``io``: lazy safetensors reading, sharded writing, tokenizer files.
