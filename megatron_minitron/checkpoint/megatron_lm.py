@@ -62,28 +62,44 @@ def _get(args, *names, default=None):
     return default
 
 
-# Megatron-LM's --use-checkpoint-args does not restore args.qk_layernorm: without the flag it builds the model
-# without q/k norms and leaves the stored ones unread, with no error (seen on a checkpoint it wrote itself)
-QK_LAYERNORM_LOAD_HINT = ("this Megatron-LM checkpoint has query/key layer norms (Qwen3, qk_layernorm): load it in "
-                          "Megatron-LM with --qk-layernorm, which --use-checkpoint-args does not restore; without "
-                          "it Megatron-LM silently builds the model without them")
+# Megatron-LM's --use-checkpoint-args (checkpointing.load_args_from_checkpoint) restores only a fixed list of
+# args: of those we write, these are not among them. Loaded without the flags, Megatron-LM silently builds
+# another model (no q/k norms, plain RoPE, every layer rotating, its default epsilon): wrong logits, no error
+# (each seen against Megatron-LM itself, tests/megatron_lm)
+MEGATRON_LM_NORM_EPSILON = 1e-5  # TransformerConfig.layernorm_epsilon's default, what --norm-epsilon sets
 
 
-
-def no_rope_load_hint(arch: ModelArch) -> Optional[str]:
-    """The flag a Megatron-LM load of this model needs (None: no layer skips RoPE). Its --use-checkpoint-args does
-    not restore args.no_rope_freq either, so it would rotate every layer: wrong logits, no error."""
-    flags = arch.no_rope_freq
-    if not flags or not any(flags):
-        return None
-    period = flags.index(1) + 1  # Megatron-LM's --no-rope-freq N: every N-th layer skips RoPE
+def _no_rope_value(flags: list) -> str:
+    period = flags.index(1) + 1  # --no-rope-freq N: every N-th layer skips RoPE
     if len(flags) % period == 0 and flags == ([0] * (period - 1) + [1]) * (len(flags) // period):
-        flag = f"--no-rope-freq {period}"
-    else:  # else a Python list expression
-        flag = '--no-rope-freq "[' + ",".join(str(x) for x in flags) + ']"'
-    return (f"this Megatron-LM checkpoint has layers without RoPE (no_rope_freq={flags}): load it in Megatron-LM "
-            f"with {flag}, which --use-checkpoint-args does not restore; without it Megatron-LM silently rotates "
-            f"every layer")
+        return str(period)
+    return "[" + ",".join(str(int(x)) for x in flags) + "]"  # else the Python list Megatron-LM evaluates
+
+
+def load_flags(arch: ModelArch) -> list:
+    """The Megatron-LM arguments (argv tokens) a load of this model needs on top of --use-checkpoint-args."""
+    flags = []
+    if arch.qk_layernorm:
+        flags.append("--qk-layernorm")
+    if arch.rope_scaling:
+        flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(float(arch.rope_scaling_factor))]
+    if float(arch.norm_epsilon) != MEGATRON_LM_NORM_EPSILON:
+        flags += ["--norm-epsilon", repr(float(arch.norm_epsilon))]
+    if arch.no_rope_freq and any(arch.no_rope_freq):
+        flags += ["--no-rope-freq", _no_rope_value(list(arch.no_rope_freq))]
+    return flags
+
+
+def load_hint(arch: ModelArch) -> Optional[str]:
+    """What a Megatron-LM-format save says (None when Megatron-LM's --use-checkpoint-args restores it all)."""
+    import shlex
+
+    flags = load_flags(arch)
+    if not flags:
+        return None
+    return ("Megatron-LM's --use-checkpoint-args does not restore all of this checkpoint's architecture: without "
+            "these flags it silently builds a different model (wrong logits, no error). Load it in Megatron-LM "
+            f"with: {shlex.join(flags)}")
 
 
 # (argument, test of an unsupported value, what it is): checked before anything else is read.

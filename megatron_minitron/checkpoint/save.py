@@ -176,11 +176,9 @@ def _save(paths: layout.SavePaths, iteration: int, model_chunks: list, *, arch, 
     save_kwargs = {}
     if megatron_lm:
         from . import megatron_lm as mlm
-        if arch is not None and arch.qk_layernorm and dist.get_rank() == 0:
-            warnings.warn(mlm.QK_LAYERNORM_LOAD_HINT, stacklevel=2)  # once per process (Python's default filter)
-        no_rope_hint = mlm.no_rope_load_hint(arch) if arch is not None else None
-        if no_rope_hint and dist.get_rank() == 0:
-            warnings.warn(no_rope_hint, stacklevel=2)
+        hint = mlm.load_hint(arch) if arch is not None else None
+        if hint and dist.get_rank() == 0:
+            warnings.warn(hint, stacklevel=2)  # once per process (Python's default filter)
         if save_rng:
             state[RNG_KEY] = mlm.rng_sharded_object(mlm.to_megatron_rng(collect_rng_state()))
         fields = dict(megatron_lm_args or {})

@@ -85,8 +85,14 @@ def arch_from_hf_config(hf_config: dict, where: str = "config.json") -> tuple[Mo
         rotary_percent = float(rope.get("partial_rotary_factor", 0.5))
     else:
         act, expected_act = ("squared_relu", "relu2") if family == "arcee" else ("swiglu", "silu")
-        norm, eps, zero_centred = "RMSNorm", float(cfg.get("rms_norm_eps", 1e-6)), False
+        # the config classes' own default when the key is absent
+        default_eps = 1e-5 if family in ("phi3", "arcee") else 1e-6
+        norm, eps, zero_centred = "RMSNorm", float(cfg.get("rms_norm_eps", default_eps)), False
         rotary_percent = float(rope.get("partial_rotary_factor", 1.0))
+        if rotary_percent != 1.0 and family not in ("phi3",):
+            raise ValueError(f"{where}: partial_rotary_factor={rotary_percent}, but transformers' {family} rotates "
+                             f"the whole head dim (its rope ignores the key); remove it from config.json if the "
+                             f"model was trained with transformers, or convert it as a family that honours it")
     hidden_act = cfg.get("hidden_act", expected_act)
     if hidden_act != expected_act:
         raise ValueError(f"{where}: {family} with hidden_act={hidden_act!r} is not supported "
@@ -223,8 +229,8 @@ def check_arch_exportable(arch: ModelArch, family: str) -> None:
         problems.append(f"transformers' Phi3Config checks the longrope factor lists against hidden_size // "
                         f"num_attention_heads ({arch.hidden_size // arch.num_attention_heads}), not head_dim "
                         f"({arch.head_dim}): prune to hidden_size = num_attention_heads x {arch.head_dim}")
-    if arch.rope_scaling and family not in ("llama",):
-        problems.append(f"{family} has no llama3 rope scaling")
+    if arch.rope_scaling and family in ("phi3",):  # the others' rope takes any rope_type transformers knows
+        problems.append(f"{family} has no llama3 rope scaling (transformers' Phi3Config: default or longrope)")
     heads = arch.num_attention_heads
     if arch.hidden_size % heads and _transformers_major() >= 5:
         lower, upper = arch.hidden_size // heads * heads, (arch.hidden_size // heads + 1) * heads
@@ -275,9 +281,9 @@ def hf_config_from_arch(arch: ModelArch, family: Optional[str] = None, base: Opt
         cfg.setdefault("use_sliding_window", False)
     if family in ("mistral", "phi3"):  # MistralConfig defaults to a 4096-token window megatron never applies
         cfg.setdefault("sliding_window", None)
-    if family in ("phi3", "smollm3"):
-        # their config classes default to ids past a small vocabulary (Phi3: pad 32000; SmolLM3: 128004), which
-        # transformers then uses as the embedding's padding_idx; None until the tokenizer's fill them
+    if family in ("phi3", "smollm3", "arcee"):
+        # their config classes default to ids past a small vocabulary (Phi3: pad 32000; SmolLM3: 128004; Arcee:
+        # bos 128000), which transformers then uses (the embedding's padding_idx); None until the tokenizer's fill them
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             cfg.setdefault(key, None)
     if family == "phi3":

@@ -58,8 +58,10 @@ QK_HEAD_DIM = 32
 QK_ARCH_FLAGS = [*ARCH_FLAGS, "--qk-layernorm", "--kv-channels", str(QK_HEAD_DIM)]
 # cuts a query group and a head of the kept one (merged into it); loaded at TP1
 QK_TARGETS = ["hidden_size=48", "ffn_hidden_size=96", "num_attention_heads=1", "num_query_groups=1", "num_layers=1"]
-# Llama-4 / SmolLM3-style layers without RoPE: every 2nd layer skips it (layer 2 of 2)
-NOPE_ARCH_FLAGS = [*ARCH_FLAGS, "--no-rope-freq", "2"]
+# the architecture Megatron-LM's --use-checkpoint-args does not restore: Llama-4 / SmolLM3-style layers without
+# RoPE (every 2nd: layer 2 of 2), Llama-3.1 rope scaling, a norm epsilon other than its default (Qwen's 1e-6)
+NOPE_ARCH_FLAGS = [*ARCH_FLAGS, "--no-rope-freq", "2", "--use-rope-scaling", "--rope-scaling-factor", "8",
+                   "--norm-epsilon", "1e-6"]
 NORM_NOISE = 0.2  # norm weights := 1 + N(0, 0.2) in Megatron-LM before it saves (harness.perturb_norms)
 ATOL = 1e-4
 
@@ -244,8 +246,9 @@ def test_our_reading_of_a_qk_layernorm_checkpoint(source_qk):
 
 
 def test_our_reading_of_a_no_rope_freq_checkpoint(sources):
-    """Megatron-LM's --no-rope-freq 2: the second layer's attention skips RoPE; read as megatron-core expands it
-    (no_rope_freq [0, 1]), Megatron-LM's logits; the same weights with every layer rotating give other ones."""
+    """Megatron-LM's --no-rope-freq 2 (the second layer's attention skips RoPE) with Llama-3.1 rope scaling and
+    epsilon 1e-6: read as megatron-core expands it (no_rope_freq [0, 1]), Megatron-LM's logits; the same weights
+    with every layer rotating give other ones."""
     import dataclasses
 
     from megatron_minitron import checkpoint
@@ -254,6 +257,7 @@ def test_our_reading_of_a_no_rope_freq_checkpoint(sources):
     assert source["written"]["args"]["no_rope_freq"] == 2  # what Megatron-LM ran with (expanded in its config)
     info = checkpoint.describe_checkpoint(source["root"])
     assert info.arch.no_rope_freq == [0, 1]
+    assert (info.arch.rope_scaling, info.arch.rope_scaling_factor, info.arch.norm_epsilon) == (True, 8.0, 1e-6)
     assert torch.allclose(our_logits(source["root"]), source["written"]["logits"], atol=ATOL, rtol=0)
     rotating = our_logits(source["root"], arch=dataclasses.replace(info.arch, no_rope_freq=None))
     assert (rotating - source["written"]["logits"]).abs().max() > 100 * ATOL
@@ -369,26 +373,30 @@ def test_pruned_at_tp1_and_in_place_at_tp2_load_in_megatron_lm(source, source_qk
         assert torch.equal(dumps[2]["tensors"][key][0], source_qk["tensors"][key][qk_plan["kept_layers"][0]])
 
 
-def test_our_no_rope_save_loads_in_megatron_lm_with_the_flag_the_save_names(sources, corpus, tmp_path):
-    """SRC_NOPE pruned (width) to Megatron-LM format: Megatron-LM loads it with the --no-rope-freq the save's
-    warning names and gives our logits; with --use-checkpoint-args alone it rotates every layer (other logits,
-    no error), which is why the save warns."""
+def test_our_save_loads_in_megatron_lm_with_the_flags_the_save_names(sources, corpus, tmp_path):
+    """SRC_NOPE pruned (width) to Megatron-LM format: Megatron-LM loads it with the flags the save's warning
+    names and gives our logits; with --use-checkpoint-args alone it rotates every layer, with plain RoPE and
+    its default epsilon (other logits, no error), which is why the save warns."""
     from megatron_minitron import checkpoint
     from megatron_minitron.checkpoint import megatron_lm as mlm
 
     save = str(tmp_path / "pruned_nope")
-    with pytest.warns(UserWarning, match="--no-rope-freq 2,"):
+    with pytest.warns(UserWarning, match="with: --use-rope-scaling --rope-scaling-factor 8.0 --norm-epsilon 1e-06 "
+                                         "--no-rope-freq 2$"):
         minitron("prune", "--load", sources["src_nope"]["root"], "--save", save, "--save-format", "megatron-lm",
                  "--data", corpus["train"], "--num-samples", "8", "--micro-batch-size", "2", "--seq-length", SEQ,
                  "--target", "ffn_hidden_size=96")
     arch = checkpoint.read_arch(save)
-    assert arch.no_rope_freq == [0, 1] and "--no-rope-freq 2," in mlm.no_rope_load_hint(arch)
+    assert arch.no_rope_freq == [0, 1]
     runs = [("load", save, str(tmp_path / f"{name}.pt"), ["--tensor-model-parallel-size", 1, *extra], {})
-            for name, extra in (("flag", ["--no-rope-freq", "2"]), ("args_only", []))]
+            for name, extra in (("flag", mlm.load_flags(arch)), ("args_only", []))]
     _, (with_flag, args_only) = megatron_lm_runs(2, runs)
     ours = our_logits(save)
     assert torch.allclose(with_flag["logits"], ours, atol=ATOL, rtol=0), (with_flag["logits"] - ours).abs().max()
-    assert args_only["args"]["no_rope_freq"] is None  # not restored from the checkpoint's args
+    assert with_flag["args"]["layernorm_epsilon"] == 1e-6 and with_flag["args"]["use_rope_scaling"]
+    not_restored = args_only["args"]  # from the checkpoint's args, where we wrote them
+    assert (not_restored["no_rope_freq"], not_restored["use_rope_scaling"], not_restored["layernorm_epsilon"]) == (
+        None, False, 1e-5)
     assert (args_only["logits"] - ours).abs().max() > 100 * ATOL
 
 

@@ -462,25 +462,31 @@ def test_hf_to_mcore_in_megatron_lm_format_refuses_yarn_before_reading_weights(t
     assert not (tmp_path / "out").exists()
 
 
-def test_a_no_rope_save_tells_how_megatron_lm_must_load_it(tmp_path):
-    """Megatron-LM's --use-checkpoint-args does not restore no_rope_freq (it then rotates every layer): a
-    Megatron-LM-format save of such a model names the flag, in the form Megatron-LM's argument parser takes."""
+def test_a_save_names_the_flags_megatron_lm_does_not_restore(tmp_path):
+    """Megatron-LM's --use-checkpoint-args leaves out qk_layernorm, Llama-3.1 rope scaling, the norm epsilon and
+    no_rope_freq (it then builds another model, silently): a Megatron-LM-format save names the arguments, as
+    Megatron-LM's parser takes them (--no-rope-freq N for a period, else a Python list)."""
+    import shlex
     import warnings
 
     from megatron_minitron.model.builder import build_gpt
     from megatron_minitron.runtime.distributed import init_distributed
 
-    assert mlm.no_rope_load_hint(dataclasses.replace(BASE, num_layers=4)) is None
-    periodic = mlm.no_rope_load_hint(dataclasses.replace(BASE, num_layers=4, no_rope_freq=[0, 1, 0, 1]))
-    assert "--no-rope-freq 2," in periodic
-    custom = mlm.no_rope_load_hint(dataclasses.replace(BASE, num_layers=4, no_rope_freq=[1, 0, 0, 0]))
-    assert '--no-rope-freq "[1,0,0,0]"' in custom
+    plain = dataclasses.replace(BASE, num_layers=4)
+    assert mlm.load_flags(plain) == [] and mlm.load_hint(plain) is None
+    assert mlm.load_flags(dataclasses.replace(plain, no_rope_freq=[0, 1, 0, 1])) == ["--no-rope-freq", "2"]
+    assert mlm.load_flags(dataclasses.replace(plain, no_rope_freq=[1, 0, 0, 0])) == ["--no-rope-freq", "[1,0,0,0]"]
+    assert mlm.load_flags(dataclasses.replace(plain, no_rope_freq=[0, 0, 0, 1])) == ["--no-rope-freq", "4"]
+    every = dataclasses.replace(plain, qk_layernorm=True, rope_scaling=True, rope_scaling_factor=32.0,
+                                norm_epsilon=1e-6, no_rope_freq=[0, 0, 1, 1])
+    assert mlm.load_flags(every) == ["--qk-layernorm", "--use-rope-scaling", "--rope-scaling-factor", "32.0",
+                                     "--norm-epsilon", "1e-06", "--no-rope-freq", "[0,0,1,1]"]
+    assert mlm.load_hint(every).endswith(shlex.join(mlm.load_flags(every)))
     init_distributed(1, 1)
     arch = dataclasses.replace(BASE, num_layers=2, no_rope_freq=[0, 1])
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         out = checkpoint.save_checkpoint_to(str(tmp_path / "nope"), [build_gpt(arch, Parallel())], arch=arch,
                                             format="megatron-lm")
-    assert [str(w.message) for w in seen if "--no-rope-freq" in str(w.message)] == [
-        mlm.no_rope_load_hint(arch)]
+    assert [str(w.message) for w in seen if "--use-checkpoint-args" in str(w.message)] == [mlm.load_hint(arch)]
     assert checkpoint.read_arch(out).no_rope_freq == [0, 1]

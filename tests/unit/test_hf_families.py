@@ -117,6 +117,7 @@ def test_legacy_rope_layout_is_read():
                           "long_factor": [2.0] * 3}}, "longrope_short_factor must list 4 positive numbers"),
     ({"rope_parameters": {"rope_type": "su", "rope_theta": 1e4}}, "'su' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"partial_rotary_factor": 0.5}, "transformers' llama rotates the whole head dim"),  # LlamaConfig ignores it
     ({"attention_bias": True, "mlp_bias": False}, "add_bias_linear"),
     ({"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 128},
      "mixture-of-experts.*num_experts"),
@@ -348,18 +349,22 @@ def test_a_config_with_two_disagreeing_rope_blocks_is_refused():
     assert arch_from_hf_config(same)[0] == arch_from_hf_config(_hf_config("qwen3").to_dict())[0]
 
 
-def test_phi3_and_smollm3_exports_without_token_ids_build_in_transformers():
-    """Phi3Config / SmolLM3Config default pad_token_id to 32000 / 128004, past a small vocabulary (their
-    embedding's padding_idx): an export with no source ids writes null until a tokenizer fills them."""
+def test_phi3_smollm3_arcee_exports_without_token_ids_build_in_transformers():
+    """Phi3Config / SmolLM3Config / ArceeConfig default their ids past a small vocabulary (pad 32000 / 128004, the
+    embedding's padding_idx; Arcee's bos 128000): an export with no source ids writes null until a tokenizer
+    fills them."""
     from megatron_minitron.config import ModelArch
 
     for family, arch in (("phi3", ModelArch(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                                             vocab_size=96, rotary_percent=0.5, seq_length=64)),
                          ("smollm3", ModelArch(num_layers=2, hidden_size=32, ffn_hidden_size=64,
                                                num_attention_heads=4, vocab_size=96, seq_length=64,
-                                               no_rope_freq=[0, 1]))):
+                                               no_rope_freq=[0, 1])),
+                         ("arcee", ModelArch(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                                             vocab_size=96, seq_length=64, activation="squared_relu"))):
         exported = hf_config_from_arch(arch)  # no lineage: the family comes from the arch
-        assert exported["model_type"] == family and exported["pad_token_id"] is None
+        assert exported["model_type"] == family
+        assert exported["pad_token_id"] is exported["bos_token_id"] is exported["eos_token_id"] is None
         config = transformers.AutoConfig.for_model(**exported)
         with torch.device("meta"):
             transformers.AutoModelForCausalLM.from_config(config)  # raised "Padding_idx must be within ..."
@@ -398,3 +403,28 @@ def test_phi3_longrope_context_lengths_and_export_form_follow_phi3config():
     spelled = hf_config_from_arch(other, "phi3", base=cfg)["rope_scaling"]
     assert spelled["attention_factor"] == 1.5 and spelled["rope_type"] == "longrope"
     assert arch_from_hf_config(hf_config_from_arch(other, "phi3", base=cfg))[0] == other
+
+
+def test_llama3_rope_exports_for_every_family_whose_rope_takes_it():
+    """transformers' rope for these families takes any rope type it knows: a Llama-3.1-scaled arch exported as
+    mistral (or arcee, smollm3) gets the llama3 frequencies; Phi3Config takes default / longrope only."""
+    import dataclasses
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    source = _hf_config("llama31")
+    arch, _ = arch_from_hf_config(source.to_dict())
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](source, "cpu")
+    for family, variant in (("mistral", arch), ("smollm3", arch),
+                            ("arcee", dataclasses.replace(arch, activation="squared_relu"))):
+        exported = transformers.AutoConfig.for_model(**hf_config_from_arch(variant, family))
+        assert torch.equal(ROPE_INIT_FUNCTIONS["llama3"](exported, "cpu")[0], expected), family
+    with pytest.raises(ValueError, match="phi3 has no llama3 rope scaling"):
+        hf_config_from_arch(arch, "phi3")
+
+
+def test_rms_norm_eps_defaults_to_the_config_class_default():
+    for case in ("arcee", "phi3", "llama", "qwen3"):
+        cfg = {k: v for k, v in _hf_config(case).to_dict().items() if k != "rms_norm_eps"}
+        expected = getattr(transformers, CASES[case][0])().rms_norm_eps
+        assert arch_from_hf_config(cfg)[0].norm_epsilon == expected, case
