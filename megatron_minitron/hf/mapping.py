@@ -24,6 +24,7 @@ import torch
 
 from ..config import ModelArch
 from ..model import params
+from .fused import FusedView, fuse
 
 # kinds of megatron parameters
 QKV, GLU_FC1, COLUMN, VOCAB, ROW, REPLICATED = "qkv", "glu_fc1", "column", "vocab", "row", "replicated"
@@ -258,8 +259,6 @@ def hf_to_megatron(hf_state: dict, arch: ModelArch, tp_rank: int = 0, tp_size: i
                    family: Optional[str] = None) -> dict:
     """Whole-model (all layers, global numbering) megatron state of one TP rank, in memory. ``family``: the
     state's HF family, for those that store fused tensors (fused.py)."""
-    from .fused import FusedView
-
     read = FusedView(dict_reader(hf_state), hf_state, arch, family).read
     return {s.mcore_name: megatron_shard(s, read, arch, tp_rank, tp_size)
             for s in param_specs(arch)}
@@ -267,8 +266,6 @@ def hf_to_megatron(hf_state: dict, arch: ModelArch, tp_rank: int = 0, tp_size: i
 
 def megatron_to_hf(shards_per_rank: list, arch: ModelArch, family: Optional[str] = None) -> dict:
     """Inverse of ``hf_to_megatron``: [state of TP rank 0, rank 1, ...] -> HF state dict (of ``family``)."""
-    from .fused import fuse
-
     out = {}
     for spec in param_specs(arch):
         out.update(fuse(hf_tensors(spec, [s[spec.mcore_name] for s in shards_per_rank], arch), arch, family))

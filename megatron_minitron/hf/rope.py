@@ -111,9 +111,9 @@ _LONGROPE_KEYS = frozenset(("rope_type", "type", "rope_theta", "partial_rotary_f
                             "factor", "attention_factor", "original_max_position_embeddings"))
 
 
-def _longrope_attention(max_positions: int, original: int) -> float:
-    """transformers' default LongRoPE attention factor, from the two context lengths."""
-    factor = max_positions / original
+def _longrope_attention(factor: float, original: int) -> float:
+    """transformers' default LongRoPE attention factor (``factor``: max_position_embeddings / original unless
+    the config gives one)."""
     return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
@@ -135,8 +135,7 @@ def _longrope_fields(rope: dict, cfg: dict, where: str, family: str = "") -> dic
     factor = rope.get("factor")
     attention = rope.get("attention_factor")
     if attention is None:
-        attention = (_longrope_attention(max_positions, original) if factor is None else
-                     1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
+        attention = _longrope_attention(max_positions / original if factor is None else factor, original)
     return dict(longrope_short_factor=[float(x) for x in rope["short_factor"]],
                 longrope_long_factor=[float(x) for x in rope["long_factor"]],
                 longrope_original_max_position_embeddings=original, longrope_attention_factor=float(attention))
@@ -148,7 +147,7 @@ def _longrope_rope_scaling(arch: ModelArch, family: str, max_positions: int) -> 
     explicit attention_factor; 5.x reads the form alike); else with the factor spelled out (transformers 5)."""
     original = arch.longrope_original_max_position_embeddings
     factors = {"short_factor": list(arch.longrope_short_factor), "long_factor": list(arch.longrope_long_factor)}
-    derived = _longrope_attention(max_positions, original)
+    derived = _longrope_attention(max_positions / original, original)
     if family == "phi3" and abs(derived - arch.longrope_attention_factor) <= 1e-12 * derived:
         return {"type": "longrope", **factors}  # original_max_position_embeddings: Phi3Config's own key
     return {"rope_type": "longrope", **factors, "original_max_position_embeddings": original,
