@@ -105,7 +105,12 @@ def check_readable_by_installed_core(directory: str) -> None:
 
 def is_megatron_lm_dir(directory: str) -> bool:
     """A complete megatron-core dist checkpoint directory: metadata.json, torch's index and the common state
-    (common.pt, or inside the shards as megatron-core >= 0.19 writes it)."""
+    (common.pt, or inside the shards as megatron-core >= 0.19 writes it); or a legacy ``--ckpt-format torch``
+    one (megatron_lm_torch.py: an mp_rank_* file per model-parallel rank)."""
+    from .megatron_lm_torch import is_torch_format_dir
+
+    if is_torch_format_dir(directory):
+        return True
     if not all(os.path.isfile(os.path.join(directory, name)) for name in (DIST_CONFIG_FILE, DCP_METADATA_FILE)):
         return False
     return os.path.isfile(os.path.join(directory, COMMON_FILE)) or has_inline_common_state(directory)
@@ -338,8 +343,9 @@ def resolve_checkpoint_dir(path: str) -> str:
     raise FileNotFoundError(
         f"{path} is not a checkpoint. Looked for megatron-minitron's ({COMMIT_FILE} marker and {METADATA_FILE} "
         f"in a checkpoint directory, or a `latest` file in a root) and Megatron-LM's ({TRACKER_FILE} in a "
-        f"root; {COMMON_FILE} + {DIST_CONFIG_FILE} + {DCP_METADATA_FILE} in an iter_*/release directory); "
-        f"found none. Pass a checkpoint root or a checkpoint directory.")
+        f"root; {COMMON_FILE} + {DIST_CONFIG_FILE} + {DCP_METADATA_FILE}, or --ckpt-format torch's "
+        f"mp_rank_*/model_optim_rng.pt, in an iter_*/release directory); found none. Pass a checkpoint root "
+        f"or a checkpoint directory.")
 
 
 def looks_like_checkpoint(directory: str) -> bool:

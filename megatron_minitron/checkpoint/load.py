@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelArch
-from . import integrity
+from . import integrity, megatron_lm_torch
 from ..runtime.forward import unwrap_model
 from .description import CheckpointInfo, describe_directory
 from .layout import check_readable_by_installed_core, resolve_checkpoint_dir
@@ -73,6 +73,16 @@ def _load_model(loaded: dict, model_chunks: list) -> None:
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
 
 
+def _torch_format(info: CheckpointInfo) -> bool:
+    return info.format == MEGATRON_LM_FORMAT and info.contents.backend == megatron_lm_torch.BACKEND
+
+
+def _load_torch_format(info: CheckpointInfo, model_chunks: list) -> None:
+    layout = info.layout
+    megatron_lm_torch.load_model_weights(info.directory, info.arch, layout.tensor_model_parallel_size,
+                                         layout.pipeline_model_parallel_size, model_chunks)
+
+
 def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=None,
                     arch: Optional[ModelArch] = None, load_rng: bool = True,
                     validate_access_integrity: bool = True) -> dict:
@@ -84,6 +94,11 @@ def load_checkpoint(path: str, model_chunks: list, optimizer=None, scheduler=Non
     """
     info = _prepare(path, model_chunks, arch)
     directory, contents, saved = info.directory, info.contents, info.layout
+    if _torch_format(info):
+        raise ValueError(f"{directory} is a Megatron-LM --ckpt-format torch checkpoint, whose optimizer, "
+                         f"scheduler and RNG state megatron-minitron does not restore; load its weights "
+                         f"(load_weights / train.load) to start a run from them, or resume it in Megatron-LM "
+                         f"(or convert it there with --ckpt-convert-format torch_dist --ckpt-convert-save DIR)")
     for name, wanted in (("optimizer", optimizer), ("scheduler", scheduler)):
         if wanted is not None and not getattr(contents, name):
             raise ValueError(f"{directory} holds no {name} state (it was saved without one, e.g. by prune or "
@@ -163,6 +178,10 @@ def read_weights(path: str, model_chunks: list, arch: Optional[ModelArch] = None
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     info = _prepare(path, model_chunks, arch)
+    if _torch_format(info):
+        layout = info.layout
+        return megatron_lm_torch.read_model_weights(info.directory, info.arch, layout.tensor_model_parallel_size,
+                                                    layout.pipeline_model_parallel_size, model_chunks)
     state = model_sharded_state(model_chunks)
 
     def into_new_tensor(entry):
@@ -182,8 +201,11 @@ def load_weights(path: str, model_chunks: list, arch: Optional[ModelArch] = None
     main copies of bf16 weights are refreshed from the loaded weights. Returns the checkpoint's metadata
     record (``read_metadata``'s dict; ``describe_checkpoint`` gives the same typed)."""
     info = _prepare(path, model_chunks, arch)
-    loaded = _dist_load(model_sharded_state(model_chunks), info.directory, validate_access_integrity)
-    _load_model(loaded, model_chunks)
+    if _torch_format(info):
+        _load_torch_format(info, model_chunks)
+    else:
+        loaded = _dist_load(model_sharded_state(model_chunks), info.directory, validate_access_integrity)
+        _load_model(loaded, model_chunks)
     if optimizer is not None:
         optimizer.reload_model_params()
     return info.metadata

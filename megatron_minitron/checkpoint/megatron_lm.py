@@ -418,13 +418,28 @@ def has_sharded_key(directory: str, prefix: str) -> bool:
 
 
 def metadata_from_directory(directory: str, dir_name: Optional[str] = None) -> dict:
-    """Our metadata dict (the shape of minitron.yaml) for a Megatron-LM checkpoint directory."""
+    """Our metadata dict (the shape of minitron.yaml) for a Megatron-LM checkpoint directory (torch_dist, or
+    the legacy torch format: megatron_lm_torch.py)."""
+    from . import megatron_lm_torch
+
+    if megatron_lm_torch.is_torch_format_dir(directory):
+        common = megatron_lm_torch.read_common(directory)
+        return _metadata(common, directory, dir_name, has_optimizer=common.get("optimizer") is not None,
+                         has_rng=common.get(RNG_KEY) is not None, backend=megatron_lm_torch.BACKEND)
     common = read_common(directory)
-    args = common.get("args")
-    if args is None:
+    if common.get("args") is None:
         raise ValueError(f"{os.path.join(directory, COMMON_FILE)} holds no `args`: it is a megatron-core dist "
                          f"checkpoint but not one written by Megatron-LM's training loop (a NeMo 2 `weights/` "
                          f"directory, for instance), so its architecture is unknown")
+    # a never-stepped non-distributed optimizer has only its param groups (common.pt), no sharded state
+    has_optimizer = "optimizer" in common or has_sharded_key(directory, "optimizer")
+    return _metadata(common, directory, dir_name, has_optimizer=has_optimizer,
+                     has_rng=has_sharded_key(directory, RNG_KEY), backend="torch_dist")
+
+
+def _metadata(common: dict, directory: str, dir_name: Optional[str], has_optimizer: bool, has_rng: bool,
+              backend: str) -> dict:
+    args = common["args"]
     arch = arch_from_args(args)
     release = (dir_name or os.path.basename(os.path.normpath(directory))) == RELEASE_DIR
     sizes = {"tp": int(_get(args, "tensor_model_parallel_size", default=1)),
@@ -435,8 +450,6 @@ def metadata_from_directory(directory: str, dir_name: Optional[str] = None) -> d
     if arch.num_layers % (pp * chunks) == 0:
         per_stage = [[arch.num_layers // (pp * chunks)] * chunks for _ in range(pp)]
     content = common.get("content_metadata") or {}
-    # a never-stepped non-distributed optimizer has only its param groups (common.pt), no sharded state
-    has_optimizer = "optimizer" in common or has_sharded_key(directory, "optimizer")
     if has_optimizer:
         sharding = content.get("distrib_optim_sharding_type") or (
             "per_parameter" if not _get(args, "use_distributed_optimizer", default=False) else "unknown")
@@ -454,10 +467,10 @@ def metadata_from_directory(directory: str, dir_name: Optional[str] = None) -> d
                      "world_size": int(_get(args, "world_size", default=sizes["tp"] * pp)),
                      "model_chunks": chunks, "layers_per_stage": per_stage},
         "contents": {"model": True, "optimizer": has_optimizer, "optimizer_sharding": sharding,
-                     "scheduler": SCHEDULER_KEY in common, "rng": has_sharded_key(directory, RNG_KEY),
+                     "scheduler": SCHEDULER_KEY in common, "rng": has_rng,
                      "extra_keys": sorted(str(k) for k in extra), "release": release,
                      "params_dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
-                     "backend": "torch_dist"},
+                     "backend": backend},
         "provenance": {"written_by": "Megatron-LM", "checkpoint_version": common.get("checkpoint_version")},
         "tokenizer": tokenizer_from_args(args),
     }

@@ -183,6 +183,10 @@ def prepare(cfg: PruneConfig, extra_metrics: Collection[str] = ()) -> PreparedPr
     targets = cfg.targets
     info = checkpoint.describe_checkpoint(cfg.load)  # FileNotFoundError / ValueError when not a checkpoint
     arch = info.arch
+    if cfg.in_place and info.contents.backend != "torch_dist":
+        raise ValueError(f"--in-place rewrites {cfg.load} in its own format, but it is a Megatron-LM "
+                         f"--ckpt-format {info.contents.backend} checkpoint, which megatron-minitron reads and does "
+                         f"not write; use --save OUT (Megatron-LM's torch_dist, which its --load reads, by default)")
     save_format = _save_format(cfg, info.format)
     save = _check_output(cfg, info.directory, save_format)
     if save_format == "megatron-lm" and not cfg.scores_only:

@@ -18,7 +18,8 @@ Two operations, each launched like a user's ``torchrun pretrain_gpt.py ...`` run
 
 Both dump (rank 0, torch.save) {"iteration", "args", "tp", "tensors": {sharded key: full tensor},
 "optimizer": {sharded key: full tensor} (None when the optimizer holds no state), "logits": full-vocabulary
-logits [b, s, V] on ``fixed_tokens()``}; load adds "checkpoint_iteration" (common.pt's) and "scheduler".
+logits [b, s, V] on ``fixed_tokens()`` (None with PP > 1)}; load adds "checkpoint_iteration" (common.pt's)
+and "scheduler".
 ``tensors`` are assembled from the model's own ``sharded_state_dict()`` - the layout torch_dist stores,
 independent of TP - so dumps taken at different TP sizes compare directly, and compare directly with a
 checkpoint read by plain ``torch.distributed.checkpoint`` (``read_checkpoint_tensors``).
@@ -239,10 +240,11 @@ def model_and_optimizer_tensors(model, optimizer, args):
     from megatron.training.utils import unwrap_model
 
     metadata = _build_sharded_state_dict_metadata(args)  # what save_checkpoint passes
+    chunk_sds = [chunk.sharded_state_dict(metadata=metadata) for chunk in unwrap_model(model)]
     model_sd = {}
-    for chunk in unwrap_model(model):
-        model_sd.update(chunk.sharded_state_dict(metadata=metadata))
-    tensors = global_tensors(model_sd)
+    for chunk_sd in chunk_sds:
+        model_sd.update(chunk_sd)
+    tensors = global_tensors(chunk_sds)  # virtual chunks share keys (their layers' offsets differ)
     inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])] if optimizer else []
     optim = None
     if any(len(o.state) for o in inner):
@@ -271,7 +273,8 @@ def dump(path, model, optimizer, args, **record):
     import torch
     import torch.distributed as dist
 
-    logits = full_logits(model, fixed_tokens())
+    # full_logits runs one stage as the whole model: only meaningful (and only possible) without PP
+    logits = full_logits(model, fixed_tokens()) if args.pipeline_model_parallel_size == 1 else None
     tensors, optim = model_and_optimizer_tensors(model, optimizer, args)
     if dist.get_rank() == 0:
         tmp = path + ".tmp"
