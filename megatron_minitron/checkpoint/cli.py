@@ -10,14 +10,16 @@ def register(subparsers) -> None:
                                           "save time: missing, truncated, zero-length and damaged files are\n"
                                           "named. Checkpoints without a manifest (older ones, Megatron-LM's)\n"
                                           "get the checks possible without one: the files torch_dist's\n"
-                                          ".metadata refers to exist and hold their bytes.")
+                                          ".metadata refers to exist and hold their bytes; a legacy\n"
+                                          "--ckpt-format torch one's rank files are all there, complete,\n"
+                                          "and match their zip CRC-32s.")
     p.add_argument("checkpoint", help="a checkpoint root (follows its latest / tracker file) or directory")
     p.add_argument("--sizes-only", action="store_true", help="check presence and sizes, skip the checksums")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from . import integrity
+    from . import integrity, megatron_lm_torch
     from .layout import resolve_checkpoint_dir
     from .description import describe_directory
 
@@ -25,6 +27,14 @@ def run(args) -> int:
     directory = resolve_checkpoint_dir(args.checkpoint)
     describe_directory(directory)  # the description parses (our metadata or Megatron-LM's common.pt)
     manifest = integrity.read_manifest(directory)
+    if manifest is None and megatron_lm_torch.is_torch_format_dir(directory):
+        problems = megatron_lm_torch.check_files(directory, checksums=not args.sizes_only)
+        if problems:
+            raise ValueError(integrity.damage_message(directory, problems))
+        what = "complete zip archives" + ("" if args.sizes_only else " whose entries match their CRC-32")
+        print(f"{directory}: Megatron-LM --ckpt-format torch checkpoint: every rank file its args' TP x PP needs "
+              f"is present, {what} ({time.time() - started:.1f} s)", flush=True)
+        return 0
     if manifest is None:
         problems = integrity.check_storage_references(directory)
         if problems:

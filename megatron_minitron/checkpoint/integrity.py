@@ -204,10 +204,15 @@ def finish_manifest(staging: str, entries: dict) -> None:
 
 def verify_before_load(directory: str, hashes: bool = True) -> None:
     """Every rank, before reading tensors: each checks a disjoint share of the manifest's files (or, with no
-    manifest, rank 0 checks torch_dist's file references); all raise the same ValueError naming the damage."""
+    manifest, rank 0 checks torch_dist's file references; a legacy torch-format checkpoint's rank files are
+    shared out and CRC-checked); all raise the same ValueError naming the damage."""
+    from . import megatron_lm_torch
+
     rank, world = _world()
     manifest = read_manifest(directory)
-    if manifest is None:
+    if manifest is None and megatron_lm_torch.is_torch_format_dir(directory):
+        problems = megatron_lm_torch.check_files(directory, checksums=hashes, rank=rank, world=world)
+    elif manifest is None:
         problems = check_storage_references(directory) if rank == 0 else []
     else:
         problems = check_files(directory, manifest, sorted(manifest["files"])[rank::world], hashes=hashes)

@@ -92,14 +92,46 @@ def read_common(directory: str) -> dict:
     return _load(files[(0, 0)])
 
 
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    """The directory Megatron-LM's get_checkpoint_name gives a rank's file."""
+    return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
+
+
+def check_files(directory: str, checksums: bool = True, rank: int = 0, world: int = 1) -> list:
+    """Problems with the rank files (an empty list when none): every file the args' TP x PP needs exists, and
+    this rank's share of them is a complete zip archive (torch.save's format: a truncated file has no central
+    directory) whose members match their stored CRC-32 when ``checksums``."""
+    import zipfile
+
+    try:
+        args = read_common(directory)["args"]
+    except ValueError as e:
+        return [str(e)]
+    tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    problems, present = [], []
+    for name in (rank_dir_name(t, p, pp) for t in range(tp) for p in range(pp)):
+        path = os.path.join(directory, name, RANK_FILE)
+        (present if os.path.isfile(path) else problems).append(path)
+    problems = [f"{path} is missing" for path in problems] if rank == 0 else []
+    for path in present[rank::world]:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip() if checksums else None
+            if bad is not None:
+                problems.append(f"{path}: its entry {bad} does not match its CRC-32 (damaged)")
+        except (zipfile.BadZipFile, OSError) as e:
+            problems.append(f"{path} is not a complete torch.save file ({e}): truncated or damaged")
+    return problems
+
+
 class TorchFormatCheckpoint:
     """Where every saved shard is: ``shards(name)`` -> the TP shards of one tensor (global layer numbering,
     model/params.py names), in TP-rank order."""
 
     def __init__(self, directory: str, arch: ModelArch, tp: int, pp: int):
         files = rank_dirs(directory)
-        missing = [f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else "") for t in range(tp) for p in range(pp)
-                   if (t, p) not in files]
+        missing = [rank_dir_name(t, p, pp) for t in range(tp) for p in range(pp) if (t, p) not in files]
         if missing:
             raise ValueError(f"{directory} lacks {missing} (args say TP{tp} PP{pp}): files were lost or the save "
                              f"did not finish; use another iteration")

@@ -13,11 +13,14 @@ Then:
     gives Megatron-LM's logits, in our model and in transformers after `convert mcore-to-hf`;
   * prune of VPP at TP1 (in this process) and at TP2 x PP2 (4 ranks) with the same scores write the same
     tensors, and Megatron-LM's load_checkpoint (default flags) loads that output with our logits;
-  * refused with the fix: --in-place, a resume (load_checkpoint with optimizer), a lost rank file.
+  * refused with the fix: --in-place, a resume (load_checkpoint with optimizer), a lost rank file, a flipped
+    byte in a tensor (the rank files' zip CRC-32s, on load and in `minitron verify`).
 """
 import os
+import re
 import shutil
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -148,7 +151,28 @@ def test_torch_format_refusals(torch_sources, corpus, tmp_path, capsys):
         damaged = str(tmp_path / "damaged")
         shutil.copytree(source, damaged)
         shutil.rmtree(os.path.join(damaged, f"iter_{ITERATION:07d}", "mp_rank_01_001"))
+        with pytest.raises(ValueError, match=r"mp_rank_01_001/model_optim_rng.pt is missing"):
+            checkpoint.load_weights(damaged, [model], arch=arch)  # named before any tensor is read
         with pytest.raises(ValueError, match=r"lacks \['mp_rank_01_001'\] \(args say TP2 PP2\)"):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("MINITRON_LOAD_VERIFY", "off")  # the reader's own check
+                checkpoint.load_weights(damaged, [model], arch=arch)
+        # one flipped byte inside a tensor of a rank file: its zip CRC-32 names it (load and `minitron verify`)
+        flipped = os.path.join(damaged, f"iter_{ITERATION:07d}", "mp_rank_00_001", "model_optim_rng.pt")
+        shutil.rmtree(os.path.dirname(flipped))
+        shutil.copytree(os.path.join(source, f"iter_{ITERATION:07d}", "mp_rank_00_001"), os.path.dirname(flipped))
+        shutil.copytree(os.path.join(source, f"iter_{ITERATION:07d}", "mp_rank_01_001"),
+                        os.path.join(damaged, f"iter_{ITERATION:07d}", "mp_rank_01_001"))
+        with zipfile.ZipFile(flipped) as archive:
+            entry = max(archive.infolist(), key=lambda i: i.file_size)  # the largest tensor's storage
+        with open(flipped, "r+b") as f:
+            f.seek(entry.header_offset + 30 + len(entry.filename) + len(entry.extra) + entry.file_size // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        with pytest.raises(ValueError, match=f"its entry {re.escape(entry.filename)} does not match its CRC-32"):
             checkpoint.load_weights(damaged, [model], arch=arch)
+        assert cli.main(["verify", damaged]) == 2 and "does not match its CRC-32" in capsys.readouterr().err
+        assert cli.main(["verify", source]) == 0 and "whose entries match their CRC-32" in capsys.readouterr().out
     finally:
         destroy()
