@@ -425,7 +425,8 @@ def metadata_from_directory(directory: str, dir_name: Optional[str] = None) -> d
     if megatron_lm_torch.is_torch_format_dir(directory):
         common = megatron_lm_torch.read_common(directory)
         return _metadata(common, directory, dir_name, has_optimizer=common.get("optimizer") is not None,
-                         has_rng=common.get(RNG_KEY) is not None, backend=megatron_lm_torch.BACKEND)
+                         has_rng=common.get(RNG_KEY) is not None, backend=megatron_lm_torch.BACKEND,
+                         layer_counts=megatron_lm_torch.layer_counts(directory, common["args"]))
     common = read_common(directory)
     if common.get("args") is None:
         raise ValueError(f"{os.path.join(directory, COMMON_FILE)} holds no `args`: it is a megatron-core dist "
@@ -437,8 +438,16 @@ def metadata_from_directory(directory: str, dir_name: Optional[str] = None) -> d
                      has_rng=has_sharded_key(directory, RNG_KEY), backend="torch_dist")
 
 
+# Megatron-LM's arguments that split layers over pipeline stages other than evenly
+_UNEVEN_SPLIT_ARGS = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                      "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                      "account_for_loss_in_pipeline_split")
+
+
 def _metadata(common: dict, directory: str, dir_name: Optional[str], has_optimizer: bool, has_rng: bool,
-              backend: str) -> dict:
+              backend: str, layer_counts: Optional[list] = None) -> dict:
+    """``layer_counts``: layers per stage and virtual chunk when known from the files (torch format); else the
+    even split when the args split evenly, or None (unknown)."""
     args = common["args"]
     arch = arch_from_args(args)
     release = (dir_name or os.path.basename(os.path.normpath(directory))) == RELEASE_DIR
@@ -447,7 +456,10 @@ def _metadata(common: dict, directory: str, dir_name: Optional[str], has_optimiz
     chunks = int(_get(args, "virtual_pipeline_model_parallel_size", default=1) or 1)
     pp = sizes["pp"]
     per_stage = None
-    if arch.num_layers % (pp * chunks) == 0:
+    uneven = any(_get(args, name) for name in _UNEVEN_SPLIT_ARGS)
+    if layer_counts is not None:
+        per_stage = layer_counts
+    elif arch.num_layers % (pp * chunks) == 0 and not uneven:
         per_stage = [[arch.num_layers // (pp * chunks)] * chunks for _ in range(pp)]
     content = common.get("content_metadata") or {}
     if has_optimizer:

@@ -37,7 +37,7 @@ _MODEL_KEY_RE = re.compile(r"^model(\d*)$")
 
 def rank_dirs(directory: str) -> dict:
     """{(tp_rank, pp_rank): path of its file} of a torch-format iteration directory ({} when it is none)."""
-    found = {}
+    found, schemes = {}, set()
     try:
         names = os.listdir(directory)
     except OSError:
@@ -49,7 +49,12 @@ def rank_dirs(directory: str) -> dict:
             if match.group(3) is not None:
                 raise ValueError(f"{os.path.join(directory, name)}: a Megatron-LM checkpoint with expert "
                                  f"parallelism (MoE), which megatron-minitron does not build")
+            schemes.add(match.group(2) is not None)
             found[(int(match.group(1)), int(match.group(2) or 0))] = path
+    if len(schemes) > 1:  # Megatron-LM never empties the directory it saves into
+        raise ValueError(f"{directory} holds two saves, one without pipeline parallelism (mp_rank_TT) and one with "
+                         f"it (mp_rank_TT_PPP): a later save at another PP size went into the same iteration "
+                         f"directory. Move the stale set away, or save again into an empty directory")
     return found
 
 
@@ -57,17 +62,34 @@ def is_torch_format_dir(directory: str) -> bool:
     return bool(rank_dirs(directory))
 
 
+def _numpy_aliases() -> list:
+    """numpy's array-unpickling function under the module names numpy 1.x and 2.x pickle it with: the RNG state
+    Megatron-LM saves (np.random.get_state()) names the writer's, megatron-core registers only the reader's."""
+    import numpy
+
+    core = getattr(numpy, "_core", None) or numpy.core
+    reconstruct = core.multiarray._reconstruct
+    return [(reconstruct, f"{name}.multiarray._reconstruct") for name in ("numpy.core", "numpy._core")]
+
+
 def _load(path: str) -> dict:
     """One rank file, memory-mapped (tensor bytes are read when touched). weights_only, with the classes
     megatron-core registers as safe (argparse.Namespace, its enums), as Megatron-LM's own load does."""
+    import pickle
+
     import megatron.core  # noqa: F401  registers megatron-core's safe globals
 
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # truncated, not a zip-format torch.save, or an object outside the safe list
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:300]}); the checkpoint is "
-                         f"incomplete, or was written by a Megatron-LM whose saved objects this megatron-core "
-                         f"does not know") from None
+        with torch.serialization.safe_globals(_numpy_aliases()):
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:  # an object outside the safe list
+        unsupported = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"{path} holds an object torch's weights-only unpickler refuses "
+                         f"({', '.join(unsupported) or str(e)[:300]}): it was written by a Megatron-LM or library "
+                         f"version whose saved objects this environment does not know") from None
+    except Exception as e:  # truncated, or not a zip-format torch.save
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:300]}); the file is incomplete "
+                         f"or damaged") from None
     if not isinstance(state, dict) or "args" not in state:
         raise ValueError(f"{path} is not a Megatron-LM checkpoint file (no `args`)")
     return state
@@ -92,6 +114,20 @@ def read_common(directory: str) -> dict:
     return _load(files[(0, 0)])
 
 
+def layer_counts(directory: str, args) -> Optional[list]:
+    """[[layers of chunk 0, chunk 1, ...] per pipeline stage], counted in TP rank 0's files (None when a file is
+    missing: the load names it)."""
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    files = rank_dirs(directory)
+    if any((0, p) not in files for p in range(pp)):
+        return None
+    counts = []
+    for p in range(pp):
+        chunks = _chunk_states(_load(files[(0, p)]), files[(0, p)])
+        counts.append([len({m.group(1) for m in map(_LAYER_KEY_RE.match, chunk) if m}) for chunk in chunks])
+    return counts
+
+
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
     """The directory Megatron-LM's get_checkpoint_name gives a rank's file."""
     return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
@@ -103,10 +139,14 @@ def check_files(directory: str, checksums: bool = True, rank: int = 0, world: in
     directory) whose members match their stored CRC-32 when ``checksums``."""
     import zipfile
 
+    first = rank_dirs(directory).get((0, 0))
     try:
-        args = read_common(directory)["args"]
-    except ValueError as e:
-        return [str(e)]
+        with zipfile.ZipFile(first or os.path.join(directory, "mp_rank_00", RANK_FILE)):
+            pass
+    except (zipfile.BadZipFile, OSError) as e:
+        return [f"{first} is not a complete torch.save file ({e}): truncated or damaged" if first else
+                f"{directory} has no mp_rank_00 or mp_rank_00_000/{RANK_FILE}"]
+    args = read_common(directory)["args"]  # an object it cannot unpickle is not damage: its own ValueError
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
     pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
     problems, present = [], []
@@ -161,6 +201,11 @@ class TorchFormatCheckpoint:
             else:
                 row = params.find(key, per_layer=False)
                 name = None if row is None else row.name
+            if row is None and key.startswith("language_model"):
+                raise ValueError(f"{self.directory} holds a legacy (non-megatron-core) Megatron-LM model "
+                                 f"(`language_model.*` modules), which megatron-minitron does not read: convert it to "
+                                 f"megatron-core with Megatron-LM's tools/checkpoint/convert.py --loader legacy "
+                                 f"--saver core first")
             if row is None:
                 raise ValueError(f"{self.directory}: the saved tensor {key} is not one megatron-minitron's GPT has "
                                  f"(a feature its args do not declare, or a custom layer spec)")
@@ -189,8 +234,8 @@ def _kind(row: params.Tensor, arch: ModelArch) -> Optional[str]:
 def reshard(row: params.Tensor, arch: ModelArch, saved: list, tp_rank: int, tp_size: int) -> torch.Tensor:
     """One TP rank's shard at ``tp_size`` from the shards ``saved`` at another TP size (megatron-core's
     layouts: column-parallel tensors split their first axis into contiguous blocks - for linear_qkv whole
-    query groups - row-parallel ones their second; SwiGLU's fc1 splits each half; the padded vocabulary is cut
-    to ``arch.vocab_size`` rows and padded again with zeros for the new TP size)."""
+    query groups - row-parallel ones their second; SwiGLU's fc1 splits each half; the padded vocabulary keeps
+    the saved rows the new TP size's padding has room for, then zero rows)."""
     kind = _kind(row, arch)
     if kind is None:
         return saved[0]
@@ -199,9 +244,9 @@ def reshard(row: params.Tensor, arch: ModelArch, saved: list, tp_rank: int, tp_s
         gate, up = (torch.cat([h[i] for h in halves]) for i in (0, 1))
         return torch.cat([torch.chunk(gate, tp_size)[tp_rank], torch.chunk(up, tp_size)[tp_rank]])
     full = torch.cat(saved, dim=row.tp_axis)
-    if kind == "vocab":
+    if kind == "vocab":  # the saved rows the new padding has room for (the real ones, and trained padding)
         rows = arch.padded_vocab_size(tp_size)
-        full = full[:min(arch.vocab_size, rows)]
+        full = full[:rows]
         if full.shape[0] < rows:
             full = torch.cat([full, full.new_zeros(rows - full.shape[0], *full.shape[1:])])
     return torch.chunk(full, tp_size, dim=row.tp_axis)[tp_rank]

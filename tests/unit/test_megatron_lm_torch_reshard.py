@@ -42,17 +42,18 @@ def test_reshard_gives_the_shards_the_hf_mapping_cuts(case, saved_tp, tp):
     assert {"qkv", "vocab", "attn", None} <= kinds, kinds  # every layout was exercised
 
 
-def test_reshard_of_the_padded_vocabulary_keeps_real_rows_only():
-    """Saved at TP2 (vocab 96 padded to 256 rows), loaded at TP1 (128 rows): the 96 real rows, then zeros, even
-    where the saved padding rows hold values (a trained model's)."""
+def test_reshard_of_the_padded_vocabulary_keeps_the_saved_rows_the_new_padding_holds():
+    """vocab 96: 128 rows at TP1, 256 at TP2 (make_vocab_size_divisible_by 128). Trained padding rows (here set
+    to 7) are kept where the new padding has room for them, zero rows fill the rest; the real rows are exact."""
     hf = build_hf_model("llama")
     arch, family = arch_from_hf_config(hf.config.to_dict())
     arch = dataclasses.replace(arch, make_vocab_size_divisible_by=128)  # Megatron-LM's default
-    saved = [hf_to_megatron(hf.state_dict(), arch, r, 2, family=family)["embedding.word_embeddings.weight"]
-             for r in range(2)]
-    saved[1][-5:] = 7.0  # the last padding rows
     row = params.find("embedding.word_embeddings.weight", per_layer=False)
-    got = reshard(row, arch, saved, 0, 1)
-    assert saved[0].shape[0] + saved[1].shape[0] == arch.padded_vocab_size(2) == 256
-    assert got.shape == (arch.padded_vocab_size(1), arch.hidden_size) == (128, 32)
-    assert torch.equal(got[:96], hf.state_dict()["model.embed_tokens.weight"]) and not got[96:].any()
+    real = hf.state_dict()["model.embed_tokens.weight"]
+    at_tp1 = hf_to_megatron(hf.state_dict(), arch, 0, 1, family=family)["embedding.word_embeddings.weight"]
+    at_tp1[120:] = 7.0  # trained padding rows
+    up = [reshard(row, arch, [at_tp1], r, 2) for r in range(2)]
+    assert [u.shape[0] for u in up] == [128, 128] and arch.padded_vocab_size(2) == 256
+    assert torch.equal(up[0][:96], real) and (up[0][120:] == 7).all() and not up[1].any()
+    down = reshard(row, arch, up, 0, 1)  # back: the 128 rows TP1 holds, padding rows included
+    assert torch.equal(down, at_tp1)
