@@ -239,6 +239,9 @@ def reshard(row: params.Tensor, arch: ModelArch, saved: list, tp_rank: int, tp_s
     kind = _kind(row, arch)
     if kind is None:
         return saved[0]
+    same_rows = kind != "vocab" or sum(s.shape[0] for s in saved) == arch.padded_vocab_size(tp_size)
+    if len(saved) == tp_size and same_rows:
+        return saved[tp_rank]  # loaded at the saved TP: this rank's own file only
     if kind == "glu":
         halves = [torch.chunk(s, 2, dim=0) for s in saved]
         gate, up = (torch.cat([h[i] for h in halves]) for i in (0, 1))
