@@ -25,16 +25,17 @@ def run(args) -> int:
 
     started = time.time()
     directory = resolve_checkpoint_dir(args.checkpoint)
-    describe_directory(directory)  # the description parses (our metadata or Megatron-LM's common.pt)
     manifest = integrity.read_manifest(directory)
     if manifest is None and megatron_lm_torch.is_torch_format_dir(directory):
-        problems = megatron_lm_torch.check_files(directory, checksums=not args.sizes_only)
+        problems = megatron_lm_torch.check_files(directory, checksums=not args.sizes_only)  # before any unpickling
         if problems:
             raise ValueError(integrity.damage_message(directory, problems))
+        describe_directory(directory)  # the args describe a model we build
         what = "complete zip archives" + ("" if args.sizes_only else " whose entries match their CRC-32")
         print(f"{directory}: Megatron-LM --ckpt-format torch checkpoint: every rank file its args' TP x PP needs "
               f"is present, {what} ({time.time() - started:.1f} s)", flush=True)
         return 0
+    describe_directory(directory)  # the description parses (our metadata or Megatron-LM's common.pt)
     if manifest is None:
         problems = integrity.check_storage_references(directory)
         if problems:

@@ -456,7 +456,7 @@ def _metadata(common: dict, directory: str, dir_name: Optional[str], has_optimiz
     chunks = int(_get(args, "virtual_pipeline_model_parallel_size", default=1) or 1)
     pp = sizes["pp"]
     per_stage = None
-    uneven = any(_get(args, name) for name in _UNEVEN_SPLIT_ARGS)
+    uneven = pp > 1 and any(_get(args, name) for name in _UNEVEN_SPLIT_ARGS)
     if layer_counts is not None:
         per_stage = layer_counts
     elif arch.num_layers % (pp * chunks) == 0 and not uneven:

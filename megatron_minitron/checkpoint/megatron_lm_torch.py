@@ -3,8 +3,8 @@ writes: "only 'torch' supported for conversion"), read as weights at any TP x PP
 
     ROOT/latest_checkpointed_iteration.txt
     ROOT/iter_0000007/mp_rank_00/model_optim_rng.pt        PP = 1: one file per TP rank
-                      mp_rank_00_000/model_optim_rng.pt    PP > 1: TP rank, PP rank (an expert rank after it:
-                                                           MoE, refused with the rest of MoE)
+                      mp_rank_00_000/model_optim_rng.pt    PP > 1: TP rank, PP rank (an expert rank after them
+                                                           means MoE: refused, from the args at PP1)
       each file: torch.save of {"args", "checkpoint_version", "iteration", "model" ("model0", "model1", ...
       with a virtual pipeline), "optimizer", "opt_param_scheduler", "rng_state", ...}; "model" is that rank's
       GPTModel.state_dict(): its TP shards, layers numbered from 0 on every stage / chunk.
@@ -12,7 +12,8 @@ writes: "only 'torch' supported for conversion"), read as weights at any TP x PP
 Unlike torch_dist, nothing in the files says where a shard sits in the global tensor, so the TP layout of each
 tensor kind comes from model/params.py (the same table the HF mapping and the trimming read) and the global
 layer index from counting the layers of the stages before. A rank reads the files memory-mapped and
-touches only the saved shards of its own parameters (every TP shard of each, to cut its new one from).
+touches only the saved shards of its own parameters: at the saved TP its own, at another TP every TP shard of
+each (to cut its new one from).
 Optimizer state, scheduler and RNG are not read: training resumes from such a checkpoint in Megatron-LM, or
 after converting it there (``--ckpt-convert-format torch_dist --ckpt-convert-save DIR``); loading its weights
 (prune, distill, eval, convert, ``train.load``) needs neither.
@@ -128,6 +129,14 @@ def layer_counts(directory: str, args) -> Optional[list]:
     return counts
 
 
+def _check_args(args) -> None:
+    """What the file names alone cannot tell: at PP1 an expert rank's suffix reads like a pipeline rank
+    (mp_rank_TT_EEE), so MoE is refused from the args (arch_from_args names the argument)."""
+    from .megatron_lm import arch_from_args
+
+    arch_from_args(args)
+
+
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
     """The directory Megatron-LM's get_checkpoint_name gives a rank's file."""
     return f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if pp > 1 else "")
@@ -147,6 +156,7 @@ def check_files(directory: str, checksums: bool = True, rank: int = 0, world: in
         return [f"{first} is not a complete torch.save file ({e}): truncated or damaged" if first else
                 f"{directory} has no mp_rank_00 or mp_rank_00_000/{RANK_FILE}"]
     args = read_common(directory)["args"]  # an object it cannot unpickle is not damage: its own ValueError
+    _check_args(args)
     tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
     pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
     problems, present = [], []
@@ -177,7 +187,7 @@ class TorchFormatCheckpoint:
                              f"did not finish; use another iteration")
         self.directory, self.arch, self.tp = directory, arch, tp
         self._index = {}  # name -> [(state dict, key)] per TP rank
-        states = {key: _chunk_states(_load(path), path) for key, path in files.items() if key[1] < pp}
+        states = {key: _chunk_states(_load(path), path) for key, path in files.items() if key[0] < tp and key[1] < pp}
         chunks = len(states[(0, 0)])
         offset = 0
         for chunk in range(chunks):  # megatron's interleaved order: chunk 0 of every stage, then chunk 1, ...

@@ -10,12 +10,14 @@ One 4-rank Megatron-LM launch writes three sources, norm weights moved off 1 (ha
 Then:
   * describe_checkpoint against the args Megatron-LM ran with; a TP1 model loaded from each holds exactly
     Megatron-LM's tensors (its sharded_state_dict gathered by the harness: TP- and PP-independent), and TIED
-    gives Megatron-LM's logits, in our model and in transformers after `convert mcore-to-hf`;
+    gives Megatron-LM's logits, in our model and in transformers after `convert mcore-to-hf`, and the same
+    `minitron eval` loss loaded at its saved TP2 (2 ranks) as at TP1;
   * prune of VPP at TP1 (in this process) and at TP2 x PP2 (4 ranks) with the same scores write the same
     tensors, and Megatron-LM's load_checkpoint (default flags) loads that output with our logits;
   * refused with the fix: --in-place, a resume (load_checkpoint with optimizer), a lost rank file, a flipped
     byte in a tensor (the rank files' zip CRC-32s, on load and in `minitron verify`).
 """
+import json
 import os
 import re
 import shutil
@@ -65,14 +67,14 @@ def torch_sources(corpus, tmp_path_factory):
     return out
 
 
-def loaded_tensors(path, tp=1, pp=1):
-    """Our model of the checkpoint's arch, loaded from it: its tensors as torch_dist would store them."""
+def loaded_tensors(path):
+    """Our TP1 model of the checkpoint's arch, loaded from it: its tensors as torch_dist would store them."""
     from megatron_minitron import checkpoint
     from megatron_minitron.config import Parallel
     from megatron_minitron.model.builder import build_gpt
     from megatron_minitron.runtime.distributed import destroy, init_distributed
 
-    init_distributed(tp, pp)
+    init_distributed(1, 1)
     try:
         arch = checkpoint.read_arch(path)
         model = build_gpt(arch, Parallel()).eval()
@@ -104,6 +106,14 @@ def test_reading_torch_format_checkpoints_gives_megatron_lm_s_tensors_and_logits
                              f"our TP1 load of {name}")
     tied = torch_sources["tied"]
     assert torch.allclose(our_logits(tied["root"]), tied["written"]["logits"], atol=ATOL, rtol=0)
+    # at the saved TP2 each rank takes its own file's shards: the same LM loss as the TP1 load
+    losses = []
+    for launch, tp in ((minitron, []), (lambda *a: minitron_torchrun(2, *a), ["--tp", "2"])):
+        out = tmp_path / f"eval{len(losses)}.json"
+        launch("eval", "--load", tied["root"], *tp, "--data", corpus["valid"], "--num-samples", "4",
+               "--seq-length", SEQ, "--micro-batch-size", "2", "--output", out)
+        losses.append(json.loads(out.read_text())["lm"]["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5), losses
     hf_dir = str(tmp_path / "hf")
     minitron("convert", "mcore-to-hf", "--input", tied["root"], "--output", hf_dir)
     _, hf = hf_logits(hf_dir)

@@ -78,3 +78,17 @@ def test_an_uneven_pipeline_split_is_described_as_saved(tmp_path):
     meta = megatron_lm.metadata_from_directory(str(tmp_path))
     assert meta["parallel"]["layers_per_stage"] == [[1], [3]]
     assert meta["contents"]["backend"] == "torch"
+
+
+def test_moe_saved_at_pp1_is_refused_as_moe_not_as_damage(tmp_path):
+    """EP2 at PP1: Megatron-LM names the files mp_rank_00_000 / mp_rank_00_001 (TP rank, expert rank), which read
+    like PP ranks; the args say MoE, and every check says so before calling anything missing."""
+    from megatron_minitron.checkpoint import integrity
+
+    args = megatron_lm.args_from_arch(ARCH, Parallel(), num_experts=2, expert_model_parallel_size=2)
+    for expert in range(2):
+        write_rank(tmp_path, f"mp_rank_00_{expert:03d}", layer_keys(4), args=args)
+    with pytest.raises(ValueError, match="num_experts"):
+        integrity.verify_before_load(str(tmp_path))
+    with pytest.raises(ValueError, match="num_experts"):
+        megatron_lm.metadata_from_directory(str(tmp_path))
