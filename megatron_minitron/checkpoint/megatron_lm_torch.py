@@ -131,10 +131,12 @@ def layer_counts(directory: str, args) -> Optional[list]:
 
 def _check_args(args) -> None:
     """What the file names alone cannot tell: at PP1 an expert rank's suffix reads like a pipeline rank
-    (mp_rank_TT_EEE), so MoE is refused from the args (arch_from_args names the argument)."""
-    from .megatron_lm import arch_from_args
-
-    arch_from_args(args)
+    (mp_rank_TT_EEE), so MoE is refused from the args (describe_checkpoint refuses the rest)."""
+    experts = getattr(args, "num_experts", None)
+    if experts or int(getattr(args, "expert_model_parallel_size", 1) or 1) > 1:
+        raise ValueError(f"a Megatron-LM checkpoint of a mixture-of-experts model (num_experts={experts}, "
+                         f"expert_model_parallel_size={getattr(args, 'expert_model_parallel_size', 1)}), which "
+                         f"megatron-minitron does not build")
 
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
