@@ -53,8 +53,24 @@ import sys
 import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VENDOR = os.path.join(HERE, "vendor")
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+# Megatron-LM's code: the vendored copy (core_v0.16.1, what CI runs), or a Megatron-LM checkout at another
+# core_v* tag named by MINITRON_MEGATRON_LM_SRC, run against that tag's megatron-core
+# (tests/compat/run_with_megatron_lm.sh): a user who installs Megatron-LM today writes its checkpoints.
+MEGATRON_LM_SRC = os.environ.get("MINITRON_MEGATRON_LM_SRC")
+VENDOR = os.path.abspath(MEGATRON_LM_SRC) if MEGATRON_LM_SRC else os.path.join(HERE, "vendor")
+VENDORED_CORE = "0.16.1"
+
+
+def megatron_lm_core_version():
+    """The megatron-core version the Megatron-LM code in VENDOR was released with."""
+    if not MEGATRON_LM_SRC:
+        return VENDORED_CORE
+    import re
+
+    with open(os.path.join(VENDOR, "megatron", "core", "package_info.py")) as f:
+        info = dict(re.findall(r'^(MAJOR|MINOR|PATCH|PRE_RELEASE) = "?([^"\n]*)"?$', f.read(), re.M))
+    return f"{info['MAJOR']}.{info['MINOR']}.{info['PATCH']}{info['PRE_RELEASE']}"
 
 # Implementation choices a CPU run needs; none of them changes what a checkpoint holds.
 CPU_FLAGS = [
@@ -74,21 +90,33 @@ FIXED_BATCH_SEED = 4321
 
 
 def import_megatron_lm():
-    """Make the vendored ``megatron.training`` (and pretrain_gpt.py's helpers) importable beside the installed
+    """Make VENDOR's ``megatron.training`` (and pretrain_gpt.py's helpers) importable beside the installed
     megatron-core. ``megatron`` is a namespace package (no __init__.py, in the wheel or in Megatron-LM), so
-    adding the vendor dir to sys.path adds a portion; the vendor dir holds no ``megatron/core``."""
-    if VENDOR not in sys.path:
-        sys.path.insert(0, VENDOR)
+    adding VENDOR to sys.path adds a portion."""
+    # megatron.core first: a checkout holds one too, and a >= 0.17 wheel a megatron.training, neither of
+    # which may win over the one under test (the namespace takes each subpackage from the first path holding it)
     import megatron
     import megatron.core
-    import megatron.training
 
+    if VENDOR not in sys.path:
+        sys.path.insert(0, VENDOR)
     assert not hasattr(megatron, "__file__") or megatron.__file__ is None, "megatron must stay a namespace"
     assert not megatron.core.__file__.startswith(VENDOR), megatron.core.__file__
-    assert megatron.training.__file__.startswith(VENDOR), megatron.training.__file__
     from megatron.core.package_info import __version__
 
-    assert __version__ == "0.16.1", f"vendored Megatron-LM is core_v0.16.1; megatron-core is {__version__}"
+    expected = megatron_lm_core_version()
+    assert __version__ == expected, f"Megatron-LM in {VENDOR} is core_v{expected}'s; megatron-core is {__version__}"
+    if sys.version_info < (3, 12):
+        # Megatron-LM >= core_v0.17 needs Python 3.12 for this one name; it only marks methods (PEP 698)
+        import typing
+
+        import typing_extensions
+
+        if not hasattr(typing, "override"):
+            typing.override = typing_extensions.override
+    import megatron.training
+
+    assert megatron.training.__file__.startswith(VENDOR), megatron.training.__file__
 
 
 @contextlib.contextmanager
@@ -129,20 +157,51 @@ def initialize(flags):
     mlm_initialize._compile_dependencies = lambda: None
     sys.argv = ["pretrain_gpt.py", *CPU_FLAGS, *RUN_FLAGS, *flags]
     os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"  # validate_args requires it for TP > 1 (as its examples set)
+    defaults = {"tokenizer_type": "GPT2BPETokenizer"}
+    from megatron.training import arguments as mlm_arguments
+
+    global _CONFIG_CONTAINER
     with one_device_per_rank():
-        mlm_initialize.initialize_megatron(args_defaults={"tokenizer_type": "GPT2BPETokenizer"},
-                                           allow_no_cuda=True)
+        if hasattr(mlm_arguments, "parse_and_validate_args"):
+            # core_v0.18+'s pretrain_gpt.py parses and validates first; 0.19 builds the model from a config
+            # container made of the args (gpt_config_from_args), 0.18 still from the model provider
+            args = mlm_arguments.parse_and_validate_args(args_defaults=defaults)
+            if _builds_from_config_container():
+                from megatron.training.argument_utils import gpt_config_from_args, pretrain_cfg_container_from_args
+
+                _CONFIG_CONTAINER = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
+            mlm_initialize.initialize_megatron(allow_no_cuda=True)
+        else:
+            mlm_initialize.initialize_megatron(args_defaults=defaults, allow_no_cuda=True)
     from megatron.training import get_args
 
     return get_args()
 
 
+_CONFIG_CONTAINER = None  # core_v0.19: what pretrain() builds the model from
+
+
+def _builds_from_config_container():
+    import inspect
+
+    from megatron.training.training import setup_model_and_optimizer as mlm_setup
+
+    return "cfg_container" in inspect.signature(mlm_setup).parameters
+
+
 def setup_model_and_optimizer():
+    """Megatron-LM's setup_model_and_optimizer, called as its pretrain() calls it for pretrain_gpt.py."""
     from functools import partial
 
-    from gpt_builders import gpt_builder
     from megatron.core.enums import ModelType
     from megatron.training.training import setup_model_and_optimizer as mlm_setup
+
+    if _CONFIG_CONTAINER is not None:
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        return mlm_setup(ModelType.encoder_or_decoder, checkpointing_context={}, cfg_container=_CONFIG_CONTAINER,
+                         pg_collection=ProcessGroupCollection.use_mpu_process_groups())
+    from gpt_builders import gpt_builder
     from model_provider import model_provider
 
     return mlm_setup(partial(model_provider, gpt_builder), ModelType.encoder_or_decoder, checkpointing_context={})
@@ -187,7 +246,7 @@ def full_logits(model, tokens):
     """Full-vocabulary logits [b, s, V] (PP=1) from the unwrapped GPTModel."""
     import torch
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-    from megatron.training.utils import unwrap_model
+    from megatron.core.utils import unwrap_model  # megatron.training.utils had it up to core_v0.18
 
     gpt = unwrap_model(model)[0]
     was_training = gpt.training
@@ -237,7 +296,7 @@ def model_and_optimizer_tensors(model, optimizer, args):
     """Model and optimizer-state tensors in the keys save_checkpoint stores them under (optimizer: None when
     it holds no state, e.g. before a step or after a weights-only load)."""
     from megatron.training.checkpointing import _build_sharded_state_dict_metadata
-    from megatron.training.utils import unwrap_model
+    from megatron.core.utils import unwrap_model  # megatron.training.utils had it up to core_v0.18
 
     metadata = _build_sharded_state_dict_metadata(args)  # what save_checkpoint passes
     chunk_sds = [chunk.sharded_state_dict(metadata=metadata) for chunk in unwrap_model(model)]
@@ -299,7 +358,7 @@ def perturb_norms(model, optimizer, std):
     import zlib
 
     import torch
-    from megatron.training.utils import unwrap_model
+    from megatron.core.utils import unwrap_model  # megatron.training.utils had it up to core_v0.18
 
     with torch.no_grad():
         for chunk in unwrap_model(model):

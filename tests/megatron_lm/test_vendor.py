@@ -1,5 +1,6 @@
 """The vendored Megatron-LM files are exactly the ones at the recorded tag (git blob ids in MANIFEST), and
-they import beside the installed megatron-core without shadowing it."""
+they (or a checkout named by MINITRON_MEGATRON_LM_SRC, see harness.py) import beside the installed
+megatron-core without shadowing it."""
 import hashlib
 import os
 import subprocess
@@ -7,6 +8,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENDOR = os.path.join(HERE, "vendor")
+sys.path.insert(0, HERE)
+import harness  # noqa: E402
 
 
 def git_blob_id(path):
@@ -28,13 +31,18 @@ def test_vendored_files_are_unmodified_and_complete():
     assert on_disk - set(manifest) == {"MANIFEST", "README.md"}, on_disk - set(manifest)
 
 
-def test_megatron_training_imports_beside_installed_core():
-    code = ("import sys; sys.path.insert(0, %r); import harness; harness.import_megatron_lm(); "
-            "import megatron.core, megatron.training.checkpointing as c; print(megatron.core.__file__); "
-            "print(c.__file__)" % HERE)
+def _python(code):
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True,
                          timeout=300, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert out.returncode == 0, out.stderr[-3000:]
-    core_file, training_file = out.stdout.split()[-2:]
-    assert "site-packages" in core_file and not core_file.startswith(VENDOR)
-    assert training_file == os.path.join(VENDOR, "megatron", "training", "checkpointing.py")
+    return out.stdout.split()
+
+
+def test_megatron_training_imports_beside_installed_core():
+    installed_core = _python("import megatron.core; print(megatron.core.__file__)")[-1]
+    core_file, training_file = _python(
+        "import sys; sys.path.insert(0, %r); import harness; harness.import_megatron_lm(); "
+        "import megatron.core, megatron.training.checkpointing as c; print(megatron.core.__file__); "
+        "print(c.__file__)" % HERE)[-2:]
+    assert core_file == installed_core and not core_file.startswith(harness.VENDOR)
+    assert training_file == os.path.join(harness.VENDOR, "megatron", "training", "checkpointing.py")
