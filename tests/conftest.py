@@ -26,3 +26,33 @@ from procs import torchrun  # noqa: E402
 def run_distributed():
     return torchrun
 
+
+
+def pytest_sessionstart(session):
+    """Triton's interpreter up to 3.6 turns a kernel's scalar argument into a 1-element array and calls int() on
+    it, which NumPy >= 2.4 refuses (triton-lang/triton#9171): every kernel test with a loop over a scalar bound
+    would fail with "only 0-dimensional arrays can be converted to Python scalars". Say so once, up front."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import torch
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return
+
+    @triton.jit
+    def _count_to(out_ptr, n):
+        for i in range(0, n):
+            tl.store(out_ptr + i, i)
+
+    out = torch.zeros(2, dtype=torch.int32)
+    try:
+        _count_to[(1,)](out, 2)
+    except Exception as e:
+        import numpy
+
+        pytest.exit(f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1, which the kernel tests run "
+                    f"under on CPU) cannot run a loop over a scalar argument with NumPy {numpy.__version__}: {e}. "
+                    "Fix: pip install 'numpy<2.4', or a newer Triton (3.9 works; torch pins its own, e.g. "
+                    "torch 2.11 -> Triton 3.6)", returncode=4)
