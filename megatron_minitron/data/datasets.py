@@ -157,13 +157,13 @@ def _check_splits_nonempty(prefixes, split_matrix, sizes, names=("train", "valid
         lengths = np.array(indexed.sequence_lengths)  # a copy: the mmap closes with `indexed`
         del indexed
         for i, rng in enumerate(_split_ranges(len(lengths), split_matrix)):
-            if rng is None or sizes[i] is None:  # None = one epoch of whatever is there
+            if rng is None or sizes[i] is None or sizes[i] == 0:  # None: one epoch of whatever is there
                 continue
             if int(np.sum(lengths[rng[0]:rng[1]])) == 0:
                 raise ValueError(
                     f"dataset {p} has {len(lengths)} documents; its {names[i]} share of the split gives "
                     f"it none. Use more documents, a larger {names[i]} share in data.split, or separate "
-                    f"data.valid_data")
+                    f"data.valid_data" + (", or train.eval_iters=0 to train without validation" if i == 1 else ""))
 
 
 @contextlib.contextmanager
@@ -232,12 +232,16 @@ def build_gpt_datasets(data_cfg, seq_length: int, train_samples: int, valid_samp
         _check_splits_nonempty(train_blend[0], split_matrix, sizes)
         config = gpt_dataset_config(seq_length, data_cfg.seed, tokenizer, cache_dir,
                                     blend=train_blend, split=data_cfg.split)
+        if valid_samples == 0:
+            # megatron builds every split with a share, whatever it is asked for, and an empty one never ends
+            # building: no validation wanted, no valid split; the train share keeps its documents
+            config.split_matrix[1] = None
     else:
         full = [(0.0, 1.0), None, None]
         _check_splits_nonempty(train_blend[0], full, sizes)
         _check_splits_nonempty(valid_blend[0], [None, (0.0, 1.0), None], sizes)
         config = gpt_dataset_config(seq_length, data_cfg.seed, tokenizer, cache_dir,
-                                    blend_per_split=[train_blend, valid_blend, None])
+                                    blend_per_split=[train_blend, valid_blend if valid_samples else None, None])
     with _rank_zero_without_process_group():
         train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(
             GPTDataset, sizes, lambda: True, config).build()

@@ -1,14 +1,13 @@
 """Process-group setup: torchrun environment -> torch.distributed -> megatron ``parallel_state``.
 
 Works the same under torchrun (any number of ranks) and as a plain ``python``/``minitron`` process
-(a world of one, on a free loopback port). NCCL on GPU, gloo on CPU (with ``cpu_mode`` enabled).
+(a world of one, on an in-memory store). NCCL on GPU, gloo on CPU (with ``cpu_mode`` enabled).
 """
 from __future__ import annotations
 
 import datetime
 import os
 import random
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,12 +36,6 @@ class Runtime:
         return self.device.type == "cuda"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(tp: int = 1, pp: int = 1, timeout_minutes: int = 30,
                      force_cpu: bool = False) -> Runtime:
     """Initialise torch.distributed and megatron's model-parallel groups (idempotent per layout)."""
@@ -52,15 +45,17 @@ def init_distributed(tp: int = 1, pp: int = 1, timeout_minutes: int = 30,
     if not use_gpu:
         cpu_mode.enable()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain single process
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if use_gpu:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_gpu else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        backend, timeout = ("nccl" if use_gpu else "gloo"), datetime.timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # torchrun's (or SLURM launch's) env:// rendezvous
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # a plain single process: a world of one on an in-memory store, with no port to race for and no
+            # RANK / MASTER_PORT left in os.environ, where any process it starts (a `minitron` subprocess, a
+            # torchrun launch) would take them for its own rendezvous and find the port taken
+            dist.init_process_group(backend=backend, timeout=timeout, store=dist.HashStore(), rank=0, world_size=1)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by TP*PP = {tp}*{pp}; "

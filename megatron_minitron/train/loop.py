@@ -143,7 +143,9 @@ class Trainer:
         t, d = self.cfg.train, self.cfg.data
         train_samples = t.train_iters * d.global_batch_size
         eval_rounds = t.train_iters // max(t.eval_interval, 1) + 1
-        valid_samples = max(t.eval_iters * d.global_batch_size * eval_rounds, d.global_batch_size)
+        # eval_iters=0 never evaluates (evaluate() returns nothing): no validation data needed
+        valid_samples = max(t.eval_iters * d.global_batch_size * eval_rounds, d.global_batch_size) \
+            if t.eval_iters > 0 else 0
         return build_gpt_datasets(d, self.cfg.model.seq_length, train_samples, valid_samples)
 
     def unwrapped(self) -> list:

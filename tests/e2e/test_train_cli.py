@@ -102,7 +102,7 @@ def test_sigterm_on_one_rank_saves_and_exits_cleanly(corpus, preloaded, tmp_path
     save = str(tmp_path / "run")
     args = ["train", *MODEL, f"data.train_data=[{train}]", "data.global_batch_size=4",
             "data.micro_batch_size=1", "parallel.pipeline_model_parallel_size=2", "train.train_iters=2000",
-            "train.eval_interval=0", f"train.save={save}"]
+            "train.eval_interval=0", "train.eval_iters=0", f"train.save={save}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
            f"--master-port={free_port()}", "-m", "megatron_minitron.cli", *args]
     log_path = tmp_path / "log.txt"
@@ -134,7 +134,7 @@ def test_sigterm_on_one_rank_saves_and_exits_cleanly(corpus, preloaded, tmp_path
     # the next launch resumes from the saved iteration
     preloaded("train", *MODEL, f"data.train_data=[{train}]", "data.global_batch_size=4",
               "data.micro_batch_size=1", f"train.train_iters={stopped + 2}", "train.eval_interval=0",
-              f"train.save={save}")
+              "train.eval_iters=0", f"train.save={save}")
     iterations = [r["iteration"] for r in read_metrics(save)]
     assert iterations[-2:] == [stopped + 1, stopped + 2]
 
@@ -148,7 +148,7 @@ def test_checkpoints_name_the_tokenizer_through_the_pipeline(corpus, preloaded, 
     train, _ = corpus
     first, second = str(tmp_path / "a"), str(tmp_path / "b")
     common = [*MODEL, f"data.train_data=[{train}]", "data.global_batch_size=4", "train.train_iters=1",
-              "train.eval_interval=0"]
+              "train.eval_interval=0", "train.eval_iters=0"]
     minitron("train", *common, f"train.save={first}")
     expected = load_tokenizer_sidecar(train).describe()
     assert read_metadata(first)["tokenizer"] == expected

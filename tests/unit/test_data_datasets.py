@@ -122,3 +122,36 @@ def test_dataset_errors(prefixes, tmp_path):
     with pytest.raises(ValueError, match="none"):  # 60 docs, 0.5% valid share rounds to no document
         build_gpt_datasets(Data(train_data=[prefix], split="995,5,0", cache_dir=str(tmp_path)), SEQ, 10, 1,
                            CountingTokenizer())
+
+
+def _samples(ds):
+    return [ds[i]["tokens"].tolist() for i in range(len(ds))]
+
+
+def test_no_validation_wanted_builds_no_valid_split_and_keeps_the_train_documents(prefixes, tmp_path):
+    """valid_samples=0 (train.eval_iters=0): no valid split is built, so a valid share too small for any
+    document is no error (megatron would never finish building an empty split), and the train split holds
+    exactly the documents and samples it holds when validation is built."""
+    prefix, _ = prefixes["a"]
+    cfg = Data(train_data=[prefix], split="80,20,0", cache_dir=str(tmp_path / "c1"), seed=7)
+    with_valid, valid = build_gpt_datasets(cfg, SEQ, 50, 5, tokenizer=CountingTokenizer())
+    without, none = build_gpt_datasets(cfg, SEQ, 50, 0, tokenizer=CountingTokenizer())
+    assert valid is not None and none is None
+    assert set(np.unique(without.document_index)) == set(range(48))
+    assert _samples(without) == _samples(with_valid)
+    # a blend of two sources, each split by the same shares
+    blend = Data(train_data=[0.25, prefix, 0.75, prefixes["b"][0]], split="80,20,0", cache_dir=str(tmp_path / "c2"))
+    blended = [build_gpt_datasets(blend, SEQ, 60, n, tokenizer=CountingTokenizer())[0] for n in (4, 0)]
+    assert _samples(blended[1]) == _samples(blended[0])
+    # separate valid_data not wanted: not built
+    separate = Data(train_data=[prefix], valid_data=[prefixes["b"][0]], cache_dir=str(tmp_path / "c3"))
+    assert build_gpt_datasets(separate, SEQ, 20, 0, tokenizer=CountingTokenizer())[1] is None
+    # 60 docs, a 0.5% valid share: no document. Asked for validation, the error names the way out; not asked,
+    # the train share is the first round(0.995 * 60) = 60 documents, as megatron's own "100,0,0" split gives
+    tiny = Data(train_data=[prefix], split="995,5,0", cache_dir=str(tmp_path / "c4"), seed=7)
+    with pytest.raises(ValueError, match="train.eval_iters=0"):
+        build_gpt_datasets(tiny, SEQ, 20, 2, tokenizer=CountingTokenizer())
+    train, none = build_gpt_datasets(tiny, SEQ, 20, 0, tokenizer=CountingTokenizer())
+    whole = Data(train_data=[prefix], split="100,0,0", cache_dir=str(tmp_path / "c5"), seed=7)
+    assert none is None and _samples(train) == _samples(build_gpt_datasets(whole, SEQ, 20, 0,
+                                                                             tokenizer=CountingTokenizer())[0])
